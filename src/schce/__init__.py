@@ -2,4 +2,21 @@
 
 from importlib.metadata import version as _version
 
+from schce import datasets, losses, metrics
+from schce.hierarchy import Hierarchy, HierarchyCycleError
+from schce.model import HCEClassifier
+from schce.ontology import CellOntology, LabelMappingError, load_cell_ontology
+
 __version__ = _version("schce")
+
+__all__ = [
+    "CellOntology",
+    "HCEClassifier",
+    "Hierarchy",
+    "HierarchyCycleError",
+    "LabelMappingError",
+    "datasets",
+    "load_cell_ontology",
+    "losses",
+    "metrics",
+]

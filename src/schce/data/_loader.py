@@ -1,0 +1,84 @@
+"""Torch datasets and loaders over AnnData rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from schce.data._expression import read_rows
+from schce.data._genes import GeneAligner
+
+
+class _RowBatches(Dataset):
+    """Items are whole batches: one read per batch of row indices (fast for sparse and backed matrices)."""
+
+    def __init__(self, X, rows: np.ndarray, labels: np.ndarray | None = None, aligner: GeneAligner | None = None):
+        self.X, self.rows, self.labels, self.aligner = X, np.asarray(rows), labels, aligner
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, positions: list[int]) -> dict[str, torch.Tensor]:
+        rows = self.rows[np.asarray(positions)]
+        x = read_rows(self.X, rows)
+        if self.aligner is not None:
+            x = self.aligner.transform(x)
+        item = {"x": torch.from_numpy(x)}
+        if self.labels is not None:
+            item["y"] = torch.from_numpy(self.labels[rows].astype(np.int64))
+        return item
+
+
+def make_loader(
+    X,
+    rows: np.ndarray,
+    batch_size: int,
+    labels: np.ndarray | None = None,
+    shuffle: bool = False,
+    aligner: GeneAligner | None = None,
+    seed: int | None = None,
+    num_workers: int = 0,
+) -> DataLoader:
+    """A loader yielding ``{"x": (B, n_genes) float32, "y": (B,) int64}`` batches of the given rows.
+
+    Training loaders (``shuffle=True``) drop a last batch of a single cell, which BatchNorm cannot use.
+    """
+    ds = _RowBatches(X, rows, labels, aligner)
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        sampler = RandomSampler(range(len(ds)), generator=generator)
+    else:
+        sampler = SequentialSampler(range(len(ds)))
+    drop_last = shuffle and len(ds) % batch_size == 1 and len(ds) > 1
+    return DataLoader(
+        ds,
+        sampler=BatchSampler(sampler, batch_size=batch_size, drop_last=drop_last),
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def stratified_split(labels: np.ndarray, validation_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split row indices into train and validation, per label, so every label with ≥ 2 cells is in both.
+
+    Returns
+    -------
+    ``(train, validation)`` sorted row indices.
+    """
+    if not 0 <= validation_size < 1:
+        raise ValueError(f"validation_size must be in [0, 1), got {validation_size}.")
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for code in np.unique(labels):
+        idx = np.flatnonzero(labels == code)
+        rng.shuffle(idx)
+        n_val = int(round(len(idx) * validation_size))
+        if validation_size > 0 and len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        else:
+            n_val = 0
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))

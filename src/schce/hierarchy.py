@@ -1,0 +1,376 @@
+"""Label hierarchies: the reachability matrix, validation, and the correctness rule."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from schce.ontology import CellOntology
+
+logger = logging.getLogger(__name__)
+
+
+class HierarchyCycleError(ValueError):
+    """A hierarchy's edges contain a cycle, so it is not a partial order."""
+
+
+class Hierarchy:
+    """An ordered set of labels placed in a directed acyclic hierarchy.
+
+    The hierarchy holds every term that matters for a model: its ``labels`` (the outputs, in order)
+    and all of their ancestors (``terms``). Edges go parent → child.
+
+    Parameters
+    ----------
+    labels
+        The model's labels, in output order.
+    edges
+        ``(parent, child)`` pairs. Terms that are not labels may appear (they become ancestor terms).
+    names
+        Optional display names per term; missing ones display as the term itself.
+    version
+        Version of the source the edges come from (e.g. the Cell Ontology release).
+
+    Attributes
+    ----------
+    R
+        ``(n_labels, n_labels)`` reachability matrix: ``R[i, j] = 1`` iff label ``j`` is label ``i`` or one of
+        its descendants.
+    term_matrix
+        ``(n_terms, n_labels)``: ``term_matrix[t, j] = 1`` iff label ``j`` is term ``t`` or one of its
+        descendants. The first ``n_labels`` rows equal ``R``.
+
+    Examples
+    --------
+    The example of the HCE paper:
+
+    >>> h = Hierarchy.from_edges([("A", "B"), ("A", "C"), ("B", "D"), ("B", "E"), ("C", "E")])
+    >>> h.R.astype(int)
+    array([[1, 1, 1, 1, 1],
+           [0, 1, 0, 1, 1],
+           [0, 0, 1, 0, 1],
+           [0, 0, 0, 1, 0],
+           [0, 0, 0, 0, 1]])
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[str],
+        edges: Iterable[tuple[str, str]],
+        names: dict[str, str] | None = None,
+        version: str = "unknown",
+    ):
+        labels = [str(label) for label in labels]
+        if len(labels) == 0:
+            raise ValueError("A hierarchy needs at least one label.")
+        if len(set(labels)) != len(labels):
+            dup = sorted({label for label in labels if labels.count(label) > 1})
+            raise ValueError(f"Labels must be unique; repeated: {dup}.")
+        parents: dict[str, set[str]] = {}
+        for parent, child in edges:
+            parent, child = str(parent), str(child)
+            if parent == child:
+                raise HierarchyCycleError(f"The hierarchy has a cycle: {parent} -> {parent}. Remove that edge.")
+            parents.setdefault(child, set()).add(parent)
+            parents.setdefault(parent, set())
+        for label in labels:
+            parents.setdefault(label, set())
+        _check_acyclic(parents)
+
+        # Keep only labels and their ancestors: anything else cannot affect scores.
+        keep = set(labels)
+        stack = list(labels)
+        while stack:
+            for p in parents[stack.pop()]:
+                if p not in keep:
+                    keep.add(p)
+                    stack.append(p)
+        self._parents = {t: tuple(sorted(parents[t] & keep)) for t in keep}
+        self.labels: tuple[str, ...] = tuple(labels)
+        self.terms: tuple[str, ...] = self.labels + tuple(sorted(keep - set(labels)))
+        self.version = version
+        self._names = {t: (names or {}).get(t, t) for t in self.terms}
+        self._index = {t: i for i, t in enumerate(self.terms)}
+
+        self._ancestors = _ancestor_sets(self._parents, self.terms)
+        n_labels, n_terms = len(self.labels), len(self.terms)
+        tm = np.zeros((n_terms, n_labels), dtype=bool)
+        for j, label in enumerate(self.labels):
+            tm[self._index[label], j] = True
+            for a in self._ancestors[label]:
+                tm[self._index[a], j] = True
+        self.term_matrix = tm
+        self.R = tm[:n_labels].copy()
+        self.depth = _depths(self._parents, self.terms)
+        validate_reachability(self.R)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_edges(
+        cls,
+        edges: Iterable[tuple[str, str]],
+        labels: Sequence[str] | None = None,
+        names: dict[str, str] | None = None,
+    ) -> Hierarchy:
+        """Build a hierarchy of any domain from ``(parent, child)`` edges.
+
+        Parameters
+        ----------
+        edges
+            ``(parent, child)`` pairs.
+        labels
+            The labels in output order; default: every node of the edges, sorted.
+        names
+            Optional display names.
+        """
+        edges = [(str(p), str(c)) for p, c in edges]
+        if labels is None:
+            labels = sorted({t for edge in edges for t in edge})
+        return cls(labels, edges, names=names)
+
+    @classmethod
+    def from_ontology(cls, labels: Sequence[str], ontology: CellOntology | str | None = None) -> Hierarchy:
+        """Build the hierarchy of Cell Ontology labels (CL IDs) from the ontology's ``is_a`` relations.
+
+        Parameters
+        ----------
+        labels
+            CL term IDs, in output order.
+        ontology
+            A :class:`~schce.ontology.CellOntology`, an OBO path or URL; default: the embedded CL release.
+        """
+        from schce.ontology import load_cell_ontology
+
+        onto = load_cell_ontology(ontology)
+        missing = [label for label in labels if label not in onto]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} label(s) are not live terms of the Cell Ontology {onto.version}: {missing}. "
+                "Map them with `ontology.map_labels` or pass a newer ontology."
+            )
+        terms = set(labels)
+        for label in labels:
+            terms |= onto.ancestors(label)
+        edges = [(p, t) for t in terms for p in onto.parents(t)]
+        names = {t: onto.name(t) for t in terms}
+        return cls(labels, edges, names=names, version=onto.version)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def n_labels(self) -> int:
+        """Number of labels."""
+        return len(self.labels)
+
+    def name(self, term: str) -> str:
+        """Display name of a term."""
+        return self._names[term]
+
+    def names(self, terms: Iterable[str] | None = None) -> list[str]:
+        """Display names of ``terms`` (default: the labels)."""
+        return [self._names[t] for t in (self.labels if terms is None else terms)]
+
+    def parents(self, term: str) -> tuple[str, ...]:
+        """Direct parents of ``term``."""
+        return self._parents[term]
+
+    def edges(self) -> list[tuple[str, str]]:
+        """All ``(parent, child)`` edges among the terms."""
+        return [(p, t) for t in self.terms for p in self._parents[t]]
+
+    def ancestors(self, term: str, include_self: bool = False) -> set[str]:
+        """Ancestors of ``term`` among the hierarchy's terms."""
+        out = set(self._ancestors[term])
+        return out | {term} if include_self else out
+
+    def descendants(self, term: str, include_self: bool = False) -> set[str]:
+        """Descendants of ``term`` among the hierarchy's terms."""
+        out = {t for t in self.terms if term in self._ancestors[t]}
+        return out | {term} if include_self else out
+
+    def label_index(self, labels: Iterable[str]) -> np.ndarray:
+        """Positions of ``labels`` in :attr:`labels`; ``-1`` where a value is not a label."""
+        n = self.n_labels
+        return np.array([self._index[x] if self._index.get(x, n) < n else -1 for x in labels], dtype=np.int64)
+
+    def reachability(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+        """``R`` as a torch tensor (default float32), for the loss."""
+        import torch
+
+        return torch.as_tensor(self.R, dtype=dtype or torch.float32, device=device)
+
+    def is_correct(self, predicted: Sequence[str] | np.ndarray, true: Sequence[str] | np.ndarray) -> np.ndarray:
+        """The scTab correctness rule, per cell.
+
+        A prediction is correct when it is the true label or one of its descendants; an ancestor is wrong.
+
+        Parameters
+        ----------
+        predicted, true
+            Terms of the hierarchy, one per cell.
+
+        Returns
+        -------
+        Boolean array, one value per cell. A true term outside the hierarchy is correct only on an exact match.
+        """
+        predicted, true = np.asarray(predicted, dtype=object), np.asarray(true, dtype=object)
+        if predicted.shape != true.shape:
+            raise ValueError(f"predicted and true differ in length: {predicted.shape} vs {true.shape}.")
+        out = predicted == true
+        for i in np.flatnonzero(~out):
+            p = predicted[i]
+            out[i] = p in self._ancestors and true[i] in self._ancestors[p]
+        return out
+
+    def correct_predictions(self, predicted: Sequence[str], true: Sequence[str]) -> np.ndarray:
+        """Predictions with every correct-by-the-rule call replaced by the true label (for corrected metrics)."""
+        predicted = np.asarray(predicted, dtype=object)
+        true = np.asarray(true, dtype=object)
+        return np.where(self.is_correct(predicted, true), true, predicted)
+
+    def subtree_scores(self, probabilities: np.ndarray) -> np.ndarray:
+        """Subtree probabilities of every term: ``probabilities @ term_matrix.T``.
+
+        Parameters
+        ----------
+        probabilities
+            ``(n_cells, n_labels)`` per-label probabilities.
+
+        Returns
+        -------
+        ``(n_cells, n_terms)``: for term ``t``, the summed probability of ``t`` and its descendant labels.
+        """
+        return np.asarray(probabilities, dtype=np.float64) @ self.term_matrix.T.astype(np.float64)
+
+    def coarse_terms(self, scores: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+        """The most specific term whose subtree score reaches ``threshold``, per cell.
+
+        Among the terms with score ≥ ``threshold`` the deepest wins; ties go to the higher score.
+        The root of a single-rooted hierarchy always qualifies, so every cell gets a term; a cell with no
+        qualifying term gets its best-scoring term.
+
+        Parameters
+        ----------
+        scores
+            ``(n_cells, n_terms)`` from :meth:`subtree_scores`.
+        threshold
+            Minimum subtree probability, in ``(0, 1]``.
+
+        Returns
+        -------
+        Indices into :attr:`terms`.
+        """
+        if not 0 < threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}.")
+        # Scores are ≤ 1, so depth + score orders by depth first and score second.
+        key = np.where(scores >= threshold - 1e-9, self.depth[None, :] + np.clip(scores, 0, 1) * 0.5, -np.inf)
+        best = key.argmax(axis=1)
+        none = ~np.isfinite(key.max(axis=1))
+        best[none] = scores[none].argmax(axis=1)
+        return best
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict:
+        """A JSON-able description (labels, edges, names, version)."""
+        return {"labels": list(self.labels), "edges": self.edges(), "names": dict(self._names), "version": self.version}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Hierarchy:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            d["labels"], [tuple(e) for e in d["edges"]], names=d.get("names"), version=d.get("version", "unknown")
+        )
+
+    def __repr__(self) -> str:
+        return f"Hierarchy(n_labels={self.n_labels}, n_terms={len(self.terms)}, version={self.version!r})"
+
+
+def validate_reachability(R: np.ndarray) -> None:
+    """Check that ``R`` is a partial order: reflexive, antisymmetric and transitive.
+
+    Raises
+    ------
+    ValueError
+        Naming the first violating labels (by index).
+    """
+    R = np.asarray(R).astype(bool)
+    if R.ndim != 2 or R.shape[0] != R.shape[1]:
+        raise ValueError(f"A reachability matrix must be square, got shape {R.shape}.")
+    if not R.diagonal().all():
+        i = int(np.flatnonzero(~R.diagonal())[0])
+        raise ValueError(f"Reachability is not reflexive: R[{i}, {i}] = 0.")
+    sym = R & R.T
+    np.fill_diagonal(sym, False)
+    if sym.any():
+        i, j = map(int, np.argwhere(sym)[0])
+        raise HierarchyCycleError(f"Reachability is not antisymmetric (a cycle): labels {i} and {j} reach each other.")
+    Ri = R.astype(np.int32)
+    closure = (Ri @ Ri) > 0
+    if (closure & ~R).any():
+        i, j = map(int, np.argwhere(closure & ~R)[0])
+        raise ValueError(
+            f"Reachability is not transitive: label {i} reaches {j} through another label but R[{i}, {j}] = 0."
+        )
+
+
+def _check_acyclic(parents: dict[str, set[str]]) -> None:
+    """Raise :class:`HierarchyCycleError` naming a cycle if the parent graph has one."""
+    white, grey, black = 0, 1, 2
+    color = dict.fromkeys(parents, white)
+    for start in parents:
+        if color[start] != white:
+            continue
+        stack = [(start, iter(sorted(parents[start])))]
+        path = [start]
+        color[start] = grey
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                color[node] = black
+                stack.pop()
+                path.pop()
+            elif color[nxt] == grey:
+                # path runs child -> parent; print the cycle parent -> child.
+                cycle = path[path.index(nxt) :] + [nxt]
+                raise HierarchyCycleError(
+                    "The hierarchy has a cycle: " + " -> ".join(reversed(cycle)) + ". Remove one of these edges."
+                )
+            elif color[nxt] == white:
+                color[nxt] = grey
+                stack.append((nxt, iter(sorted(parents[nxt]))))
+                path.append(nxt)
+
+
+def _ancestor_sets(parents: dict[str, tuple[str, ...]], terms: Sequence[str]) -> dict[str, frozenset[str]]:
+    memo: dict[str, frozenset[str]] = {}
+
+    def visit(t: str) -> frozenset[str]:
+        if t not in memo:
+            acc: set[str] = set()
+            for p in parents[t]:
+                acc.add(p)
+                acc |= visit(p)
+            memo[t] = frozenset(acc)
+        return memo[t]
+
+    for t in terms:
+        visit(t)
+    return memo
+
+
+def _depths(parents: dict[str, tuple[str, ...]], terms: Sequence[str]) -> np.ndarray:
+    """Longest path from a root, per term (roots have depth 0)."""
+    memo: dict[str, int] = {}
+
+    def visit(t: str) -> int:
+        if t not in memo:
+            memo[t] = 1 + max((visit(p) for p in parents[t]), default=-1)
+        return memo[t]
+
+    return np.array([visit(t) for t in terms], dtype=np.float64)

@@ -1,0 +1,105 @@
+"""Exact and hierarchy-corrected classification metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from schce.hierarchy import Hierarchy
+
+
+def per_class_counts(true: Sequence, predicted: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """True positives, false positives, false negatives and support for every label present in ``true``.
+
+    Returns
+    -------
+    ``(labels, tp, fp, fn)``; ``support = tp + fn``.
+    """
+    true, predicted = np.asarray(true), np.asarray(predicted)
+    if true.shape != predicted.shape:
+        raise ValueError(f"true and predicted differ in length: {true.shape} vs {predicted.shape}.")
+    codes, uniques = pd.factorize(np.concatenate([true, predicted]), sort=True)
+    t, p = codes[: len(true)], codes[len(true) :]
+    k = len(uniques)
+    tp = np.bincount(t[t == p], minlength=k)
+    fp = np.bincount(p[t != p], minlength=k)
+    fn = np.bincount(t[t != p], minlength=k)
+    present = np.bincount(t, minlength=k) > 0
+    return np.asarray(uniques)[present], tp[present], fp[present], fn[present]
+
+
+def f1(true: Sequence, predicted: Sequence, average: str = "macro") -> float:
+    """F1 score over the labels present in ``true`` (the out-of-distribution protocol of scTab).
+
+    Predictions of labels absent from ``true`` count as false positives of no class, so they lower recall only.
+
+    Parameters
+    ----------
+    true, predicted
+        One label per cell.
+    average
+        ``"macro"``, ``"micro"`` or ``"weighted"``.
+    """
+    if average not in ("macro", "micro", "weighted"):
+        raise ValueError(f"average must be 'macro', 'micro' or 'weighted', got {average!r}.")
+    labels, tp, fp, fn = per_class_counts(true, predicted)
+    if len(labels) == 0:
+        return float("nan")
+    if average == "micro":
+        denom = 2 * tp.sum() + fp.sum() + fn.sum()
+        return float(2 * tp.sum() / denom) if denom else 0.0
+    denom = 2 * tp + fp + fn
+    scores = np.divide(2 * tp, denom, out=np.zeros(len(tp), dtype=np.float64), where=denom > 0)
+    if average == "macro":
+        return float(scores.mean())
+    return float(np.average(scores, weights=tp + fn))
+
+
+def correct_codes(true: np.ndarray, predicted: np.ndarray, reachability: np.ndarray) -> np.ndarray:
+    """The correctness rule on label indices: ``predicted`` replaced by ``true`` where ``R[true, predicted]``.
+
+    Same rule as :meth:`Hierarchy.correct_predictions`, for integer codes (used during training).
+    """
+    true, predicted = np.asarray(true), np.asarray(predicted)
+    return np.where(np.asarray(reachability, dtype=bool)[true, predicted], true, predicted)
+
+
+def code_scores(true: np.ndarray, predicted: np.ndarray, reachability: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro F1, exact and hierarchy-corrected, on label indices."""
+    corrected = correct_codes(true, predicted, reachability)
+    return {
+        "accuracy": float(np.mean(predicted == true)),
+        "macro_f1": f1(true, predicted),
+        "corrected_accuracy": float(np.mean(corrected == true)),
+        "corrected_macro_f1": f1(true, corrected),
+    }
+
+
+def classification_scores(true: Sequence[str], predicted: Sequence[str], hierarchy: Hierarchy) -> dict[str, float]:
+    """Accuracy and macro / micro / weighted F1, exact and hierarchy-corrected.
+
+    Hierarchy-corrected scores first replace every prediction that is the true label or one of its descendants
+    by the true label (:meth:`Hierarchy.is_correct`); predicting an ancestor stays wrong.
+
+    Parameters
+    ----------
+    true, predicted
+        One term per cell.
+    hierarchy
+        The hierarchy that defines descendants.
+
+    Returns
+    -------
+    Keys ``accuracy``, ``macro_f1``, ``micro_f1``, ``weighted_f1`` and the same with a ``corrected_`` prefix.
+    """
+    true = np.asarray(true, dtype=object)
+    predicted = np.asarray(predicted, dtype=object)
+    corrected = hierarchy.correct_predictions(predicted, true)
+    out: dict[str, float] = {}
+    for prefix, pred in (("", predicted), ("corrected_", corrected)):
+        out[f"{prefix}accuracy"] = float(np.mean(pred == true)) if len(true) else float("nan")
+        for average in ("macro", "micro", "weighted"):
+            out[f"{prefix}{average}_f1"] = f1(true, pred, average)
+    return out

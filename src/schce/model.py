@@ -1,0 +1,546 @@
+"""The user-facing classifier: :class:`HCEClassifier`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import rich
+import torch
+from anndata import AnnData
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField
+from scvi.model.base import BaseModelClass
+
+from schce import _io
+from schce._output import prediction_frame, write_outputs
+from schce.data._expression import check_expression, get_matrix, resolve_normalize
+from schce.data._genes import GeneAligner, gene_id_type, strip_ensembl_version
+from schce.data._loader import make_loader, stratified_split
+from schce.hierarchy import Hierarchy
+from schce.nn import HCEModule, make_backbone
+from schce.ontology import load_cell_ontology
+from schce.train import BestWeights, HCETrainingPlan, HistoryRecorder
+
+logger = logging.getLogger(__name__)
+
+_SETUP_KEY = "schce"  # our section of the scvi-tools registry
+MONITOR = "validation_corrected_macro_f1"
+
+
+class HCEClassifier(BaseModelClass):
+    """Cell-type classifier over Cell Ontology labels, trained with the hierarchical cross-entropy loss.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    registry
+        A saved registry (used by :meth:`load`; leave ``None``).
+    backbone
+        ``"mlp"`` or ``"linear"``.
+    loss
+        ``"hce"`` (hierarchical cross-entropy: a label's probability includes its descendants') or ``"ce"``.
+    hce_form
+        ``"log"``: exact log-space HCE (default); ``"reference"``: the published ``log(q + 1e-6)`` form.
+    **backbone_kwargs
+        Backbone hyperparameters, e.g. ``n_hidden``, ``n_layers``, ``dropout`` for the MLP.
+
+    Examples
+    --------
+    >>> schce.HCEClassifier.setup_anndata(adata, labels_key="cell_type_ontology_term_id")
+    >>> model = schce.HCEClassifier(adata)
+    >>> model.train(max_epochs=50, seed=0)
+    >>> model.predict(query)
+    >>> sc.pl.umap(query, color="schce_prediction")
+    """
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        registry: dict | None = None,
+        backbone: Literal["mlp", "linear"] = "mlp",
+        loss: Literal["hce", "ce"] = "hce",
+        hce_form: Literal["log", "reference"] = "log",
+        **backbone_kwargs,
+    ):
+        super().__init__(adata, registry)
+        if loss not in ("hce", "ce"):
+            raise ValueError(f"loss must be 'hce' or 'ce', got {loss!r}.")
+        if hce_form not in ("log", "reference"):
+            raise ValueError(f"hce_form must be 'log' or 'reference', got {hce_form!r}.")
+        setup = self.registry_[_SETUP_KEY]
+        self.hierarchy = Hierarchy.from_dict(setup["hierarchy"])
+        self.genes: list[str] = list(setup["genes"])
+        self.backbone, self.loss, self.hce_form = backbone, loss, hce_form
+        self.module = HCEModule(make_backbone(backbone, len(self.genes), self.hierarchy.n_labels, **backbone_kwargs))
+        self._model_summary_string = (
+            f"HCEClassifier: backbone={backbone}{backbone_kwargs or ''}, loss={loss}, "
+            f"{self.hierarchy.n_labels} labels (ontology {self.hierarchy.version}), {len(self.genes)} genes "
+            f"({setup['gene_id_type']}), training input: "
+            + ("raw counts, normalised in the module" if setup["normalize"] else "used as given")
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        labels_key: str,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        ontology=None,
+        normalize: bool | Literal["auto"] = "auto",
+        **kwargs,
+    ) -> None:
+        """Register ``adata`` for training.
+
+        Everything is checked before anything is written; on success scvi-tools adds its registry columns
+        (``_scvi_labels``, ``_scvi_batch``) to ``adata.obs``.
+
+        Parameters
+        ----------
+        adata
+            Cells × genes. ``var_names`` are the model's genes (Ensembl IDs preferred, symbols work).
+        labels_key
+            ``obs`` column of cell types: CL IDs (``CL:0000084``) or CL names / synonyms (``T cell``).
+        layer
+            Layer with the expression; default ``adata.X``. Raw counts are preferred.
+        batch_key
+            ``obs`` column naming each cell's batch or annotation source.
+        ontology
+            :class:`~schce.ontology.CellOntology`, OBO path or URL; default: the embedded CL release.
+        normalize
+            ``"auto"``: normalise (size factor to 1e4, log1p) when the data are integer counts; ``True`` /
+            ``False`` to force.
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+        """
+        if adata.n_obs == 0 or adata.n_vars == 0:
+            raise ValueError(f"adata is empty ({adata.n_obs} cells × {adata.n_vars} genes); nothing to train on.")
+        for key, what in ((labels_key, "labels_key"), (batch_key, "batch_key")):
+            if key is not None and key not in adata.obs.columns:
+                raise KeyError(
+                    f"{what}={key!r} is not a column of adata.obs. Available columns: {list(adata.obs.columns)}."
+                )
+        X = get_matrix(adata, layer)
+        raw = adata.obs[labels_key]
+        if raw.isna().any():
+            raise ValueError(
+                f"{int(raw.isna().sum())} cell(s) have no label in obs[{labels_key!r}]. Drop them "
+                "(adata = adata[adata.obs[key].notna()].copy()) before setup."
+            )
+        onto = load_cell_ontology(ontology)
+        label_map = onto.map_labels(raw.astype(str).unique())
+        label_ids = sorted(set(label_map.values()))
+        if len(label_ids) < 2:
+            raise ValueError(
+                f"obs[{labels_key!r}] has a single cell type ({label_ids[0]}); a classifier needs at least two."
+            )
+        where = f"adata.layers[{layer!r}]" if layer else "adata.X"
+        normalize_used = resolve_normalize(normalize, check_expression(X, adata.n_obs, where), where)
+        hierarchy = Hierarchy.from_ontology(label_ids, onto)
+
+        ontology_arg = ontology if ontology is None or isinstance(ontology, str | os.PathLike) else onto.source
+        setup_method_args = cls._get_setup_method_args(**locals())
+        setup_method_args["setup_args"] = {
+            "labels_key": labels_key,
+            "layer": layer,
+            "batch_key": batch_key,
+            "ontology": None if ontology_arg is None else os.fspath(ontology_arg),
+            "normalize": normalize,
+        }
+        fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+        ]
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        manager.register_fields(adata, **kwargs)
+        genes = strip_ensembl_version(adata.var_names)
+        manager.registry[_SETUP_KEY] = {
+            "label_map": {str(k): v for k, v in label_map.items()},
+            "hierarchy": hierarchy.to_dict(),
+            "genes": [str(g) for g in genes],
+            "gene_id_type": gene_id_type(genes),
+            "normalize": bool(normalize_used),
+            "ontology_source": onto.source,
+        }
+        cls.register_manager(manager)
+
+    # ------------------------------------------------------------------ training
+    def _label_codes(self) -> np.ndarray:
+        """Every cell's label as an index into ``hierarchy.labels``."""
+        setup = self.registry_[_SETUP_KEY]
+        mapping = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping
+        code_map = self.hierarchy.label_index([setup["label_map"][str(v)] for v in mapping])
+        scvi_codes = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()
+        return code_map[scvi_codes.astype(np.int64)]
+
+    def train(
+        self,
+        max_epochs: int = 100,
+        batch_size: int | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        lr_gamma: float = 0.98,
+        validation_size: float = 0.1,
+        early_stopping: bool = True,
+        early_stopping_patience: int = 10,
+        class_weights: Literal["balanced"] | None = "balanced",
+        accelerator: str = "auto",
+        devices: int | str = "auto",
+        seed: int = 0,
+        num_workers: int = 0,
+        enable_progress_bar: bool = True,
+        **trainer_kwargs,
+    ) -> None:
+        """Train the classifier.
+
+        A stratified ``validation_size`` fraction of the cells is held out; after every epoch the validation
+        hierarchy-corrected macro F1 is computed, training stops early when it has not improved for
+        ``early_stopping_patience`` epochs, and the weights of the best epoch are kept.
+
+        Parameters
+        ----------
+        max_epochs
+            Maximum number of passes over the training cells.
+        batch_size
+            Cells per step; default ``min(2048, max(32, n_train // 16))`` so small data still gets many steps.
+        lr, weight_decay
+            AdamW settings.
+        lr_gamma
+            Learning-rate factor applied after every epoch (StepLR).
+        validation_size
+            Fraction of cells held out for validation, per label; ``0`` trains on everything for ``max_epochs``.
+        early_stopping, early_stopping_patience
+            Stop when the validation metric stalls.
+        class_weights
+            ``"balanced"`` weighs label ``c`` by ``N / (K · n_c)`` in the training loss; ``None`` for none.
+        accelerator, devices
+            Passed to :class:`lightning.pytorch.Trainer` (``"auto"`` uses a GPU when there is one).
+        seed
+            Seeds weight initialisation, the split and the batch order: training is deterministic on CPU.
+        num_workers
+            DataLoader workers.
+        enable_progress_bar
+            Lightning's progress bar.
+        **trainer_kwargs
+            Other :class:`lightning.pytorch.Trainer` arguments (e.g. ``precision``).
+        """
+        if self.adata is None:
+            raise RuntimeError("This model has no registered AnnData to train on (it was loaded from disk).")
+        if class_weights not in ("balanced", None):
+            raise ValueError(f"class_weights must be 'balanced' or None, got {class_weights!r}.")
+        pl.seed_everything(seed, workers=True, verbose=False)
+        if not self.is_trained_:
+            # Re-initialise under the seed so results do not depend on what ran before construction.
+            for m in self.module.modules():
+                if m is not self.module and hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+        setup_args = self.registry_["setup_args"]
+        X = get_matrix(self.adata, setup_args["layer"])
+        codes = self._label_codes()
+        train_idx, val_idx = stratified_split(codes, validation_size, seed)
+        if batch_size is None:
+            batch_size = int(min(2048, max(32, len(train_idx) // 16)))
+        weights = None
+        if class_weights == "balanced":
+            counts = np.bincount(codes[train_idx], minlength=self.hierarchy.n_labels).astype(np.float64)
+            present = counts > 0
+            weights = np.zeros_like(counts)
+            weights[present] = len(train_idx) / (present.sum() * counts[present])
+        plan = HCETrainingPlan(
+            self.module,
+            self.hierarchy.R,
+            loss=self.loss,
+            class_weights=weights,
+            normalize=self.registry_[_SETUP_KEY]["normalize"],
+            lr=lr,
+            weight_decay=weight_decay,
+            lr_gamma=lr_gamma,
+            hce_form=self.hce_form,
+        )
+        train_dl = make_loader(X, train_idx, batch_size, codes, shuffle=True, seed=seed, num_workers=num_workers)
+        val_dl = make_loader(X, val_idx, 4096, codes, num_workers=num_workers) if len(val_idx) else None
+        history = HistoryRecorder()
+        callbacks: list[pl.Callback] = [history]
+        best = BestWeights(MONITOR) if val_dl is not None else None
+        if best is not None:
+            callbacks.append(best)
+            if early_stopping:
+                callbacks.append(
+                    pl.callbacks.EarlyStopping(MONITOR, mode="max", patience=early_stopping_patience, check_finite=True)
+                )
+        trainer_kwargs.setdefault("gradient_clip_val", 1.0)
+        trainer = pl.Trainer(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=enable_progress_bar,
+            num_sanity_val_steps=0,
+            callbacks=callbacks,
+            log_every_n_steps=max(1, min(50, len(train_dl))),
+            **trainer_kwargs,
+        )
+        logger.info(
+            "Training %s on %d cells (%d for validation), batch size %d, up to %d epochs.",
+            self.loss.upper(),
+            len(train_idx),
+            len(val_idx),
+            batch_size,
+            max_epochs,
+        )
+        trainer.fit(plan, train_dl, val_dl)
+        self.module.eval()
+        self.history_ = {
+            key: pd.DataFrame({key: [v for _, v in rows]}, index=pd.Index([e for e, _ in rows], name="epoch"))
+            for key, rows in history.history.items()
+        }
+        self.train_indices_, self.validation_indices_ = train_idx, val_idx
+        self.best_epoch_ = best.best_epoch if best is not None else max_epochs - 1
+        self.is_trained_ = True
+        if best is not None and best.best_epoch is not None:
+            logger.info("Kept the weights of epoch %d (%s = %.4f).", best.best_epoch, MONITOR, best.best_score)
+
+    # ------------------------------------------------------------------ inference
+    def _forward(
+        self,
+        adata: AnnData | None,
+        layer: str | None,
+        gene_symbols: str | None,
+        batch_size: int,
+        normalize: bool | Literal["auto"],
+    ) -> tuple[np.ndarray, np.ndarray, GeneAligner, bool, AnnData]:
+        """Logits and embeddings of every cell, after all input checks."""
+        if not self.is_trained_:
+            raise RuntimeError("The model is not trained yet: call model.train() first, or HCEClassifier.load(...).")
+        if adata is None:
+            adata = self.adata
+            if adata is None:
+                raise ValueError("Pass the AnnData to predict on: this model has no registered AnnData.")
+            if layer is None:
+                layer = self.registry_["setup_args"]["layer"]
+        if not isinstance(adata, AnnData):
+            raise TypeError(f"Expected an AnnData, got {type(adata).__name__}.")
+        if adata.n_obs == 0 or adata.n_vars == 0:
+            raise ValueError(f"The query is empty ({adata.n_obs} cells × {adata.n_vars} genes).")
+        if gene_symbols is not None:
+            if gene_symbols not in adata.var.columns:
+                raise KeyError(
+                    f"gene_symbols={gene_symbols!r} is not a column of adata.var "
+                    f"(available: {list(adata.var.columns)}). Pass None to match on var_names."
+                )
+            query_genes, where = adata.var[gene_symbols].astype(str).to_numpy(), f"var[{gene_symbols!r}]"
+        else:
+            query_genes, where = adata.var_names, "var_names"
+        aligner = GeneAligner(self.genes, query_genes, where=where)
+        X = get_matrix(adata, layer)
+        where_x = f"adata.layers[{layer!r}]" if layer else "adata.X"
+        normalize_used = resolve_normalize(normalize, check_expression(X, adata.n_obs, where_x), where_x)
+
+        device = next(self.module.parameters()).device
+        self.module.eval()
+        logits, embeddings = [], []
+        loader = make_loader(X, np.arange(adata.n_obs), batch_size, aligner=aligner)
+        with torch.inference_mode():
+            for batch in loader:
+                out, h = self.module(batch["x"].to(device), normalize=normalize_used)
+                logits.append(out.float().cpu())
+                embeddings.append(h.float().cpu())
+        return torch.cat(logits).numpy(), torch.cat(embeddings).numpy(), aligner, normalize_used, adata
+
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        layer: str | None = None,
+        gene_symbols: str | None = None,
+        key_added: str = "schce",
+        coarse_threshold: float = 0.5,
+        normalize: bool | Literal["auto"] = "auto",
+        batch_size: int = 1024,
+        inplace: bool = True,
+    ) -> pd.DataFrame:
+        """Predict cell types and write them into ``adata``.
+
+        Writes, with prefix ``key_added``:
+
+        - ``obs["{key}_prediction"]`` (CL name of the argmax label), ``obs["{key}_prediction_ontology_term_id"]``,
+          ``obs["{key}_confidence"]`` (its probability);
+        - ``obs["{key}_prediction_coarse"]`` (+ ``_ontology_term_id``): the deepest term (label or ancestor) whose
+          subtree probability is at least ``coarse_threshold`` — a back-off when the model is unsure;
+        - ``obsm["{key}_probabilities"]`` (cells × labels), ``obsm["{key}_hierarchical_scores"]`` (cells ×
+          labels and their ancestors: the summed probability of each term's subtree), ``obsm["X_{key}"]`` (the
+          penultimate-layer embedding);
+        - ``uns["{key}"]``: model, ontology version, threshold, gene overlap.
+
+        Nothing else in ``adata`` changes.
+
+        Parameters
+        ----------
+        adata
+            Query cells; default: the registered AnnData. Dense, sparse or backed.
+        layer
+            Layer with the expression; default ``adata.X`` (the registered layer for the registered AnnData).
+        gene_symbols
+            ``var`` column holding identifiers of the model's type, when ``var_names`` do not.
+        key_added
+            Prefix of the output keys.
+        coarse_threshold
+            Subtree probability needed for the coarse prediction.
+        normalize
+            ``"auto"`` normalises integer counts and leaves non-integer data as it is.
+        batch_size
+            Cells per forward pass.
+        inplace
+            Write into ``adata``; ``False`` only returns the table.
+
+        Returns
+        -------
+        The obs columns above as a DataFrame indexed by ``obs_names``.
+        """
+        if not 0 < coarse_threshold <= 1:
+            raise ValueError(f"coarse_threshold must be in (0, 1], got {coarse_threshold}.")
+        logits, emb, aligner, normalize_used, adata = self._forward(adata, layer, gene_symbols, batch_size, normalize)
+        probs = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+        obs, probs_df, scores_df = prediction_frame(probs, self.hierarchy, adata.obs_names, key_added, coarse_threshold)
+        if inplace:
+            from schce import __version__
+
+            uns = {
+                "schce_version": __version__,
+                "backbone": self.backbone,
+                "loss": self.loss,
+                "n_labels": self.hierarchy.n_labels,
+                "ontology_version": self.hierarchy.version,
+                "coarse_threshold": float(coarse_threshold),
+                "gene_overlap": aligner.summary(),
+                "normalized": bool(normalize_used),
+            }
+            obsm = {f"{key_added}_probabilities": probs_df, f"{key_added}_hierarchical_scores": scores_df}
+            obsm[f"X_{key_added}"] = emb
+            write_outputs(adata, obs, obsm, uns, key_added)
+        return obs
+
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        layer: str | None = None,
+        gene_symbols: str | None = None,
+        normalize: bool | Literal["auto"] = "auto",
+        batch_size: int = 1024,
+    ) -> np.ndarray:
+        """Penultimate-layer embedding, cells × ``n_latent`` (the logits for the linear backbone)."""
+        return self._forward(adata, layer, gene_symbols, batch_size, normalize)[1]
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, dir_path: str | os.PathLike, overwrite: bool = False, save_anndata: bool = False) -> None:
+        """Save the model to a directory, atomically.
+
+        Writes ``model.pt`` (weights only) and ``schce.json`` (labels, hierarchy, genes, setup, history).
+
+        Parameters
+        ----------
+        dir_path
+            Target directory.
+        overwrite
+            Replace an existing directory.
+        save_anndata
+            Also write the registered AnnData as ``adata.h5ad``.
+        """
+        from schce import __version__
+
+        meta = {
+            "format": _io.FORMAT,
+            "format_version": _io.FORMAT_VERSION,
+            "schce_version": __version__,
+            "model_class": type(self).__name__,
+            "init_params": self.init_params_,
+            "registry": {k: v for k, v in self.registry_.items()},
+            "is_trained": bool(self.is_trained_),
+            "history": {
+                k: {"epoch": df.index.tolist(), "value": df.iloc[:, 0].tolist()}
+                for k, df in (self.history_ or {}).items()
+            },
+            "train_indices": None if self.train_indices_ is None else np.asarray(self.train_indices_).tolist(),
+            "validation_indices": None
+            if self.validation_indices_ is None
+            else np.asarray(self.validation_indices_).tolist(),
+        }
+        text = _io.dumps(meta)
+        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+        def write(tmp: Path) -> None:
+            torch.save(state, tmp / _io.WEIGHTS_FILE)
+            (tmp / _io.META_FILE).write_text(text)
+            if save_anndata and self.adata is not None:
+                self.adata.write_h5ad(tmp / _io.ADATA_FILE)
+
+        _io.write_dir_atomically(dir_path, overwrite, write)
+        logger.info("Saved the model to %s.", dir_path)
+
+    @classmethod
+    def load(cls, dir_path: str | os.PathLike, accelerator: str = "auto", device: int | str = "auto") -> HCEClassifier:
+        """Load a model written by :meth:`save`; predict on any AnnData with :meth:`predict`.
+
+        Parameters
+        ----------
+        dir_path
+            Directory written by :meth:`save`.
+        accelerator, device
+            Where to put the weights (``"auto"``: a GPU when there is one).
+        """
+        meta = _io.read_meta(dir_path)
+        if meta.get("model_class") != cls.__name__:
+            raise ValueError(f"{dir_path} holds a {meta.get('model_class')}, not a {cls.__name__}.")
+        try:
+            state = torch.load(Path(dir_path) / _io.WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for damaged files
+            raise ValueError(f"{Path(dir_path) / _io.WEIGHTS_FILE} is corrupt and cannot be read: {err}") from err
+        params = meta["init_params"]
+        model = cls(None, meta["registry"], **params["non_kwargs"], **params["kwargs"].get("backbone_kwargs", {}))
+        try:
+            model.module.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"The weights in {dir_path} do not match the model described there: {err}") from err
+        model.is_trained_ = meta["is_trained"]
+        model.history_ = {
+            k: pd.DataFrame({k: h["value"]}, index=pd.Index(h["epoch"], name="epoch"))
+            for k, h in meta["history"].items()
+        }
+        model.train_indices_ = None if meta["train_indices"] is None else np.asarray(meta["train_indices"])
+        model.validation_indices_ = (
+            None if meta["validation_indices"] is None else np.asarray(meta["validation_indices"])
+        )
+        from scvi.model._utils import parse_device_args
+
+        _, _, torch_device = parse_device_args(accelerator, device, return_device="torch", validate_single_device=True)
+        model.module.to(torch_device)
+        model.module.eval()
+        return model
+
+    # ------------------------------------------------------------------ display
+    def view_anndata_setup(self, adata: AnnData | None = None, hide_state_registries: bool = False) -> None:
+        """Print how the training AnnData was registered (works for loaded models too)."""
+        if adata is None and self.adata is None:
+            setup = self.registry_["setup_args"]
+            lines = [f"{type(self).__name__} setup (loaded model, no AnnData attached):"]
+            lines += [f"  {k}: {v!r}" for k, v in setup.items()]
+            lines.append(f"  labels: {self.hierarchy.n_labels} ({', '.join(self.hierarchy.names()[:5])}, ...)")
+            lines.append(f"  genes: {len(self.genes)}")
+            rich.print("\n".join(lines))
+            return
+        super().view_anndata_setup(adata, hide_state_registries)
+
+    def __repr__(self) -> str:
+        return self.summary_string

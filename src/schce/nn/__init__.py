@@ -1,0 +1,6 @@
+"""Backbones and the classifier module: plain :class:`torch.nn.Module`s that know nothing of AnnData."""
+
+from schce.nn._backbones import MLP, Linear, make_backbone
+from schce.nn._module import HCEModule, normalize_counts
+
+__all__ = ["MLP", "HCEModule", "Linear", "make_backbone", "normalize_counts"]

@@ -1,0 +1,90 @@
+"""Classifier backbones with scTab-compatible state dicts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Linear(nn.Linear):
+    """Logistic regression on the normalised expression: one ``nn.Linear(n_input, n_labels)``.
+
+    Its state dict (``weight``, ``bias``) is that of scTab's linear classifier. It has no hidden layer, so its
+    embedding is the logits.
+    """
+
+    def __init__(self, n_input: int, n_labels: int):
+        super().__init__(n_input, n_labels)
+
+    @property
+    def n_latent(self) -> int:
+        """Width of :meth:`embed`'s output."""
+        return self.out_features
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, n_input) -> (B, n_labels)`` logits."""
+        return super().forward(x)
+
+    def classify(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits from the embedding (the identity here)."""
+        return h
+
+
+class MLP(nn.Module):
+    """Multilayer perceptron: ``n_layers`` blocks ``[Linear, BatchNorm1d, SiLU, Dropout]`` and a linear head.
+
+    The blocks live in one flat ``nn.Sequential`` named ``encoder`` and the head is ``linear``, so scTab's MLP
+    state dicts map key for key (``encoder.0.weight`` … ``linear.bias``).
+
+    Parameters
+    ----------
+    n_input
+        Number of genes.
+    n_labels
+        Number of labels.
+    n_hidden
+        Width of every block.
+    n_layers
+        Number of blocks.
+    dropout
+        Dropout after every block.
+    """
+
+    def __init__(self, n_input: int, n_labels: int, n_hidden: int = 128, n_layers: int = 8, dropout: float = 0.1):
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be ≥ 1, got {n_layers}.")
+        layers: list[nn.Module] = []
+        width = n_input
+        for _ in range(n_layers):
+            layers += [nn.Linear(width, n_hidden), nn.BatchNorm1d(n_hidden), nn.SiLU(), nn.Dropout(dropout)]
+            width = n_hidden
+        self.encoder = nn.Sequential(*layers)
+        self.linear = nn.Linear(n_hidden, n_labels)
+
+    @property
+    def n_latent(self) -> int:
+        """Width of :meth:`embed`'s output."""
+        return self.linear.in_features
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, n_input) -> (B, n_hidden)`` penultimate-layer embedding."""
+        return self.encoder(x)
+
+    def classify(self, h: torch.Tensor) -> torch.Tensor:
+        """``(B, n_hidden) -> (B, n_labels)`` logits."""
+        return self.linear(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, n_input) -> (B, n_labels)`` logits."""
+        return self.classify(self.embed(x))
+
+
+BACKBONES = {"linear": Linear, "mlp": MLP}
+
+
+def make_backbone(name: str, n_input: int, n_labels: int, **kwargs) -> nn.Module:
+    """Build a backbone by name (``"linear"`` or ``"mlp"``) with its hyperparameters."""
+    if name not in BACKBONES:
+        raise ValueError(f"Unknown backbone {name!r}; choose one of {sorted(BACKBONES)}.")
+    return BACKBONES[name](n_input, n_labels, **kwargs)

@@ -1,0 +1,6 @@
+"""Training: the Lightning training plan and its callbacks."""
+
+from schce.train._callbacks import BestWeights, HistoryRecorder
+from schce.train._plan import HCETrainingPlan
+
+__all__ = ["BestWeights", "HCETrainingPlan", "HistoryRecorder"]

@@ -1,0 +1,99 @@
+"""The Lightning training plan: loss, optimiser recipe and hierarchy-corrected validation metrics."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from schce.losses import hierarchical_cross_entropy
+from schce.metrics import code_scores
+
+LOSSES = ("hce", "ce")
+
+
+class HCETrainingPlan(pl.LightningModule):
+    """Trains an :class:`~schce.nn.HCEModule` with HCE (or plain cross-entropy).
+
+    Parameters
+    ----------
+    module
+        The classifier module.
+    reachability
+        ``(n_labels, n_labels)`` reachability matrix.
+    loss
+        ``"hce"`` (hierarchical cross-entropy) or ``"ce"`` (flat cross-entropy).
+    class_weights
+        ``(n_labels,)`` weights for the training loss only; validation loss is unweighted.
+    normalize
+        Whether inputs are raw counts to normalise in the module.
+    lr, weight_decay
+        AdamW settings.
+    lr_gamma
+        StepLR factor applied after every epoch.
+    hce_form
+        ``"log"`` (exact, default) or ``"reference"`` (the published form with ``log(q + 1e-6)``).
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        reachability: np.ndarray,
+        loss: str = "hce",
+        class_weights: np.ndarray | None = None,
+        normalize: bool = True,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        lr_gamma: float = 0.9,
+        hce_form: str = "log",
+    ):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}.")
+        self.module = module
+        self.loss_name, self.normalize, self.hce_form = loss, normalize, hce_form
+        self.lr, self.weight_decay, self.lr_gamma = lr, weight_decay, lr_gamma
+        self._R_np = np.asarray(reachability, dtype=bool)
+        self.register_buffer("reachability", torch.as_tensor(self._R_np, dtype=torch.float32), persistent=False)
+        weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        self.register_buffer("class_weights", weights, persistent=False)
+        self._val_true: list[torch.Tensor] = []
+        self._val_pred: list[torch.Tensor] = []
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        if self.loss_name == "ce":
+            return F.cross_entropy(logits, y, weight=weight)
+        return hierarchical_cross_entropy(logits, y, self.reachability, weight=weight, form=self.hce_form)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One optimisation step on the weighted training loss."""
+        logits, _ = self.module(batch["x"], normalize=self.normalize)
+        loss = self._loss(logits, batch["y"], self.class_weights)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["y"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Validation loss; predictions are gathered for the epoch metrics."""
+        logits, _ = self.module(batch["x"], normalize=self.normalize)
+        loss = self._loss(logits, batch["y"], None)
+        self.log("validation_loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["y"]))
+        self._val_true.append(batch["y"].detach().cpu())
+        self._val_pred.append(logits.argmax(dim=1).detach().cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        """Exact and hierarchy-corrected accuracy and macro F1 over the whole validation set."""
+        if not self._val_true:
+            return
+        true = torch.cat(self._val_true).numpy()
+        pred = torch.cat(self._val_pred).numpy()
+        self._val_true.clear()
+        self._val_pred.clear()
+        for name, value in code_scores(true, pred, self._R_np).items():
+            self.log(f"validation_{name}", value, prog_bar=name == "corrected_macro_f1")
+
+    def configure_optimizers(self):
+        """AdamW with a StepLR decay after every epoch."""
+        optimizer = torch.optim.AdamW(self.module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=self.lr_gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
