@@ -21,5 +21,12 @@ test: install
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
+$(VENV)/.docs-installed: pyproject.toml $(VENV)/.installed
+	$(PIP) install -e ".[doc]"
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+
 clean:
-	rm -rf demo_output docs/_build
+	rm -rf demo_output docs/_build docs/generated

@@ -63,11 +63,14 @@ def correct_codes(true: np.ndarray, predicted: np.ndarray, reachability: np.ndar
     Same rule as :meth:`Hierarchy.correct_predictions`, for integer codes (used during training).
     """
     true, predicted = np.asarray(true), np.asarray(predicted)
+    if true.shape != predicted.shape:
+        raise ValueError(f"true and predicted differ in length: {true.shape} vs {predicted.shape}.")
     return np.where(np.asarray(reachability, dtype=bool)[true, predicted], true, predicted)
 
 
 def code_scores(true: np.ndarray, predicted: np.ndarray, reachability: np.ndarray) -> dict[str, float]:
     """Accuracy and macro F1, exact and hierarchy-corrected, on label indices."""
+    true, predicted = np.asarray(true), np.asarray(predicted)
     corrected = correct_codes(true, predicted, reachability)
     return {
         "accuracy": float(np.mean(predicted == true)),

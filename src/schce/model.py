@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import rich
+import rich.pretty  # noqa: F401 - scvi-tools' view_registry uses rich.pretty without importing it
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
@@ -81,7 +82,8 @@ class HCEClassifier(BaseModelClass):
         self.backbone, self.loss, self.hce_form = backbone, loss, hce_form
         self.module = HCEModule(make_backbone(backbone, len(self.genes), self.hierarchy.n_labels, **backbone_kwargs))
         self._model_summary_string = (
-            f"HCEClassifier: backbone={backbone}{backbone_kwargs or ''}, loss={loss}, "
+            f"HCEClassifier: backbone={backbone}({', '.join(f'{k}={v!r}' for k, v in backbone_kwargs.items())}), "
+            f"loss={loss}, "
             f"{self.hierarchy.n_labels} labels (ontology {self.hierarchy.version}), {len(self.genes)} genes "
             f"({setup['gene_id_type']}), training input: "
             + ("raw counts, normalised in the module" if setup["normalize"] else "used as given")
