@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import rich
-import rich.pretty  # noqa: F401 - scvi-tools' view_registry uses rich.pretty without importing it
+import rich.pretty  # scvi-tools' view_registry uses rich.pretty without importing it
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
