@@ -33,8 +33,8 @@ def prediction_frame(
     coarse_names = term_names[coarse]
 
     def categorical(values: np.ndarray, categories: list[str]) -> pd.Categorical:
-        # Fixed categories keep colours stable across queries; unused ones are dropped except the labels'.
-        return pd.Categorical(values, categories=list(dict.fromkeys(categories)))
+        # Every label is a category, sorted as scanpy sorts, so colours match across queries and label columns.
+        return pd.Categorical(values, categories=sorted(set(categories)))
 
     obs = pd.DataFrame(
         {

@@ -37,7 +37,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
     show_default=True,
     help="Where to write the annotated h5ad and the UMAP.",
 )
-@click.option("--max-epochs", type=int, default=60, show_default=True, help="Training epochs per model.")
+@click.option(
+    "--max-epochs", type=click.IntRange(min=1), default=60, show_default=True, help="Training epochs per model."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo(out_dir: Path, max_epochs: int, seed: int) -> None:
     """Train CE and HCE MLPs on the bundled PBMC data and compare them on held-out cells."""

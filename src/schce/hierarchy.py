@@ -8,16 +8,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from schce._graph import HierarchyCycleError, find_cycle
+
 if TYPE_CHECKING:
     import torch
 
     from schce.ontology import CellOntology
 
 logger = logging.getLogger(__name__)
-
-
-class HierarchyCycleError(ValueError):
-    """A hierarchy's edges contain a cycle, so it is not a partial order."""
 
 
 class Hierarchy:
@@ -81,7 +79,12 @@ class Hierarchy:
             parents.setdefault(parent, set())
         for label in labels:
             parents.setdefault(label, set())
-        _check_acyclic(parents)
+        cycle = find_cycle({t: tuple(sorted(ps)) for t, ps in parents.items()})
+        if cycle:
+            # find_cycle lists child before parent; show it parent -> child like the edges.
+            raise HierarchyCycleError(
+                "The hierarchy has a cycle: " + " -> ".join(reversed(cycle)) + ". Remove one of these edges."
+            )
 
         # Keep only labels and their ancestors: anything else cannot affect scores.
         keep = set(labels)
@@ -316,35 +319,6 @@ def validate_reachability(R: np.ndarray) -> None:
         raise ValueError(
             f"Reachability is not transitive: label {i} reaches {j} through another label but R[{i}, {j}] = 0."
         )
-
-
-def _check_acyclic(parents: dict[str, set[str]]) -> None:
-    """Raise :class:`HierarchyCycleError` naming a cycle if the parent graph has one."""
-    white, grey, black = 0, 1, 2
-    color = dict.fromkeys(parents, white)
-    for start in parents:
-        if color[start] != white:
-            continue
-        stack = [(start, iter(sorted(parents[start])))]
-        path = [start]
-        color[start] = grey
-        while stack:
-            node, it = stack[-1]
-            nxt = next(it, None)
-            if nxt is None:
-                color[node] = black
-                stack.pop()
-                path.pop()
-            elif color[nxt] == grey:
-                # path runs child -> parent; print the cycle parent -> child.
-                cycle = path[path.index(nxt) :] + [nxt]
-                raise HierarchyCycleError(
-                    "The hierarchy has a cycle: " + " -> ".join(reversed(cycle)) + ". Remove one of these edges."
-                )
-            elif color[nxt] == white:
-                color[nxt] = grey
-                stack.append((nxt, iter(sorted(parents[nxt]))))
-                path.append(nxt)
 
 
 def _ancestor_sets(parents: dict[str, tuple[str, ...]], terms: Sequence[str]) -> dict[str, frozenset[str]]:

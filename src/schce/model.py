@@ -239,6 +239,12 @@ class HCEClassifier(BaseModelClass):
         """
         if self.adata is None:
             raise RuntimeError("This model has no registered AnnData to train on (it was loaded from disk).")
+        if max_epochs < 1:
+            raise ValueError(f"max_epochs must be at least 1, got {max_epochs}.")
+        if batch_size is not None and batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2 (BatchNorm needs two cells), got {batch_size}.")
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}.")
         if class_weights not in ("balanced", None):
             raise ValueError(f"class_weights must be 'balanced' or None, got {class_weights!r}.")
         pl.seed_everything(seed, workers=True, verbose=False)

@@ -19,6 +19,8 @@ from importlib.metadata import version as _package_version
 from pathlib import Path
 from typing import Any
 
+from schce._graph import HierarchyCycleError, find_cycle
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["SYNONYM_SCOPES", "CellOntology", "LabelMappingError", "load_cell_ontology"]
@@ -71,37 +73,6 @@ def _is_null(value: Any) -> bool:
     if isinstance(value, float):
         return math.isnan(value)
     return type(value).__name__ in {"NAType", "NaTType"}
-
-
-def _find_cycle(parents: Mapping[str, tuple[str, ...]]) -> list[str] | None:
-    """Return one ``is_a`` cycle as ``[a, b, ..., a]`` (child before parent), or None for a DAG.
-
-    Iterative depth-first search in sorted order, so the reported cycle is deterministic and deep hierarchies cannot
-    hit Python's recursion limit.
-    """
-    done: set[str] = set()
-    for start in sorted(parents):
-        if start in done:
-            continue
-        path = [start]
-        on_path = {start}
-        stack = [iter(parents[start])]
-        while stack:
-            parent = next(stack[-1], None)
-            if parent is None:
-                stack.pop()
-                node = path.pop()
-                on_path.discard(node)
-                done.add(node)
-                continue
-            if parent in on_path:
-                return path[path.index(parent) :] + [parent]
-            if parent in done:
-                continue
-            path.append(parent)
-            on_path.add(parent)
-            stack.append(iter(parents.get(parent, ())))
-    return None
 
 
 def _topological_order(parents: Mapping[str, tuple[str, ...]]) -> list[str]:
@@ -186,9 +157,9 @@ class CellOntology:
                 raise ValueError(f"{child!r} has parents that are not live terms: {bad}.")
             given_parents[child] = ps
         self._parents = {term: given_parents.get(term, ()) for term in self._terms}
-        cycle = _find_cycle(self._parents)
+        cycle = find_cycle(self._parents)
         if cycle is not None:
-            raise ValueError(f"The is_a hierarchy has a cycle: {' -> '.join(cycle)}.")
+            raise HierarchyCycleError(f"The is_a hierarchy has a cycle: {' -> '.join(cycle)}.")
         children: dict[str, list[str]] = {term: [] for term in self._terms}
         for term, ps in self._parents.items():
             for parent in ps:
