@@ -43,6 +43,14 @@ def test_setup_maps_names_to_cl_ids(pbmc_copy):
     assert "10 labels" in repr(model) and "Not Trained" in repr(model)
 
 
+def test_unused_categories_in_the_labels_column_are_ignored(pbmc_copy):
+    adata = pbmc_copy
+    adata.obs["labels"] = adata.obs["cell_type"].cat.add_categories(["not a cell type at all"])
+    schce.HCEClassifier.setup_anndata(adata, labels_key="labels")
+    model = schce.HCEClassifier(adata, **SMALL_MLP)
+    assert model.hierarchy.n_labels == 10 and (model._label_codes() >= 0).all()
+
+
 def test_train_history_and_split(trained):
     h = trained.history
     assert {"train_loss", "validation_loss", "validation_corrected_macro_f1", "validation_macro_f1"} <= set(h)
@@ -65,6 +73,18 @@ def test_training_is_deterministic_with_seed(pbmc_copy):
     same = all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     differs = any(not torch.equal(states[0][k], states[2][k]) for k in states[0] if states[0][k].is_floating_point())
     assert same and differs
+
+
+def test_training_on_backed_data_equals_in_memory(pbmc, tmp_path):
+    path = tmp_path / "ref.h5ad"
+    pbmc.write_h5ad(path)
+    states = []
+    for adata in (ad.read_h5ad(path, backed="r"), pbmc.copy()):
+        schce.HCEClassifier.setup_anndata(adata, labels_key="cell_type_ontology_term_id")
+        model = schce.HCEClassifier(adata, **SMALL_MLP)
+        model.train(max_epochs=2, seed=1, enable_progress_bar=False)
+        states.append(model.module.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 def test_predict_writes_the_output_contract(trained, pbmc):
