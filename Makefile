@@ -19,6 +19,7 @@ demo: install
 
 test: install
 	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
 	$(PY) -m pytest -q
 
 $(VENV)/.docs-installed: pyproject.toml $(VENV)/.installed

@@ -227,3 +227,21 @@ def test_mismatched_lengths_raise(hce):
 def test_bad_average_raises(average):
     with pytest.raises(ValueError, match="average"):
         f1([1, 2], [1, 2], average)
+
+
+def test_batch_mixing_score_extremes_and_hand_value():
+    from schce.metrics import batch_mixing_score
+
+    # two far-apart groups, each a single batch: no mixing
+    emb = np.array([[0.0], [0.1], [0.2], [10.0], [10.1], [10.2]])
+    assert batch_mixing_score(emb, ["a", "a", "a", "b", "b", "b"], n_neighbors=2) == 0.0
+    # alternating a,b,a,b,a,b on a line, 2 neighbours: cell 0 sees (b, a) -> 1 bit, cell 5 sees (a, b) -> 1 bit,
+    # cells 1..4 see their two same-batch neighbours at distance 1 -> 0; mean 2/6
+    emb = np.arange(6, dtype=float)[:, None]
+    assert batch_mixing_score(emb, ["a", "b"] * 3, n_neighbors=2) == pytest.approx(1 / 3)
+    # a,a,b,b with 3 neighbours: every cell sees one of its batch and two of the other:
+    # H = -(1/3 ln 1/3 + 2/3 ln 2/3) = 0.636514, / ln 2 = 0.918296
+    emb = np.arange(4, dtype=float)[:, None]
+    assert batch_mixing_score(emb, ["a", "a", "b", "b"], n_neighbors=3) == pytest.approx(0.918296, abs=1e-6)
+    with pytest.raises(ValueError, match="two batches"):
+        batch_mixing_score(emb, ["a"] * 4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pytest
+from benchmarks._tasks import LABELS, leave_one_batch_out
 from conftest import shared_file
 
 import schce
@@ -16,33 +17,16 @@ from schce.metrics import classification_scores
 
 pytestmark = pytest.mark.slow
 
-# Mixed granularity: in the larger training batch the annotators only said "T cell" and "monocyte".
-COARSEN = {
-    "CL:0000624": "CL:0000084",  # CD4 αβ T → T cell
-    "CL:0000625": "CL:0000084",  # CD8 αβ T → T cell
-    "CL:0001054": "CL:0000576",  # CD14 monocyte → monocyte
-    "CL:0002396": "CL:0000576",  # CD16 monocyte → monocyte
-}
-LABELS = "cell_type_ontology_term_id"
-
 
 @pytest.fixture(scope="module")
 def symphony():
     return ad.read_h5ad(shared_file("real", "symphony_pbmcs_small_3batches_counts_CL.h5ad"))
 
 
-def leave_one_batch_out(adata, loss: str, mixed: bool, seed: int = 0) -> list[dict[str, float]]:
+def run_lobo(adata, loss: str, mixed: bool, seed: int = 0) -> list[dict[str, float]]:
     """Train on two batches, predict the third; scores per held-out batch."""
     scores = []
-    for test_batch in sorted(adata.obs["batch"].unique()):
-        train = adata[adata.obs["batch"] != test_batch].copy()
-        test = adata[adata.obs["batch"] == test_batch].copy()
-        labels = train.obs[LABELS].astype(str)
-        if mixed:
-            larger = train.obs["batch"].value_counts().idxmax()
-            in_larger = (train.obs["batch"] == larger).to_numpy()
-            labels[in_larger] = labels[in_larger].replace(COARSEN)
-        train.obs["training_label"] = labels.to_numpy()
+    for _, train, test in leave_one_batch_out(adata, mixed):
         schce.HCEClassifier.setup_anndata(train, labels_key="training_label")
         model = schce.HCEClassifier(train, loss=loss)
         model.train(seed=seed, enable_progress_bar=False)
@@ -56,7 +40,7 @@ def _mean(scores, key):
 
 
 def test_leave_one_batch_out_hce(symphony, record_property):
-    scores = leave_one_batch_out(symphony, "hce", mixed=False)
+    scores = run_lobo(symphony, "hce", mixed=False)
     corrected, exact = _mean(scores, "corrected_macro_f1"), _mean(scores, "macro_f1")
     record_property("hce_corrected_macro_f1", corrected)
     print(f"symphony LOBO HCE: corrected macro F1 {corrected:.3f}, exact macro F1 {exact:.3f}")
@@ -64,8 +48,8 @@ def test_leave_one_batch_out_hce(symphony, record_property):
 
 
 def test_mixed_granularity_hce_beats_ce(symphony):
-    hce = leave_one_batch_out(symphony, "hce", mixed=True)
-    ce = leave_one_batch_out(symphony, "ce", mixed=True)
+    hce = run_lobo(symphony, "hce", mixed=True)
+    ce = run_lobo(symphony, "ce", mixed=True)
     h, c = _mean(hce, "corrected_macro_f1"), _mean(ce, "corrected_macro_f1")
     print(
         f"symphony mixed granularity: HCE corrected {h:.3f} (exact {_mean(hce, 'macro_f1'):.3f}), "

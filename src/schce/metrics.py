@@ -106,3 +106,36 @@ def classification_scores(true: Sequence[str], predicted: Sequence[str], hierarc
         for average in ("macro", "micro", "weighted"):
             out[f"{prefix}{average}_f1"] = f1(true, pred, average)
     return out
+
+
+def batch_mixing_score(embeddings: np.ndarray, batches: Sequence, n_neighbors: int = 15) -> float:
+    """How well batches mix in an embedding: the mean normalised entropy of each cell's neighbourhood batches.
+
+    For every cell the ``n_neighbors`` nearest other cells (Euclidean) are found; the entropy of their batch
+    composition is divided by ``log(n_batches)``. 1 means every neighbourhood holds all batches equally, 0 means
+    every neighbourhood is a single batch.
+
+    Parameters
+    ----------
+    embeddings
+        ``(n_cells, n_dims)``.
+    batches
+        One batch per cell; at least two distinct values.
+    n_neighbors
+        Neighbourhood size.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    codes, uniques = pd.factorize(np.asarray(batches))
+    if len(uniques) < 2:
+        raise ValueError("batch_mixing_score needs at least two batches.")
+    if len(codes) != len(embeddings):
+        raise ValueError(f"{len(embeddings)} embeddings but {len(codes)} batch values.")
+    k = min(n_neighbors, len(codes) - 1)
+    _, idx = NearestNeighbors(n_neighbors=k + 1).fit(embeddings).kneighbors(embeddings)
+    neighbours = codes[idx[:, 1:]]  # drop each cell itself
+    counts = np.stack([(neighbours == b).sum(1) for b in range(len(uniques))], axis=1) / k
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(counts > 0, counts * np.log(counts), 0.0).sum(1)
+    return float(entropy.mean() / np.log(len(uniques)))

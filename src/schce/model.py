@@ -209,6 +209,10 @@ class HCEClassifier(BaseModelClass):
         seed: int = 0,
         num_workers: int = 0,
         enable_progress_bar: bool = True,
+        adversarial_weight: float = 0.0,
+        batch_mixing_weight: float = 0.0,
+        ecs_weight: float = 0.0,
+        ecs_threshold: float = 0.8,
         **trainer_kwargs,
     ) -> None:
         """Train the classifier.
@@ -241,6 +245,14 @@ class HCEClassifier(BaseModelClass):
             DataLoader workers.
         enable_progress_bar
             Lightning's progress bar.
+        adversarial_weight
+            Weight of a batch discriminator trained behind gradient reversal on the embedding (scGPT's DAB), which
+            pushes the embedding to forget the ``batch_key`` registered in :meth:`setup_anndata`. ``0`` = off.
+        batch_mixing_weight
+            Weight of :class:`~schce.losses.BatchMixingLoss` on the embedding (rewards neighbourhoods that mix
+            batches). Needs ``batch_key``. ``0`` = off.
+        ecs_weight, ecs_threshold
+            Weight and threshold of scGPT's elastic cell similarity term on the embedding. ``0`` = off.
         **trainer_kwargs
             Other :class:`lightning.pytorch.Trainer` arguments (e.g. ``precision``).
         """
@@ -254,6 +266,15 @@ class HCEClassifier(BaseModelClass):
             raise ValueError(f"lr must be positive, got {lr}.")
         if class_weights not in ("balanced", None):
             raise ValueError(f"class_weights must be 'balanced' or None, got {class_weights!r}.")
+        auxiliary = {"adversarial": adversarial_weight, "batch_mixing": batch_mixing_weight, "ecs": ecs_weight}
+        n_batches = int(self.summary_stats["n_batch"])
+        if (adversarial_weight or batch_mixing_weight) and self.registry_["setup_args"]["batch_key"] is None:
+            raise ValueError(
+                "adversarial_weight and batch_mixing_weight act on batches, but no batch_key was registered: "
+                "call HCEClassifier.setup_anndata(adata, ..., batch_key='batch') first."
+            )
+        if (adversarial_weight or batch_mixing_weight) and n_batches < 2:
+            raise ValueError(f"The registered batch_key has {n_batches} batch; batch terms need at least two.")
         pl.seed_everything(seed, workers=True, verbose=False)
         if not self.is_trained_:
             # Re-initialise under the seed so results do not depend on what ran before construction.
@@ -282,8 +303,14 @@ class HCEClassifier(BaseModelClass):
             weight_decay=weight_decay,
             lr_gamma=lr_gamma,
             hce_form=self.hce_form,
+            auxiliary=auxiliary,
+            n_batches=n_batches,
+            ecs_threshold=ecs_threshold,
         )
-        train_dl = make_loader(X, train_idx, batch_size, codes, shuffle=True, seed=seed, num_workers=num_workers)
+        batches = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).ravel()
+        train_dl = make_loader(
+            X, train_idx, batch_size, codes, shuffle=True, seed=seed, num_workers=num_workers, batches=batches
+        )
         val_dl = make_loader(X, val_idx, 4096, codes, num_workers=num_workers) if len(val_idx) else None
         history = HistoryRecorder()
         callbacks: list[pl.Callback] = [history]

@@ -13,8 +13,15 @@ from schce.data._genes import GeneAligner
 class _RowBatches(Dataset):
     """Items are whole batches: one read per batch of row indices (fast for sparse and backed matrices)."""
 
-    def __init__(self, X, rows: np.ndarray, labels: np.ndarray | None = None, aligner: GeneAligner | None = None):
-        self.X, self.rows, self.labels, self.aligner = X, np.asarray(rows), labels, aligner
+    def __init__(
+        self,
+        X,
+        rows: np.ndarray,
+        labels: np.ndarray | None = None,
+        aligner: GeneAligner | None = None,
+        batches: np.ndarray | None = None,
+    ):
+        self.X, self.rows, self.labels, self.aligner, self.batches = X, np.asarray(rows), labels, aligner, batches
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -27,6 +34,8 @@ class _RowBatches(Dataset):
         item = {"x": torch.from_numpy(x)}
         if self.labels is not None:
             item["y"] = torch.from_numpy(self.labels[rows].astype(np.int64))
+        if self.batches is not None:
+            item["batch"] = torch.from_numpy(self.batches[rows].astype(np.int64))
         return item
 
 
@@ -39,12 +48,15 @@ def make_loader(
     aligner: GeneAligner | None = None,
     seed: int | None = None,
     num_workers: int = 0,
+    batches: np.ndarray | None = None,
 ) -> DataLoader:
-    """A loader yielding ``{"x": (B, n_genes) float32, "y": (B,) int64}`` batches of the given rows.
+    """A loader yielding ``{"x": (B, n_genes) float32, "y": (B,) int64, "batch": (B,) int64}`` batches of rows.
+
+    ``y`` and ``batch`` are present when ``labels`` and ``batches`` are given.
 
     Training loaders (``shuffle=True``) drop a last batch of a single cell, which BatchNorm cannot use.
     """
-    ds = _RowBatches(X, rows, labels, aligner)
+    ds = _RowBatches(X, rows, labels, aligner, batches)
     if shuffle:
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         sampler = RandomSampler(range(len(ds)), generator=generator)

@@ -7,10 +7,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from schce.losses import hierarchical_cross_entropy
+from schce.losses import (
+    BatchMixingLoss,
+    DomainAdversarialLoss,
+    elastic_cell_similarity_loss,
+    hierarchical_cross_entropy,
+)
 from schce.metrics import code_scores
 
 LOSSES = ("hce", "ce")
+# Terms that can be added to the task loss, computed on the penultimate embedding.
+AUXILIARY = ("adversarial", "batch_mixing", "ecs")
 
 
 class HCETrainingPlan(pl.LightningModule):
@@ -34,6 +41,15 @@ class HCETrainingPlan(pl.LightningModule):
         StepLR factor applied after every epoch.
     hce_form
         ``"log"`` (exact, default) or ``"reference"`` (the published form with ``log(q + 1e-6)``).
+    auxiliary
+        Weights of auxiliary terms added to the training loss: ``"adversarial"`` (a batch classifier behind gradient
+        reversal, :class:`~schce.losses.DomainAdversarialLoss`), ``"batch_mixing"``
+        (:class:`~schce.losses.BatchMixingLoss`) and ``"ecs"`` (:func:`~schce.losses.elastic_cell_similarity_loss`).
+        Batch terms need ``batch`` codes in every training batch.
+    n_batches
+        Number of batches, for the batch terms.
+    ecs_threshold
+        Threshold of the elastic cell similarity term.
     """
 
     def __init__(
@@ -47,10 +63,24 @@ class HCETrainingPlan(pl.LightningModule):
         weight_decay: float = 0.01,
         lr_gamma: float = 0.9,
         hce_form: str = "log",
+        auxiliary: dict[str, float] | None = None,
+        n_batches: int = 1,
+        ecs_threshold: float = 0.8,
     ):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}.")
+        self.auxiliary = {k: float(w) for k, w in (auxiliary or {}).items() if w}
+        unknown = sorted(set(self.auxiliary) - set(AUXILIARY))
+        if unknown:
+            raise ValueError(f"Unknown auxiliary loss(es) {unknown}; choose from {list(AUXILIARY)}.")
+        if any(w < 0 for w in self.auxiliary.values()):
+            raise ValueError(f"Auxiliary loss weights must be non-negative, got {self.auxiliary}.")
+        if "adversarial" in self.auxiliary:
+            self.adversary = DomainAdversarialLoss(module.n_latent, n_batches)
+        if "batch_mixing" in self.auxiliary:
+            self.batch_mixing = BatchMixingLoss(n_batches)
+        self.ecs_threshold = ecs_threshold
         self.module = module
         self.loss_name, self.normalize, self.hce_form = loss, normalize, hce_form
         self.lr, self.weight_decay, self.lr_gamma = lr, weight_decay, lr_gamma
@@ -68,9 +98,23 @@ class HCETrainingPlan(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One optimisation step on the weighted training loss."""
-        logits, _ = self.module(batch["x"], normalize=self.normalize)
-        loss = self._loss(logits, batch["y"], self.class_weights)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["y"]))
+        logits, h = self.module(batch["x"], normalize=self.normalize)
+        task = self._loss(logits, batch["y"], self.class_weights)
+        n = len(batch["y"])
+        terms: dict[str, torch.Tensor] = {}
+        if "adversarial" in self.auxiliary:
+            terms["adversarial"] = self.adversary(h, batch["batch"])
+        if "batch_mixing" in self.auxiliary:
+            terms["batch_mixing"] = self.batch_mixing(h, batch["batch"])
+        if "ecs" in self.auxiliary:
+            terms["ecs"] = elastic_cell_similarity_loss(h, self.ecs_threshold)
+        loss = task
+        for name, value in terms.items():
+            loss = loss + self.auxiliary[name] * value
+            self.log(f"train_{name}_loss", value, on_step=False, on_epoch=True, batch_size=n)
+        if terms:
+            self.log("train_task_loss", task, on_step=False, on_epoch=True, batch_size=n)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=n)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -94,6 +138,7 @@ class HCETrainingPlan(pl.LightningModule):
 
     def configure_optimizers(self):
         """AdamW with a StepLR decay after every epoch."""
-        optimizer = torch.optim.AdamW(self.module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        # self.parameters(): the classifier and, when on, the batch discriminator.
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=self.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
