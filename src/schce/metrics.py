@@ -139,3 +139,50 @@ def batch_mixing_score(embeddings: np.ndarray, batches: Sequence, n_neighbors: i
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -np.where(counts > 0, counts * np.log(counts), 0.0).sum(1)
     return float(entropy.mean() / np.log(len(uniques)))
+
+
+def per_class_table(true: Sequence, predicted: Sequence) -> pd.DataFrame:
+    """Precision, recall, F1 and support of every label present in ``true``.
+
+    Returns
+    -------
+    DataFrame indexed by label, columns ``precision``, ``recall``, ``f1``, ``support``.
+    """
+    labels, tp, fp, fn = per_class_counts(true, predicted)
+
+    def ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.divide(a, b, out=np.zeros(len(a), dtype=np.float64), where=b > 0)
+
+    return pd.DataFrame(
+        {
+            "precision": ratio(tp, tp + fp),
+            "recall": ratio(tp, tp + fn),
+            "f1": ratio(2 * tp, 2 * tp + fp + fn),
+            "support": (tp + fn).astype(np.int64),
+        },
+        index=pd.Index(labels, name="label"),
+    )
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
+    """Expected calibration error: the support-weighted gap between confidence and accuracy in equal-width bins.
+
+    Parameters
+    ----------
+    confidence
+        Probability of each prediction, in ``[0, 1]``.
+    correct
+        Whether each prediction was right.
+    n_bins
+        Number of bins over ``[0, 1]``.
+    """
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    if len(confidence) == 0:
+        return float("nan")
+    bins = np.minimum((confidence * n_bins).astype(np.int64), n_bins - 1)
+    total = 0.0
+    for b in np.unique(bins):
+        in_bin = bins == b
+        total += in_bin.sum() * abs(confidence[in_bin].mean() - correct[in_bin].mean())
+    return float(total / len(confidence))

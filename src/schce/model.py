@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +26,7 @@ from schce._output import prediction_frame, write_outputs
 from schce.data._expression import check_expression, get_matrix, resolve_normalize
 from schce.data._genes import GeneAligner, gene_id_type, strip_ensembl_version
 from schce.data._loader import make_loader, stratified_split
+from schce.evaluation import DEFAULT_GROUPBY, EvaluationResult, evaluate_predictions
 from schce.hierarchy import Hierarchy
 from schce.nn import HCEModule, make_backbone
 from schce.ontology import load_cell_ontology
@@ -94,6 +96,7 @@ class HCEClassifier(BaseModelClass):
             f"({setup['gene_id_type']}), training input: "
             + ("raw counts, normalised in the module" if setup["normalize"] else "used as given")
         )
+        self.temperature_ = 1.0
         self.init_params_ = self._get_init_params(locals())
 
     # ------------------------------------------------------------------ setup
@@ -213,6 +216,7 @@ class HCEClassifier(BaseModelClass):
         batch_mixing_weight: float = 0.0,
         ecs_weight: float = 0.0,
         ecs_threshold: float = 0.8,
+        calibrate: bool = True,
         **trainer_kwargs,
     ) -> None:
         """Train the classifier.
@@ -253,6 +257,9 @@ class HCEClassifier(BaseModelClass):
             batches). Needs ``batch_key``. ``0`` = off.
         ecs_weight, ecs_threshold
             Weight and threshold of scGPT's elastic cell similarity term on the embedding. ``0`` = off.
+        calibrate
+            Fit a temperature on the validation cells after training (temperature scaling); :meth:`predict` applies
+            it. Needs ``validation_size > 0``.
         **trainer_kwargs
             Other :class:`lightning.pytorch.Trainer` arguments (e.g. ``precision``).
         """
@@ -352,10 +359,52 @@ class HCEClassifier(BaseModelClass):
         self.train_indices_, self.validation_indices_ = train_idx, val_idx
         self.best_epoch_ = best.best_epoch if best is not None else max_epochs - 1
         self.is_trained_ = True
+        self.temperature_ = 1.0
+        if calibrate and len(val_idx):
+            self._calibrate(X, val_idx, codes[val_idx])
         if best is not None and best.best_epoch is not None:
             logger.info("Kept the weights of epoch %d (%s = %.4f).", best.best_epoch, MONITOR, best.best_score)
 
+    def _calibrate(self, X, rows: np.ndarray, targets: np.ndarray) -> None:
+        """Temperature scaling on held-out rows; logs the expected calibration error before and after."""
+        from schce.metrics import correct_codes, expected_calibration_error
+        from schce.train import fit_temperature
+
+        logits, _ = self._run(X, rows, self.registry_[_SETUP_KEY]["normalize"], None, 4096)
+        R = self.hierarchy.R
+        self.temperature_ = fit_temperature(logits, targets, R if self.loss == "hce" else None)
+
+        def ece(t: float) -> float:
+            probs = torch.softmax(torch.from_numpy(logits).double() / t, dim=1).numpy()
+            pred = probs.argmax(1)
+            correct = correct_codes(targets, pred, R) == targets
+            return expected_calibration_error(probs.max(1), correct)
+
+        logger.info(
+            "Calibrated on %d validation cells: temperature %.3f, expected calibration error %.4f -> %.4f.",
+            len(rows),
+            self.temperature_,
+            ece(1.0),
+            ece(self.temperature_),
+        )
+
     # ------------------------------------------------------------------ inference
+    def _run(
+        self, X, rows: np.ndarray, normalize: bool, aligner: GeneAligner | None, batch_size: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and embeddings of ``rows`` of ``X`` (module in eval mode, no gradients)."""
+        device = next(self.module.parameters()).device
+        self.module.eval()
+        logits, embeddings = [], []
+        loader = make_loader(X, rows, batch_size, aligner=aligner)
+        with torch.inference_mode():
+            # A bar only when the pass is long enough to wait for.
+            for batch in tqdm(loader, desc="Predicting", unit="batch", disable=len(loader) < 20):
+                out, h = self.module(batch["x"].to(device), normalize=normalize)
+                logits.append(out.float().cpu())
+                embeddings.append(h.float().cpu())
+        return torch.cat(logits).numpy(), torch.cat(embeddings).numpy()
+
     def _forward(
         self,
         adata: AnnData | None,
@@ -391,17 +440,8 @@ class HCEClassifier(BaseModelClass):
         where_x = f"adata.layers[{layer!r}]" if layer else "adata.X"
         normalize_used = resolve_normalize(normalize, check_expression(X, adata.n_obs, where_x), where_x)
 
-        device = next(self.module.parameters()).device
-        self.module.eval()
-        logits, embeddings = [], []
-        loader = make_loader(X, np.arange(adata.n_obs), batch_size, aligner=aligner)
-        with torch.inference_mode():
-            # A bar only when the pass is long enough to wait for.
-            for batch in tqdm(loader, desc="Predicting", unit="batch", disable=len(loader) < 20):
-                out, h = self.module(batch["x"].to(device), normalize=normalize_used)
-                logits.append(out.float().cpu())
-                embeddings.append(h.float().cpu())
-        return torch.cat(logits).numpy(), torch.cat(embeddings).numpy(), aligner, normalize_used, adata
+        logits, embeddings = self._run(X, np.arange(adata.n_obs), normalize_used, aligner, batch_size)
+        return logits, embeddings, aligner, normalize_used, adata
 
     def predict(
         self,
@@ -413,6 +453,7 @@ class HCEClassifier(BaseModelClass):
         normalize: bool | Literal["auto"] = "auto",
         batch_size: int = 1024,
         inplace: bool = True,
+        calibrated: bool = True,
     ) -> pd.DataFrame:
         """Predict cell types and write them into ``adata``.
 
@@ -447,6 +488,9 @@ class HCEClassifier(BaseModelClass):
             Cells per forward pass.
         inplace
             Write into ``adata``; ``False`` only returns the table.
+        calibrated
+            Divide the logits by the temperature fitted after training (probabilities, confidence and the coarse
+            call change; the argmax label does not).
 
         Returns
         -------
@@ -455,7 +499,7 @@ class HCEClassifier(BaseModelClass):
         if not 0 < coarse_threshold <= 1:
             raise ValueError(f"coarse_threshold must be in (0, 1], got {coarse_threshold}.")
         logits, emb, aligner, normalize_used, adata = self._forward(adata, layer, gene_symbols, batch_size, normalize)
-        probs = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+        probs = self._probabilities(logits, calibrated)
         obs, probs_df, scores_df = prediction_frame(probs, self.hierarchy, adata.obs_names, key_added, coarse_threshold)
         if inplace:
             from schce import __version__
@@ -467,6 +511,7 @@ class HCEClassifier(BaseModelClass):
                 "n_labels": self.hierarchy.n_labels,
                 "ontology_version": self.hierarchy.version,
                 "coarse_threshold": float(coarse_threshold),
+                "temperature": float(self.temperature_ if calibrated else 1.0),
                 "gene_overlap": aligner.summary(),
                 "normalized": bool(normalize_used),
             }
@@ -474,6 +519,75 @@ class HCEClassifier(BaseModelClass):
             obsm[f"X_{key_added}"] = emb
             write_outputs(adata, obs, obsm, uns, key_added)
         return obs
+
+    def _probabilities(self, logits: np.ndarray, calibrated: bool) -> np.ndarray:
+        t = self.temperature_ if calibrated else 1.0
+        return torch.softmax(torch.from_numpy(logits).double() / t, dim=1).numpy()
+
+    def evaluate(
+        self,
+        adata: AnnData,
+        labels_key: str,
+        groupby: Sequence[str] = DEFAULT_GROUPBY,
+        output_dir: str | os.PathLike | None = None,
+        layer: str | None = None,
+        gene_symbols: str | None = None,
+        coarse_threshold: float = 0.5,
+        normalize: bool | Literal["auto"] = "auto",
+        batch_size: int = 1024,
+        calibrated: bool = True,
+    ) -> EvaluationResult:
+        """Score the model on labelled cells: exact and hierarchy-corrected metrics, per class and per group.
+
+        True labels may be CL IDs or names. A true label that is a model label or an ancestor of model labels is
+        scored with the scTab rule (a prediction is correct when it is the truth or one of its descendants). A
+        label finer than the model's (a descendant of model labels, but not itself a label) is scored against its
+        nearest model ancestor. A label with no model ancestor below the root cannot be scored; it is counted in
+        ``n_not_scorable``. No cell is dropped silently: every count is in ``result.overall``.
+
+        Parameters
+        ----------
+        adata
+            Labelled cells; ``adata`` is not modified.
+        labels_key
+            ``obs`` column with the true labels.
+        groupby
+            ``obs`` columns to break the metrics down by (those absent are skipped).
+        output_dir
+            When given, write the tables there (see :meth:`EvaluationResult.write`).
+        layer, gene_symbols, normalize, batch_size, calibrated
+            As in :meth:`predict`.
+        coarse_threshold
+            Subtree probability for the coarse back-off calls whose accuracy is reported.
+
+        Returns
+        -------
+        :class:`~schce.evaluation.EvaluationResult` with ``overall``, ``per_class``, ``per_group`` and ``detailed``.
+        """
+        if labels_key not in adata.obs.columns:
+            raise KeyError(
+                f"labels_key={labels_key!r} is not a column of adata.obs. Available columns: {list(adata.obs.columns)}."
+            )
+        raw = adata.obs[labels_key]
+        if raw.isna().any():
+            raise ValueError(f"{int(raw.isna().sum())} cell(s) have no label in obs[{labels_key!r}]; drop them first.")
+        onto = load_cell_ontology(self.registry_["setup_args"].get("ontology"))
+        mapping = onto.map_labels(raw.astype(str).unique())
+        true_terms = raw.astype(str).map(mapping).to_numpy()
+        logits, _, _, _, adata = self._forward(adata, layer, gene_symbols, batch_size, normalize)
+        result = evaluate_predictions(
+            true_terms,
+            self._probabilities(logits, calibrated),
+            self.hierarchy,
+            onto.ancestors,
+            obs=adata.obs,
+            groupby=groupby,
+            coarse_threshold=coarse_threshold,
+            obs_names=adata.obs_names,
+        )
+        if output_dir is not None:
+            result.write(output_dir)
+        return result
 
     def get_latent_representation(
         self,
@@ -511,6 +625,7 @@ class HCEClassifier(BaseModelClass):
             "init_params": self.init_params_,
             "registry": {k: v for k, v in self.registry_.items()},
             "is_trained": bool(self.is_trained_),
+            "temperature": float(self.temperature_),
             "history": {
                 k: {"epoch": df.index.tolist(), "value": df.iloc[:, 0].tolist()}
                 for k, df in (self.history_ or {}).items()
@@ -557,6 +672,7 @@ class HCEClassifier(BaseModelClass):
         except RuntimeError as err:
             raise ValueError(f"The weights in {dir_path} do not match the model described there: {err}") from err
         model.is_trained_ = meta["is_trained"]
+        model.temperature_ = float(meta.get("temperature", 1.0))
         model.history_ = {
             k: pd.DataFrame({k: h["value"]}, index=pd.Index(h["epoch"], name="epoch"))
             for k, h in meta["history"].items()

@@ -2,5 +2,6 @@
 
 from schce.nn._backbones import MLP, Linear, make_backbone
 from schce.nn._module import HCEModule, normalize_counts
+from schce.nn._tabnet import TabNet
 
-__all__ = ["MLP", "HCEModule", "Linear", "make_backbone", "normalize_counts"]
+__all__ = ["MLP", "HCEModule", "Linear", "make_backbone", "normalize_counts", "TabNet"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from schce.nn._tabnet import TabNet
+
 
 class Linear(nn.Linear):
     """Logistic regression on the normalised expression: one ``nn.Linear(n_input, n_labels)``.
@@ -80,7 +82,7 @@ class MLP(nn.Module):
         return self.classify(self.embed(x))
 
 
-BACKBONES = {"linear": Linear, "mlp": MLP}
+BACKBONES = {"linear": Linear, "mlp": MLP, "tabnet": TabNet}
 
 
 def make_backbone(name: str, n_input: int, n_labels: int, **kwargs) -> nn.Module:

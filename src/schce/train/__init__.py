@@ -1,6 +1,7 @@
 """Training: the Lightning training plan and its callbacks."""
 
+from schce.train._calibration import fit_temperature
 from schce.train._callbacks import BestWeights, HistoryRecorder
 from schce.train._plan import HCETrainingPlan
 
-__all__ = ["BestWeights", "HCETrainingPlan", "HistoryRecorder"]
+__all__ = ["BestWeights", "HCETrainingPlan", "HistoryRecorder", "fit_temperature"]

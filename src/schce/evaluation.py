@@ -1,0 +1,271 @@
+"""Scoring predictions against true Cell Ontology labels: tables per class and per group, coarse calls, calibration."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from schce.hierarchy import Hierarchy
+from schce.metrics import expected_calibration_error, f1, per_class_table
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GROUPBY = ("assay", "dataset_id", "disease", "tissue", "tissue_general")
+# How each cell's true label relates to the model's labels.
+LABEL, COARSER, FINER, NOT_SCORABLE = "label", "coarser", "finer", "not_scorable"
+
+
+@dataclass
+class EvaluationResult:
+    """Evaluation tables, as returned by :meth:`schce.HCEClassifier.evaluate` and :func:`evaluate_predictions`.
+
+    Attributes
+    ----------
+    overall
+        One ``value`` column indexed by metric: accuracy and macro / micro / weighted F1, exact and
+        ``corrected_`` (scTab rule), over the scorable cells; cell counts by how the truth relates to the model's
+        labels; the coarse back-off fraction and accuracy; the expected calibration error.
+    per_class
+        Per true label (after mapping finer labels to their nearest model ancestor): name, support, exact and
+        corrected precision, recall and F1.
+    per_group
+        For every ``groupby`` column found in ``obs``: a table per value (cells, scorable cells, accuracy and macro
+        F1, exact and corrected).
+    detailed
+        Per cell: true label, effective truth, status, prediction, corrected prediction, coarse call, confidence,
+        the groupby metadata and the per-label probabilities (``p:<label>`` columns).
+    hierarchy
+        The model's hierarchy (label order and names, for plots).
+    """
+
+    overall: pd.DataFrame
+    per_class: pd.DataFrame
+    per_group: dict[str, pd.DataFrame] = field(default_factory=dict)
+    detailed: pd.DataFrame | None = None
+    hierarchy: Hierarchy | None = None
+
+    def __getitem__(self, metric: str) -> float:
+        """``result["corrected_macro_f1"]``: one number of the overall table."""
+        return float(self.overall.loc[metric, "value"])
+
+    def write(self, output_dir: str | os.PathLike) -> Path:
+        """Write the tables into ``output_dir`` (created if needed), each file atomically.
+
+        Files: ``overall_metrics.csv``, ``per_class_metrics.csv``, ``per_<column>_metrics.csv`` per groupby column
+        and ``detailed_results.parquet``.
+        """
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tables: dict[str, pd.DataFrame] = {"overall_metrics.csv": self.overall, "per_class_metrics.csv": self.per_class}
+        tables.update({f"per_{col}_metrics.csv": table for col, table in self.per_group.items()})
+        for name, table in tables.items():
+            _atomic(out / name, lambda p, t=table: t.to_csv(p))
+        if self.detailed is not None:
+            _atomic(out / "detailed_results.parquet", lambda p: self.detailed.to_parquet(p))
+        logger.info("Wrote evaluation tables to %s.", out)
+        return out
+
+    def __repr__(self) -> str:
+        keys = ["n_cells", "n_not_scorable", "accuracy", "corrected_accuracy", "macro_f1", "corrected_macro_f1"]
+        shown = ", ".join(f"{k}={self.overall.loc[k, 'value']:.4g}" for k in keys if k in self.overall.index)
+        return f"EvaluationResult({shown}; per_group: {sorted(self.per_group) or 'none'})"
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def resolve_truth(
+    true_terms: Sequence[str], predicted: Sequence[str], hierarchy: Hierarchy, ancestors_of
+) -> tuple[np.ndarray, np.ndarray]:
+    """The term each cell is scored against, and why.
+
+    - a model label, or an ancestor term of the labels (not a root): scored as it is;
+    - a term finer than the model (outside its terms, with model labels among its ancestors): scored against its
+      nearest model ancestor, the one the prediction satisfies when there are several;
+    - anything else (a root, or no model ancestor below the root): not scorable.
+
+    Parameters
+    ----------
+    true_terms, predicted
+        One term per cell.
+    hierarchy
+        The model's hierarchy.
+    ancestors_of
+        ``term -> set of ancestor terms`` from the full ontology (for terms outside the hierarchy).
+
+    Returns
+    -------
+    ``(effective truth (None where not scorable), status)`` per cell.
+    """
+    labels = set(hierarchy.labels)
+    terms = set(hierarchy.terms)
+    roots = {t for t in hierarchy.terms if not hierarchy.parents(t)}
+    effective = np.empty(len(true_terms), dtype=object)
+    status = np.empty(len(true_terms), dtype=object)
+    nearest_cache: dict[str, list[str]] = {}
+    for i, (t, p) in enumerate(zip(true_terms, predicted, strict=True)):
+        if t in labels:
+            effective[i], status[i] = t, LABEL
+        elif t in terms and t not in roots:
+            effective[i], status[i] = t, COARSER
+        else:
+            if t not in nearest_cache:
+                candidates = [a for a in ancestors_of(t) if a in labels] if t not in terms else []
+                # nearest: no other candidate lies below it
+                nearest = [c for c in candidates if not any(c in hierarchy.ancestors(d) for d in candidates)]
+                nearest_cache[t] = sorted(nearest, key=lambda c: (-hierarchy.depth[hierarchy.terms.index(c)], c))
+            nearest = nearest_cache[t]
+            if not nearest:
+                effective[i], status[i] = None, NOT_SCORABLE
+                continue
+            hit = [c for c in nearest if p == c or c in hierarchy.ancestors(p)]
+            effective[i], status[i] = (hit or nearest)[0], FINER
+    return effective, status
+
+
+def evaluate_predictions(
+    true_terms: Sequence[str],
+    probabilities: np.ndarray,
+    hierarchy: Hierarchy,
+    ancestors_of,
+    obs: pd.DataFrame | None = None,
+    groupby: Sequence[str] = DEFAULT_GROUPBY,
+    coarse_threshold: float = 0.5,
+    obs_names: Sequence[str] | None = None,
+) -> EvaluationResult:
+    """Score per-label probabilities against true terms.
+
+    Parameters
+    ----------
+    true_terms
+        True CL IDs (or hierarchy terms), one per cell.
+    probabilities
+        ``(n_cells, n_labels)`` in ``hierarchy.labels`` order.
+    hierarchy
+        The model's hierarchy.
+    ancestors_of
+        ``term -> ancestor terms`` of the full ontology, e.g. ``ontology.ancestors``.
+    obs
+        Cell metadata holding the ``groupby`` columns.
+    groupby
+        Columns to break the metrics down by; those absent from ``obs`` are skipped.
+    coarse_threshold
+        Subtree probability for the coarse back-off call.
+    obs_names
+        Cell names for the detailed table.
+    """
+    true_terms = np.asarray(true_terms, dtype=object)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if probabilities.shape != (len(true_terms), hierarchy.n_labels):
+        raise ValueError(
+            f"probabilities must be (n_cells, n_labels) = ({len(true_terms)}, {hierarchy.n_labels}), "
+            f"got {probabilities.shape}."
+        )
+    labels = np.asarray(hierarchy.labels, dtype=object)
+    best = probabilities.argmax(1)
+    predicted = labels[best]
+    confidence = probabilities[np.arange(len(best)), best]
+    effective, status = resolve_truth(true_terms, predicted, hierarchy, ancestors_of)
+    scored = status != NOT_SCORABLE
+    correct = np.zeros(len(true_terms), dtype=bool)
+    correct[scored] = hierarchy.is_correct(predicted[scored], effective[scored])
+    corrected = np.where(correct, effective, predicted)
+
+    terms = np.asarray(hierarchy.terms, dtype=object)
+    coarse = terms[hierarchy.coarse_terms(hierarchy.subtree_scores(probabilities), coarse_threshold)]
+    coarse_ok = np.zeros(len(true_terms), dtype=bool)
+    for i in np.flatnonzero(scored):
+        c, t = coarse[i], effective[i]
+        # consistent with the truth: the truth itself, an ancestor of it, or (scTab rule) a descendant
+        coarse_ok[i] = c == t or c in hierarchy.ancestors(t) or t in hierarchy.ancestors(c)
+    backed_off = coarse != predicted
+
+    eff, pred, corr = effective[scored], predicted[scored], corrected[scored]
+    overall: dict[str, float] = {
+        "n_cells": len(true_terms),
+        "n_scored": int(scored.sum()),
+        "n_model_label": int((status == LABEL).sum()),
+        "n_coarser_than_model": int((status == COARSER).sum()),
+        "n_finer_than_model": int((status == FINER).sum()),
+        "n_not_scorable": int((~scored).sum()),
+    }
+    for prefix, p in (("", pred), ("corrected_", corr)):
+        overall[f"{prefix}accuracy"] = float(np.mean(p == eff)) if len(eff) else float("nan")
+        for average in ("macro", "micro", "weighted"):
+            overall[f"{prefix}{average}_f1"] = f1(eff, p, average)
+    overall["coarse_threshold"] = coarse_threshold
+    overall["coarse_backoff_fraction"] = float(backed_off[scored].mean()) if scored.any() else float("nan")
+    overall["coarse_accuracy"] = float(coarse_ok[scored].mean()) if scored.any() else float("nan")
+    overall["expected_calibration_error"] = expected_calibration_error(confidence[scored], correct[scored])
+    overall_df = pd.DataFrame({"value": pd.Series(overall, dtype=np.float64)})
+    overall_df.index.name = "metric"
+
+    exact_tab, corr_tab = per_class_table(eff, pred), per_class_table(eff, corr)
+    names = {t: hierarchy.name(t) if t in hierarchy.terms else t for t in exact_tab.index}
+    per_class = pd.concat(
+        [
+            pd.DataFrame({"name": [names[t] for t in exact_tab.index]}, index=exact_tab.index),
+            exact_tab,
+            corr_tab.drop(columns="support").add_prefix("corrected_"),
+        ],
+        axis=1,
+    )
+
+    obs = obs if obs is not None else pd.DataFrame(index=range(len(true_terms)))
+    per_group: dict[str, pd.DataFrame] = {}
+    for col in groupby:
+        if col not in obs.columns:
+            continue
+        values = obs[col].astype(str).to_numpy()
+        rows = {}
+        for value in pd.unique(values):
+            m = values == value
+            ms = m & scored
+            rows[value] = {
+                "n_cells": int(m.sum()),
+                "n_scored": int(ms.sum()),
+                "accuracy": float(np.mean(predicted[ms] == effective[ms])) if ms.any() else float("nan"),
+                "corrected_accuracy": float(correct[ms].mean()) if ms.any() else float("nan"),
+                "macro_f1": f1(effective[ms], predicted[ms]) if ms.any() else float("nan"),
+                "corrected_macro_f1": f1(effective[ms], corrected[ms]) if ms.any() else float("nan"),
+            }
+        table = pd.DataFrame.from_dict(rows, orient="index").sort_index()
+        table.index.name = col
+        per_group[col] = table
+
+    index = pd.Index(obs_names if obs_names is not None else obs.index.astype(str), name="cell")
+    detailed = pd.DataFrame(
+        {
+            "true": true_terms.astype(str),
+            "effective_true": [e if e is not None else "" for e in effective],
+            "status": status.astype(str),
+            "predicted": predicted.astype(str),
+            "predicted_name": [hierarchy.name(p) for p in predicted],
+            "corrected_prediction": corrected.astype(str),
+            "correct": correct,
+            "confidence": confidence,
+            "coarse": coarse.astype(str),
+            "coarse_correct": coarse_ok,
+        },
+        index=index,
+    )
+    for col in per_group:
+        detailed[col] = obs[col].astype(str).to_numpy()
+    probs = pd.DataFrame(probabilities, index=index, columns=[f"p:{label}" for label in hierarchy.labels])
+    detailed = pd.concat([detailed, probs], axis=1)
+    return EvaluationResult(overall_df, per_class, per_group, detailed, hierarchy)
