@@ -2,7 +2,7 @@
 
 from importlib.metadata import version as _version
 
-from schce import datasets, losses, metrics
+from schce import datasets, losses, metrics, pl
 from schce.hierarchy import Hierarchy, HierarchyCycleError
 from schce.model import HCEClassifier
 from schce.ontology import CellOntology, LabelMappingError, load_cell_ontology
@@ -19,4 +19,5 @@ __all__ = [
     "load_cell_ontology",
     "losses",
     "metrics",
+    "pl",
 ]

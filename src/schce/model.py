@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -39,6 +40,18 @@ MONITOR = "validation_corrected_macro_f1"
 # Classifier defaults per backbone, chosen on held-out batches of real PBMCs (leave-one-batch-out): a wider,
 # shallower MLP than scTab's 8 × 128 generalises better across batches at small and medium scale.
 DEFAULT_BACKBONE_KWARGS = {"mlp": {"n_hidden": 256, "n_layers": 3, "dropout": 0.2}, "linear": {}}
+
+
+@contextlib.contextmanager
+def _quiet_lightning_info():
+    """Hide Lightning's start-up chatter (accelerator lines, tips) but keep its warnings."""
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = rank_zero.level
+    rank_zero.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        rank_zero.setLevel(level)
 
 
 class HCEClassifier(BaseModelClass):
@@ -329,19 +342,20 @@ class HCEClassifier(BaseModelClass):
                     pl.callbacks.EarlyStopping(MONITOR, mode="max", patience=early_stopping_patience, check_finite=True)
                 )
         trainer_kwargs.setdefault("gradient_clip_val", 1.0)
-        trainer = pl.Trainer(
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=enable_progress_bar,
-            num_sanity_val_steps=0,
-            callbacks=callbacks,
-            log_every_n_steps=max(1, min(50, len(train_dl))),
-            **trainer_kwargs,
-        )
+        with _quiet_lightning_info():
+            trainer = pl.Trainer(
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                enable_progress_bar=enable_progress_bar,
+                num_sanity_val_steps=0,
+                callbacks=callbacks,
+                log_every_n_steps=max(1, min(50, len(train_dl))),
+                **trainer_kwargs,
+            )
         logger.info(
             "Training %s on %d cells (%d for validation), batch size %d, up to %d epochs.",
             self.loss.upper(),
@@ -350,7 +364,8 @@ class HCEClassifier(BaseModelClass):
             batch_size,
             max_epochs,
         )
-        trainer.fit(plan, train_dl, val_dl)
+        with _quiet_lightning_info():
+            trainer.fit(plan, train_dl, val_dl)
         self.module.eval()
         self.history_ = {
             key: pd.DataFrame({key: [v for _, v in rows]}, index=pd.Index([e for e, _ in rows], name="epoch"))

@@ -81,6 +81,10 @@ class HCETrainingPlan(pl.LightningModule):
         if "batch_mixing" in self.auxiliary:
             self.batch_mixing = BatchMixingLoss(n_batches)
         self.ecs_threshold = ecs_threshold
+        lambda_sparse = getattr(module.classifier, "lambda_sparse", 0.0)
+        if lambda_sparse:
+            # TabNet's published recipe: task − λ · M_loss, where M_loss is the masks' negative entropy.
+            self.auxiliary["sparsity"] = -float(lambda_sparse)
         self.module = module
         self.loss_name, self.normalize, self.hce_form = loss, normalize, hce_form
         self.lr, self.weight_decay, self.lr_gamma = lr, weight_decay, lr_gamma
@@ -108,6 +112,8 @@ class HCETrainingPlan(pl.LightningModule):
             terms["batch_mixing"] = self.batch_mixing(h, batch["batch"])
         if "ecs" in self.auxiliary:
             terms["ecs"] = elastic_cell_similarity_loss(h, self.ecs_threshold)
+        if "sparsity" in self.auxiliary:
+            terms["sparsity"] = self.module.classifier.sparsity_loss
         loss = task
         for name, value in terms.items():
             loss = loss + self.auxiliary[name] * value
