@@ -2,7 +2,7 @@
 
 from importlib.metadata import version as _version
 
-from schce import datasets, losses, metrics, pl
+from schce import datasets, evaluation, losses, metrics, pl
 from schce.hierarchy import Hierarchy, HierarchyCycleError
 from schce.model import HCEClassifier
 from schce.ontology import CellOntology, LabelMappingError, load_cell_ontology
@@ -16,6 +16,7 @@ __all__ = [
     "HierarchyCycleError",
     "LabelMappingError",
     "datasets",
+    "evaluation",
     "load_cell_ontology",
     "losses",
     "metrics",

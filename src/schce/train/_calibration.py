@@ -4,44 +4,44 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from schce.losses import hierarchical_cross_entropy
+_T_MIN, _T_MAX = 0.05, 20.0
 
 
-def fit_temperature(
-    logits: np.ndarray, targets: np.ndarray, reachability: np.ndarray | None = None, max_iter: int = 100
-) -> float:
-    """The temperature ``T`` minimising the validation negative log-likelihood of ``softmax(logits / T)``.
+def fit_temperature(logits: np.ndarray, targets: np.ndarray, reachability: np.ndarray | None = None) -> float:
+    """The temperature ``T`` that makes the confidence of ``softmax(logits / T)`` match how often it is right.
+
+    The confidence of a cell is the probability of its argmax label; it is right when the argmax is the true
+    label or (with ``reachability``) a descendant of it — the scTab rule the evaluation uses. ``T`` minimises the
+    binary log-loss of "right" given the confidence, over a log-spaced grid refined around its best point (the
+    argmax does not depend on ``T``, so this is a one-dimensional, well-posed fit).
 
     Parameters
     ----------
     logits
-        ``(n_cells, n_labels)`` validation logits.
+        ``(n_cells, n_labels)`` held-out logits.
     targets
         ``(n_cells,)`` label indices.
     reachability
-        With a reachability matrix the likelihood is HCE's (the probability of the true label's subtree), which
-        is what an HCE model was trained to get right; without, flat cross-entropy.
-    max_iter
-        L-BFGS iterations.
+        ``R[i, j] = 1`` when label ``j`` is label ``i`` or a descendant; ``None`` for exact matches only.
 
     Returns
     -------
     ``T`` in ``[0.05, 20]``; ``> 1`` softens overconfident predictions.
     """
-    z = torch.as_tensor(logits, dtype=torch.float64)
-    y = torch.as_tensor(targets, dtype=torch.long)
-    R = None if reachability is None else torch.as_tensor(reachability, dtype=torch.float64)
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    y = np.asarray(targets)
+    pred = z.argmax(1).numpy()
+    right = (np.asarray(reachability, dtype=bool)[y, pred] if reachability is not None else pred == y).astype(float)
+    right_t = torch.as_tensor(right)
 
-    def nll() -> torch.Tensor:
-        optimizer.zero_grad()
-        scaled = z / log_t.clamp(np.log(0.05), np.log(20.0)).exp()
-        loss = F.cross_entropy(scaled, y) if R is None else hierarchical_cross_entropy(scaled, y, R)
-        loss.backward()
-        return loss
+    def loss(ts: np.ndarray) -> np.ndarray:
+        t = torch.as_tensor(ts, dtype=torch.float64)[:, None, None]
+        conf = torch.softmax(z[None] / t, dim=-1).amax(-1).clamp(1e-12, 1 - 1e-12)
+        ll = right_t * conf.log() + (1 - right_t) * (1 - conf).log()
+        return (-ll.mean(1)).numpy()
 
-    optimizer.step(nll)
-    return float(np.exp(np.clip(log_t.item(), np.log(0.05), np.log(20.0))))
+    grid = np.exp(np.linspace(np.log(_T_MIN), np.log(_T_MAX), 61))
+    best = grid[np.argmin(loss(grid))]
+    fine = np.exp(np.linspace(np.log(best) - 0.1, np.log(best) + 0.1, 41)).clip(_T_MIN, _T_MAX)
+    return float(fine[np.argmin(loss(fine))])
