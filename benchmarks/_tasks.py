@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,3 +39,14 @@ def leave_one_batch_out(adata: ad.AnnData, mixed: bool = False) -> Iterator[tupl
             labels[in_larger] = labels[in_larger].replace(COARSEN)
         train.obs["training_label"] = labels.to_numpy()
         yield test_batch, train, test
+
+
+def ready() -> bool:
+    """Whether the real data are there (else say so); silences warnings and Lightning's chatter for the run."""
+    if not SHARED_REAL.exists():
+        print(f"skipped: {SHARED_REAL} is absent (the benchmarks need ../shared/data/real beside the repository)")
+        return False
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return True

@@ -11,17 +11,15 @@ Run: ``.venv/bin/python benchmarks/batch_correction.py [--seeds 0 1 2]``.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._tasks import LABELS, SYMPHONY, leave_one_batch_out
+from benchmarks._tasks import LABELS, SYMPHONY, leave_one_batch_out, ready
 
 METHODS = {
     "HCE": {},
@@ -52,12 +50,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
-    if not SYMPHONY.exists():
-        print(f"skipped: {SYMPHONY} is absent (the benchmark needs ../shared/data/real)")
+    if not ready():
         return
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     adata = ad.read_h5ad(SYMPHONY)
     for mixed in (False, True):
         task = "symphony LOBO" + (" mixed granularity" if mixed else "")

@@ -16,10 +16,8 @@ Run: ``.venv/bin/python benchmarks/real_data.py [--seeds 0 1 2] [--tasks symphon
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import anndata as ad
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._tasks import LABELS, SHARED_REAL, SYMPHONY, leave_one_batch_out
+from benchmarks._tasks import LABELS, SHARED_REAL, SYMPHONY, leave_one_batch_out, ready
 
 TASKS = ("symphony", "symphony-mixed", "pancreas", "pbmc68k")
 METHODS = ("hce-mlp", "ce-mlp", "hce-linear", "ce-linear", "hce-tabnet", "ce-tabnet", "lr")
@@ -96,11 +94,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     args = parser.parse_args()
-    if not SYMPHONY.exists():
-        print(f"skipped: {SHARED_REAL} is absent (the benchmark needs ../shared/data/real)")
+    if not ready():
         return
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     from schce.metrics import classification_scores
 
     for task in args.tasks:
