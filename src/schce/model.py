@@ -26,7 +26,7 @@ from schce import _io
 from schce._output import prediction_frame, write_outputs
 from schce.data._expression import check_expression, get_matrix, resolve_normalize
 from schce.data._genes import GeneAligner, gene_id_type, strip_ensembl_version
-from schce.data._loader import make_loader, stratified_split
+from schce.data._loader import make_loader, split_cells
 from schce.evaluation import DEFAULT_GROUPBY, EvaluationResult, evaluate_predictions
 from schce.hierarchy import Hierarchy
 from schce.nn import HCEModule, make_backbone
@@ -217,6 +217,8 @@ class HCEClassifier(BaseModelClass):
         weight_decay: float = 0.01,
         lr_gamma: float = 0.98,
         validation_size: float = 0.1,
+        test_size: float = 0.0,
+        split_key: str | None = None,
         early_stopping: bool = True,
         early_stopping_patience: int = 10,
         class_weights: Literal["balanced"] | None = "balanced",
@@ -249,7 +251,13 @@ class HCEClassifier(BaseModelClass):
         lr_gamma
             Learning-rate factor applied after every epoch (StepLR).
         validation_size
-            Fraction of cells held out for validation, per label; ``0`` trains on everything for ``max_epochs``.
+            Fraction of cells held out for validation (per label, or by whole groups with ``split_key``); ``0``
+            trains on everything for ``max_epochs``.
+        test_size
+            Fraction of cells held out as a test set, never seen in training (``model.test_indices``).
+        split_key
+            ``obs`` column of donors, samples or batches: whole groups go to train, validation or test, as scTab
+            splits by donor, so validation measures transfer to unseen groups. Default: random, per label.
         early_stopping, early_stopping_patience
             Stop when the validation metric stalls.
         class_weights
@@ -295,6 +303,13 @@ class HCEClassifier(BaseModelClass):
             )
         if (adversarial_weight or batch_mixing_weight) and n_batches < 2:
             raise ValueError(f"The registered batch_key has {n_batches} batch; batch terms need at least two.")
+        groups = None
+        if split_key is not None:
+            if split_key not in self.adata.obs.columns:
+                raise KeyError(
+                    f"split_key={split_key!r} is not a column of adata.obs. Available: {list(self.adata.obs.columns)}."
+                )
+            groups = self.adata.obs[split_key].astype(str).to_numpy()
         pl.seed_everything(seed, workers=True, verbose=False)
         if not self.is_trained_:
             # Re-initialise under the seed so results do not depend on what ran before construction.
@@ -304,7 +319,7 @@ class HCEClassifier(BaseModelClass):
         setup_args = self.registry_["setup_args"]
         X = get_matrix(self.adata, setup_args["layer"])
         codes = self._label_codes()
-        train_idx, val_idx = stratified_split(codes, validation_size, seed)
+        train_idx, val_idx, test_idx = split_cells(codes, validation_size, test_size, seed, groups)
         if batch_size is None:
             batch_size = int(min(2048, max(32, len(train_idx) // 16)))
         weights = None
@@ -371,7 +386,7 @@ class HCEClassifier(BaseModelClass):
             key: pd.DataFrame({key: [v for _, v in rows]}, index=pd.Index([e for e, _ in rows], name="epoch"))
             for key, rows in history.history.items()
         }
-        self.train_indices_, self.validation_indices_ = train_idx, val_idx
+        self.train_indices_, self.validation_indices_, self.test_indices_ = train_idx, val_idx, test_idx
         self.best_epoch_ = best.best_epoch if best is not None else max_epochs - 1
         self.is_trained_ = True
         self.temperature_ = 1.0
@@ -649,6 +664,7 @@ class HCEClassifier(BaseModelClass):
             "validation_indices": None
             if self.validation_indices_ is None
             else np.asarray(self.validation_indices_).tolist(),
+            "test_indices": None if self.test_indices_ is None else np.asarray(self.test_indices_).tolist(),
         }
         text = _io.dumps(meta)
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
@@ -696,6 +712,7 @@ class HCEClassifier(BaseModelClass):
         model.validation_indices_ = (
             None if meta["validation_indices"] is None else np.asarray(meta["validation_indices"])
         )
+        model.test_indices_ = None if meta.get("test_indices") is None else np.asarray(meta["test_indices"])
         from scvi.model._utils import parse_device_args
 
         _, _, torch_device = parse_device_args(accelerator, device, return_device="torch", validate_single_device=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
@@ -94,3 +95,59 @@ def stratified_split(labels: np.ndarray, validation_size: float, seed: int) -> t
         val.append(idx[:n_val])
         train.append(idx[n_val:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def group_split(
+    groups: np.ndarray, validation_size: float, test_size: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split row indices by whole groups (donors, samples, batches), as scTab splits by donor.
+
+    Groups are shuffled with ``seed``; validation groups are taken until they hold at least ``validation_size`` of
+    the cells, then test groups until ``test_size``; the rest train. A non-zero size always gets at least one
+    group, and training always keeps at least one.
+
+    Returns
+    -------
+    ``(train, validation, test)`` sorted row indices.
+    """
+    for name, size in (("validation_size", validation_size), ("test_size", test_size)):
+        if not 0 <= size < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {size}.")
+    codes, uniques = pd.factorize(np.asarray(groups))
+    if (codes < 0).any():
+        raise ValueError("The split column has missing values; fill or drop them first.")
+    needed = (validation_size > 0) + (test_size > 0) + 1
+    if len(uniques) < needed:
+        raise ValueError(
+            f"Splitting by groups needs at least {needed} groups for train/validation/test, found {len(uniques)}."
+        )
+    order = np.random.default_rng(seed).permutation(len(uniques))
+    sizes = np.bincount(codes, minlength=len(uniques))
+    n = len(codes)
+    chosen: list[list[int]] = [[], []]
+    pos = 0
+    for part, size in enumerate((validation_size, test_size)):
+        while size > 0 and (not chosen[part] or sizes[chosen[part]].sum() < size * n):
+            if len(uniques) - pos <= needed - 1 - part:  # keep a group for each later part and for training
+                break
+            chosen[part].append(order[pos])
+            pos += 1
+    val_groups, test_groups = (np.isin(codes, c) for c in chosen)
+    train = ~(val_groups | test_groups)
+    return np.flatnonzero(train), np.flatnonzero(val_groups), np.flatnonzero(test_groups)
+
+
+def split_cells(
+    labels: np.ndarray, validation_size: float, test_size: float, seed: int, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train / validation / test row indices: by whole ``groups`` when given, else stratified by label.
+
+    ``validation_size`` and ``test_size`` are fractions of all cells.
+    """
+    if groups is not None:
+        return group_split(groups, validation_size, test_size, seed)
+    if not 0 <= test_size < 1 or not 0 <= validation_size < 1 or validation_size + test_size >= 1:
+        raise ValueError(f"validation_size + test_size must be below 1, got {validation_size} + {test_size}.")
+    rest, test = stratified_split(labels, test_size, seed) if test_size else (np.arange(len(labels)), np.array([], int))
+    train, val = stratified_split(labels[rest], validation_size / (1 - test_size), seed + 1)
+    return rest[train], rest[val], test
