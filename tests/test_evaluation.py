@@ -187,3 +187,13 @@ def test_temperature_fit_recovers_a_known_temperature():
     # a model twice as confident as the data warrants
     assert fit_temperature(true_logits * 2, y) == pytest.approx(2.0, rel=0.1)
     assert fit_temperature(true_logits, y) == pytest.approx(1.0, rel=0.1)
+
+
+def test_in_memory_ontology_is_not_taken_for_a_path(pbmc_copy):
+    onto = schce.load_cell_ontology()
+    schce.HCEClassifier.setup_anndata(pbmc_copy, labels_key="cell_type_ontology_term_id", ontology=onto)
+    model = schce.HCEClassifier(pbmc_copy, n_hidden=16, n_layers=1)
+    assert model.registry_["setup_args"]["ontology"] is None
+    model.train(max_epochs=1, enable_progress_bar=False)
+    res = model.evaluate(pbmc_copy, "cell_type_ontology_term_id", ontology=onto)
+    assert res["n_scored"] == pbmc_copy.n_obs

@@ -172,13 +172,13 @@ class HCEClassifier(BaseModelClass):
         normalize_used = resolve_normalize(normalize, check_expression(X, adata.n_obs, where), where)
         hierarchy = Hierarchy.from_ontology(label_ids, onto)
 
-        ontology_arg = ontology if ontology is None or isinstance(ontology, str | os.PathLike) else onto.source
         setup_method_args = cls._get_setup_method_args(**locals())
         setup_method_args["setup_args"] = {
             "labels_key": labels_key,
             "layer": layer,
             "batch_key": batch_key,
-            "ontology": None if ontology_arg is None else os.fspath(ontology_arg),
+            # a path or URL is kept so evaluate() can reload it; an in-memory ontology is recorded by its source
+            "ontology": os.fspath(ontology) if isinstance(ontology, str | os.PathLike) else None,
             "normalize": normalize,
         }
         fields = [
@@ -566,6 +566,7 @@ class HCEClassifier(BaseModelClass):
         normalize: bool | Literal["auto"] = "auto",
         batch_size: int = 1024,
         calibrated: bool = True,
+        ontology=None,
     ) -> EvaluationResult:
         """Score the model on labelled cells: exact and hierarchy-corrected metrics, per class and per group.
 
@@ -589,6 +590,9 @@ class HCEClassifier(BaseModelClass):
             As in :meth:`predict`.
         coarse_threshold
             Subtree probability for the coarse back-off calls whose accuracy is reported.
+        ontology
+            Ontology to place true labels outside the model's terms; default: the one given to
+            :meth:`setup_anndata` when it was a path or URL, else the embedded CL release.
 
         Returns
         -------
@@ -601,7 +605,7 @@ class HCEClassifier(BaseModelClass):
         raw = adata.obs[labels_key]
         if raw.isna().any():
             raise ValueError(f"{int(raw.isna().sum())} cell(s) have no label in obs[{labels_key!r}]; drop them first.")
-        onto = load_cell_ontology(self.registry_["setup_args"].get("ontology"))
+        onto = load_cell_ontology(ontology if ontology is not None else self.registry_["setup_args"].get("ontology"))
         mapping = onto.map_labels(raw.astype(str).unique())
         true_terms = raw.astype(str).map(mapping).to_numpy()
         logits, _, _, _, adata = self._forward(adata, layer, gene_symbols, batch_size, normalize)
