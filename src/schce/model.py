@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import rich
 import rich.pretty  # scvi-tools' view_registry uses rich.pretty without importing it
+import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
@@ -722,6 +723,64 @@ class HCEClassifier(BaseModelClass):
         _, _, torch_device = parse_device_args(accelerator, device, return_device="torch", validate_single_device=True)
         model.module.to(torch_device)
         model.module.eval()
+        return model
+
+    @classmethod
+    def from_sctab_checkpoint(
+        cls,
+        ckpt_path: str | os.PathLike,
+        var_path: str | os.PathLike,
+        cell_type_path: str | os.PathLike,
+        ontology=None,
+    ) -> HCEClassifier:
+        """Load a published scTab or HCE-paper Lightning checkpoint as a trained classifier.
+
+        Weights are read from the ``classifier.`` entries (the buffers ``class_weights``, ``child_lookup``,
+        ``child_lookup_transposed`` and ``augmentations`` are not weights); the backbone (linear, MLP or TabNet)
+        and its sizes from the weights' shapes; the loss is HCE when the checkpoint holds
+        ``child_lookup_transposed``. The model then predicts on any AnnData with the usual gene alignment.
+
+        Parameters
+        ----------
+        ckpt_path
+            The ``.ckpt`` file.
+        var_path
+            The store's ``var.parquet`` (``feature_id`` Ensembl IDs, ``feature_name`` symbols): the input genes.
+        cell_type_path
+            The store's ``categorical_lookup/cell_type.parquet``: the output labels (CL names, mapped to CL IDs).
+        ontology
+            Ontology for the name mapping and the hierarchy; default: the embedded CL release.
+        """
+        from schce import _sctab
+
+        ckpt = _sctab.load_checkpoint(ckpt_path)
+        backbone, arch, state, loss = _sctab.classifier_from_checkpoint(ckpt)
+        genes = _sctab.read_genes(var_path)
+        names = _sctab.read_labels(cell_type_path)
+        onto = load_cell_ontology(ontology)
+        mapping = onto.map_labels(names)
+        labels = [mapping[n] for n in names]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"Several labels of {cell_type_path} map to the same CL term; cannot keep their order.")
+        # Register a placeholder with one empty cell per label, then put the checkpoint's label order back.
+        placeholder = AnnData(
+            X=sp.csr_matrix((len(labels), len(genes)), dtype=np.float32),
+            obs=pd.DataFrame({"label": labels}, index=[f"cell{i}" for i in range(len(labels))]),
+            var=pd.DataFrame(index=pd.Index(genes)),
+        )
+        cls.setup_anndata(placeholder, labels_key="label", ontology=onto, normalize=True)
+        registry = cls._get_most_recent_anndata_manager(placeholder, required=True).registry
+        registry[_SETUP_KEY]["hierarchy"] = Hierarchy.from_ontology(labels, onto).to_dict()
+        model = cls(None, registry, backbone=backbone, loss=loss, **arch)
+        try:
+            model.module.classifier.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(
+                f"The weights in {ckpt_path} do not fit {len(genes)} genes × {len(labels)} labels: {err}"
+            ) from err
+        model.module.eval()
+        model.is_trained_ = True
+        logger.info("Loaded a %s %s classifier: %d genes, %d labels.", loss.upper(), backbone, len(genes), len(labels))
         return model
 
     # ------------------------------------------------------------------ display
