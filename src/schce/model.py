@@ -40,7 +40,9 @@ _SETUP_KEY = "schce"  # our section of the scvi-tools registry
 MONITOR = "validation_corrected_macro_f1"
 # Classifier defaults per backbone, chosen on held-out batches of real PBMCs (leave-one-batch-out): a wider,
 # shallower MLP than scTab's 8 × 128 generalises better across batches at small and medium scale.
-DEFAULT_BACKBONE_KWARGS = {"mlp": {"n_hidden": 256, "n_layers": 3, "dropout": 0.2}, "linear": {}}
+DEFAULT_BACKBONE_KWARGS = {"mlp": {"n_hidden": 256, "n_layers": 3, "dropout": 0.2}, "linear": {}, "tabnet": {}}
+# AdamW (lr, weight decay) per backbone; TabNet's are the published recipe, which it needs to train at all.
+DEFAULT_OPTIMIZER = {"linear": (5e-4, 0.01), "mlp": (5e-4, 0.01), "tabnet": (5e-3, 0.05)}
 
 
 @contextlib.contextmanager
@@ -214,8 +216,8 @@ class HCEClassifier(BaseModelClass):
         self,
         max_epochs: int = 100,
         batch_size: int | None = None,
-        lr: float = 5e-4,
-        weight_decay: float = 0.01,
+        lr: float | None = None,
+        weight_decay: float | None = None,
         lr_gamma: float = 0.98,
         validation_size: float = 0.1,
         test_size: float = 0.0,
@@ -248,7 +250,7 @@ class HCEClassifier(BaseModelClass):
         batch_size
             Cells per step; default ``min(2048, max(32, n_train // 16))`` so small data still gets many steps.
         lr, weight_decay
-            AdamW settings.
+            AdamW settings; default per backbone: 5e-4 / 0.01 (linear, MLP), 5e-3 / 0.05 (TabNet).
         lr_gamma
             Learning-rate factor applied after every epoch (StepLR).
         validation_size
@@ -291,6 +293,9 @@ class HCEClassifier(BaseModelClass):
             raise ValueError(f"max_epochs must be at least 1, got {max_epochs}.")
         if batch_size is not None and batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 (BatchNorm needs two cells), got {batch_size}.")
+        default_lr, default_wd = DEFAULT_OPTIMIZER.get(self.backbone, DEFAULT_OPTIMIZER["mlp"])
+        lr = default_lr if lr is None else lr
+        weight_decay = default_wd if weight_decay is None else weight_decay
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}.")
         if class_weights not in ("balanced", None):
