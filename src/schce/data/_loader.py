@@ -148,6 +148,9 @@ def split_cells(
         return group_split(groups, validation_size, test_size, seed)
     if not 0 <= test_size < 1 or not 0 <= validation_size < 1 or validation_size + test_size >= 1:
         raise ValueError(f"validation_size + test_size must be below 1, got {validation_size} + {test_size}.")
-    rest, test = stratified_split(labels, test_size, seed) if test_size else (np.arange(len(labels)), np.array([], int))
-    train, val = stratified_split(labels[rest], validation_size / (1 - test_size), seed + 1)
+    # The validation draw uses `seed` itself, so adding a test set leaves no other draw changed by it.
+    rest, test = (
+        stratified_split(labels, test_size, seed + 1) if test_size else (np.arange(len(labels)), np.array([], int))
+    )
+    train, val = stratified_split(labels[rest], validation_size / (1 - test_size), seed)
     return rest[train], rest[val], test
