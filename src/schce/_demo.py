@@ -5,16 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-
 logger = logging.getLogger(__name__)
-
-
-def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices ``(train, test)`` with ``fraction`` of every label in test."""
-    from schce.data._loader import stratified_split
-
-    return stratified_split(np.asarray(labels), fraction, seed)
 
 
 def run_demo(out_dir: str | Path, max_epochs: int = 60, seed: int = 0) -> dict:
@@ -29,6 +20,7 @@ def run_demo(out_dir: str | Path, max_epochs: int = 60, seed: int = 0) -> dict:
     matplotlib.use("Agg")
     import scanpy as sc
 
+    from schce.data._loader import stratified_split
     from schce.datasets import pbmc68k
     from schce.metrics import classification_scores
     from schce.model import HCEClassifier
@@ -36,7 +28,7 @@ def run_demo(out_dir: str | Path, max_epochs: int = 60, seed: int = 0) -> dict:
     out_dir = Path(out_dir)
     adata = pbmc68k()
     labels = adata.obs["cell_type_ontology_term_id"].astype(str).to_numpy()
-    train_idx, test_idx = stratified_holdout(labels, 0.3, seed)
+    train_idx, test_idx = stratified_split(labels, 0.3, seed)
     train, test = adata[train_idx].copy(), adata[test_idx].copy()
     scores = {}
     for loss in ("ce", "hce"):

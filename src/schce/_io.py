@@ -48,6 +48,21 @@ def loads(text: str) -> dict:
     return json.loads(text, object_hook=_decode)
 
 
+def write_file_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, then move it into place (parent created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def write_dir_atomically(dir_path: str | os.PathLike, overwrite: bool, write: Callable[[Path], None]) -> None:
     """Fill a temporary sibling directory with ``write(tmp)``, then move it to ``dir_path``.
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from schce._io import write_file_atomically
 from schce.hierarchy import Hierarchy
 from schce.metrics import expected_calibration_error, f1, per_class_table
 
@@ -66,9 +66,9 @@ class EvaluationResult:
         tables: dict[str, pd.DataFrame] = {"overall_metrics.csv": self.overall, "per_class_metrics.csv": self.per_class}
         tables.update({f"per_{col}_metrics.csv": table for col, table in self.per_group.items()})
         for name, table in tables.items():
-            _atomic(out / name, lambda p, t=table: t.to_csv(p))
+            write_file_atomically(out / name, lambda p, t=table: t.to_csv(p))
         if self.detailed is not None:
-            _atomic(out / "detailed_results.parquet", lambda p: self.detailed.to_parquet(p))
+            write_file_atomically(out / "detailed_results.parquet", lambda p: self.detailed.to_parquet(p))
         logger.info("Wrote evaluation tables to %s.", out)
         return out
 
@@ -76,17 +76,6 @@ class EvaluationResult:
         keys = ["n_cells", "n_not_scorable", "accuracy", "corrected_accuracy", "macro_f1", "corrected_macro_f1"]
         shown = ", ".join(f"{k}={self.overall.loc[k, 'value']:.4g}" for k in keys if k in self.overall.index)
         return f"EvaluationResult({shown}; per_group: {sorted(self.per_group) or 'none'})"
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def resolve_truth(

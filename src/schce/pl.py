@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+from schce._io import write_file_atomically
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -56,17 +57,8 @@ def _interactive_backend() -> bool:
 
 
 def _save_figure(fig, save: str | os.PathLike) -> Path:
-    path = Path(save)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = path.suffix.lstrip(".").lower() or None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format=fmt, bbox_inches="tight", dpi=150)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    fmt = Path(save).suffix.lstrip(".").lower() or None
+    path = write_file_atomically(save, lambda tmp: fig.savefig(tmp, format=fmt, bbox_inches="tight", dpi=150))
     logger.info("Saved figure to %s.", path)
     return path
 
