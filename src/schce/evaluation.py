@@ -177,11 +177,11 @@ def evaluate_predictions(
 
     terms = np.asarray(hierarchy.terms, dtype=object)
     coarse = terms[hierarchy.coarse_terms(hierarchy.subtree_scores(probabilities), coarse_threshold)]
+    # consistent with the truth: the truth itself, an ancestor of it, or (scTab rule) a descendant
     coarse_ok = np.zeros(len(true_terms), dtype=bool)
-    for i in np.flatnonzero(scored):
-        c, t = coarse[i], effective[i]
-        # consistent with the truth: the truth itself, an ancestor of it, or (scTab rule) a descendant
-        coarse_ok[i] = c == t or c in hierarchy.ancestors(t) or t in hierarchy.ancestors(c)
+    c_idx = pd.Index(hierarchy.terms).get_indexer(coarse[scored])
+    t_idx = pd.Index(hierarchy.terms).get_indexer(effective[scored])
+    coarse_ok[scored] = hierarchy.term_reach[t_idx, c_idx] | hierarchy.term_reach[c_idx, t_idx]
     backed_off = coarse != predicted
 
     eff, pred, corr = effective[scored], predicted[scored], corrected[scored]

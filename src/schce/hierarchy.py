@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 
 from schce._graph import HierarchyCycleError, find_cycle
 
@@ -43,6 +44,8 @@ class Hierarchy:
     term_matrix
         ``(n_terms, n_labels)``: ``term_matrix[t, j] = 1`` iff label ``j`` is term ``t`` or one of its
         descendants. The first ``n_labels`` rows equal ``R``.
+    term_reach
+        ``(n_terms, n_terms)``: the same relation over all terms (``term_matrix`` is its label columns).
 
     Examples
     --------
@@ -103,13 +106,14 @@ class Hierarchy:
 
         self._ancestors = _ancestor_sets(self._parents, self.terms)
         n_labels, n_terms = len(self.labels), len(self.terms)
-        tm = np.zeros((n_terms, n_labels), dtype=bool)
-        for j, label in enumerate(self.labels):
-            tm[self._index[label], j] = True
-            for a in self._ancestors[label]:
-                tm[self._index[a], j] = True
-        self.term_matrix = tm
-        self.R = tm[:n_labels].copy()
+        # reach[i, j]: term j is term i or one of its descendants (the closure over all terms).
+        reach = np.eye(n_terms, dtype=bool)
+        for t in self.terms:
+            for a in self._ancestors[t]:
+                reach[self._index[a], self._index[t]] = True
+        self.term_reach = reach
+        self.term_matrix = reach[:, :n_labels]
+        self.R = reach[:n_labels, :n_labels].copy()
         self.depth = _depths(self._parents, self.terms)
         validate_reachability(self.R)
 
@@ -193,8 +197,8 @@ class Hierarchy:
 
     def descendants(self, term: str, include_self: bool = False) -> set[str]:
         """Descendants of ``term`` among the hierarchy's terms."""
-        out = {t for t in self.terms if term in self._ancestors[t]}
-        return out | {term} if include_self else out
+        out = {self.terms[j] for j in np.flatnonzero(self.term_reach[self._index[term]])}
+        return out if include_self else out - {term}
 
     def label_index(self, labels: Iterable[str]) -> np.ndarray:
         """Positions of ``labels`` in :attr:`labels`; ``-1`` where a value is not a label."""
@@ -224,10 +228,11 @@ class Hierarchy:
         predicted, true = np.asarray(predicted, dtype=object), np.asarray(true, dtype=object)
         if predicted.shape != true.shape:
             raise ValueError(f"predicted and true differ in length: {predicted.shape} vs {true.shape}.")
+        terms = pd.Index(self.terms)
+        t, p = terms.get_indexer(true), terms.get_indexer(predicted)
+        known = (t >= 0) & (p >= 0)
         out = predicted == true
-        for i in np.flatnonzero(~out):
-            p = predicted[i]
-            out[i] = p in self._ancestors and true[i] in self._ancestors[p]
+        out[known] = self.term_reach[t[known], p[known]]
         return out
 
     def correct_predictions(self, predicted: Sequence[str], true: Sequence[str]) -> np.ndarray:
