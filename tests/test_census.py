@@ -136,6 +136,14 @@ def test_ood_datasets(census_paths):
         assert sc_census.ood_datasets(old, new).empty
 
 
+def test_missing_extra_explains_install(census_paths, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tiledbsoma", None)  # as if the census extra were not installed
+    with pytest.raises(ImportError, match=r"pip install 'schce\[census\]'"):
+        sc_census.ood_datasets(None, None)
+
+
 def test_ood_datasets_bad_layout(census_paths):
     with tiledbsoma.open(census_paths["new"]) as new:
         with pytest.raises(KeyError, match="census_info"):

@@ -292,7 +292,7 @@ def get_query_anndata(
         blocks.append(sp.csr_matrix((data, (rows, cols)), shape=(len(ids), genes.n_model), dtype=np.float32))
     matrix = sp.vstack(blocks, format="csr") if len(blocks) > 1 else blocks[0]
     matrix.sum_duplicates()
-    obs.index = pd.Index(obs["soma_joinid"].astype(str).to_numpy(), name="soma_joinid_str")
+    obs.index = pd.Index(obs["soma_joinid"].astype(str).to_numpy())
     if LABEL_COLUMN in obs.columns:
         finer = int((~obs[LABEL_COLUMN].astype(str).isin(set(model.hierarchy.labels))).sum())
         logger.info("%d census cells selected, %d of them with labels finer than the model's.", len(obs), finer)
