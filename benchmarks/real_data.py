@@ -18,6 +18,7 @@ Run: ``.venv/bin/python benchmarks/real_data.py [--seeds 0 1 2] [--tasks symphon
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -61,7 +62,9 @@ def folds(task: str, seed: int) -> Iterator[tuple[ad.AnnData, ad.AnnData]]:
         raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
 
 
-def predict_labels(method: str, train: ad.AnnData, test: ad.AnnData, seed: int):
+def predict_labels(
+    method: str, train: ad.AnnData, test: ad.AnnData, seed: int, model_kwargs: dict | None = None, train_kwargs=None
+):
     """Predicted label per test cell, and the hierarchy of the training labels."""
     import schce
 
@@ -87,8 +90,8 @@ def predict_labels(method: str, train: ad.AnnData, test: ad.AnnData, seed: int):
         clf = LogisticRegression(max_iter=1000, class_weight="balanced", random_state=seed).fit(features(train), y)
         return clf.predict(features(test)), hierarchy
     loss, backbone = method.rsplit("-", 1)
-    model = schce.HCEClassifier(train, loss=loss, backbone=backbone)
-    model.train(seed=seed, enable_progress_bar=False)
+    model = schce.HCEClassifier(train, loss=loss, backbone=backbone, **(model_kwargs or {}))
+    model.train(seed=seed, enable_progress_bar=False, **(train_kwargs or {}))
     pred = model.predict(test, inplace=False)["schce_prediction_ontology_term_id"].astype(str).to_numpy()
     return pred, model.hierarchy
 
@@ -98,6 +101,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"dropout\": 0.3}'")
+    parser.add_argument("--train-kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"lr\": 1e-3}'")
     args = parser.parse_args()
     if not ready():
         return
@@ -110,7 +115,7 @@ def main() -> None:
                 runs = []
                 for train, test in folds(task, seed):
                     t0 = time.perf_counter()
-                    pred, hierarchy = predict_labels(method, train, test, seed)
+                    pred, hierarchy = predict_labels(method, train, test, seed, args.model_kwargs, args.train_kwargs)
                     seconds.append(time.perf_counter() - t0)
                     # Test labels the model never saw count as errors (as in the reference numbers).
                     true = test.obs[LABELS].astype(str).to_numpy()
