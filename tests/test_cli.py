@@ -188,6 +188,10 @@ def test_wrong_labels_key_and_bad_model_dir_are_one_line(files):
         _run("evaluate", files["model"], files["h5ad"], "--labels-key", LABELS, "--groupby", "tissue", "--out", out)
     )
     assert "--groupby 'tissue'" in line
+    line = _one_error_line(_run("train", files["h5ad"], "--labels-key", LABELS, "--layer", "counts", "--out", out))
+    assert "--layer 'counts' is not a layer" in line
+    line = _one_error_line(_run("predict", files["model"], files["h5ad"], "--gene-symbols", "ensembl", "--out", out))
+    assert "--gene-symbols 'ensembl' is not a column of var" in line
     line = _one_error_line(_run("predict", files["root"], files["h5ad"], "--out", out))
     assert "is not a schce model directory" in line
     line = _one_error_line(_run("predict", files["root"] / "no_model", files["h5ad"], "--out", out))

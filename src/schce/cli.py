@@ -61,12 +61,14 @@ def _existing_file(path: Path, what: str) -> Path:
 
 
 def _columns(path: Path) -> dict[str, list[str]]:
-    """The ``obs`` and ``var`` column names of an h5ad file, read without loading the data."""
+    """The ``obs`` and ``var`` column names and the layer names of an h5ad file, read without loading the data."""
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
-            return {g: [str(c) for c in _as_list(f[g].attrs.get("column-order", []))] for g in ("obs", "var")}
+            found = {g: [str(c) for c in _as_list(f[g].attrs.get("column-order", []))] for g in ("obs", "var")}
+            found["layers"] = sorted(f["layers"].keys()) if "layers" in f else []
+            return found
     except (OSError, KeyError) as err:
         raise click.ClickException(f"{path} is not a readable .h5ad file ({_one_line(err)}).") from err
 
@@ -79,10 +81,11 @@ def _as_list(value) -> list:
 
 def _require_columns(path: Path, columns: dict[str, list[str]], where: str, keys: dict[str, str | None]) -> None:
     available = columns[where]
+    what = "a layer" if where == "layers" else f"a column of {where}"
     for option, key in keys.items():
         if key is not None and key not in available:
             raise click.ClickException(
-                f"{option} {key!r} is not a column of {where} in {path}; available: {', '.join(available) or 'none'}."
+                f"{option} {key!r} is not {what} in {path}; available: {', '.join(available) or 'none'}."
             )
 
 
@@ -205,7 +208,9 @@ def train(
     if arch and backbone != "mlp":
         raise click.ClickException(f"--n-hidden / --n-layers apply to --backbone mlp only, not {backbone}.")
     keys = {"--labels-key": labels_key, "--batch-key": batch_key, "--split-key": split_key}
-    _require_columns(input_path, _columns(input_path), "obs", keys)
+    columns = _columns(input_path)
+    _require_columns(input_path, columns, "obs", keys)
+    _require_columns(input_path, columns, "layers", {"--layer": layer})
 
     from schce.model import MONITOR, HCEClassifier
 
@@ -262,7 +267,9 @@ def predict(
     _check_model_dir(model_dir)
     _existing_file(input_path, "Input")
     _check_output(out_path, overwrite, [input_path])
-    _require_columns(input_path, _columns(input_path), "var", {"--gene-symbols": gene_symbols})
+    columns = _columns(input_path)
+    _require_columns(input_path, columns, "var", {"--gene-symbols": gene_symbols})
+    _require_columns(input_path, columns, "layers", {"--layer": layer})
 
     from schce._io import write_file_atomically
     from schce.model import HCEClassifier
@@ -324,6 +331,7 @@ def evaluate(
     for column in groupby:
         _require_columns(input_path, columns, "obs", {"--groupby": column})
     _require_columns(input_path, columns, "var", {"--gene-symbols": gene_symbols})
+    _require_columns(input_path, columns, "layers", {"--layer": layer})
 
     from schce.evaluation import DEFAULT_GROUPBY
     from schce.model import HCEClassifier
