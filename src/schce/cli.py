@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import typing
@@ -48,6 +49,13 @@ def _loss_names() -> tuple[str, ...]:
     if names is None:
         names = typing.get_args(typing.get_type_hints(model.HCEClassifier.__init__)["loss"])
     return tuple(names)
+
+
+def _default_loss() -> str:
+    """The default loss of :class:`~schce.HCEClassifier`, so the command line never disagrees with the API."""
+    from schce.model import HCEClassifier
+
+    return inspect.signature(HCEClassifier.__init__).parameters["loss"].default
 
 
 # ---------------------------------------------------------------------------------------------------- input checks
@@ -169,7 +177,9 @@ _MODEL = click.Path(path_type=Path)
 @click.option(
     "--backbone", type=click.Choice(["linear", "mlp", "tabnet"]), default="mlp", show_default=True, help="Network."
 )
-@click.option("--loss", type=click.Choice(_loss_names()), default="hce", show_default=True, help="Training loss.")
+@click.option(
+    "--loss", type=click.Choice(_loss_names()), default=_default_loss(), show_default=True, help="Training loss."
+)
 @click.option("--max-epochs", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Cells per step; default from n cells.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Makes training deterministic on CPU.")
