@@ -152,13 +152,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo(out_dir: Path, max_epochs: int, seed: int) -> None:
-    """Train CE and HCE MLPs on the bundled PBMC data and compare them on held-out cells."""
+    """Train MLPs with each loss (CE, HCE, annotation-aware HCE) on the bundled PBMC data; compare on held-out cells."""
     from schce._demo import run_demo
 
     results = run_demo(out_dir, max_epochs=max_epochs, seed=seed)
     for loss, scores in results["scores"].items():
         click.echo(
-            f"{loss.upper():>3} MLP on {results['n_test']} held-out cells: exact macro F1 = {scores['macro_f1']:.3f}, "
+            f"{loss.upper():>9} MLP on {results['n_test']} held-out cells: exact macro F1 = {scores['macro_f1']:.3f}, "
             f"hierarchy-corrected macro F1 = {scores['corrected_macro_f1']:.3f}"
         )
     click.echo(f"Wrote {results['h5ad']} and {results['umap']}")

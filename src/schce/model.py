@@ -69,9 +69,9 @@ class HCEClassifier(BaseModelClass):
     backbone
         ``"mlp"`` or ``"linear"``.
     loss
-        ``"hce-aware"``: hierarchical cross-entropy whose acceptable labels follow what each annotation can mean
-        (see ``label_semantics``); ``"hce"``: plain hierarchical cross-entropy (a label's probability includes
-        all its descendants'); ``"ce"``: flat cross-entropy. See :doc:`/method`.
+        ``"hce-aware"`` (default): hierarchical cross-entropy whose acceptable labels follow what each annotation
+        can mean (see ``label_semantics``); ``"hce"``: plain hierarchical cross-entropy (a label's probability
+        includes all its descendants'); ``"ce"``: flat cross-entropy. See :doc:`/method`.
     label_semantics
         For ``loss="hce-aware"``: ``"auto"`` reads a label as its subtree minus the subtrees of the other labels
         that the same annotation source (the ``batch_key`` of :meth:`setup_anndata`, or the whole training set
@@ -97,7 +97,7 @@ class HCEClassifier(BaseModelClass):
         adata: AnnData | None = None,
         registry: dict | None = None,
         backbone: Literal["mlp", "linear"] = "mlp",
-        loss: Literal["hce-aware", "hce", "ce"] = "hce",
+        loss: Literal["hce-aware", "hce", "ce"] = "hce-aware",
         label_semantics: Literal["auto", "inclusive", "exclusive"] = "auto",
         hce_form: Literal["log", "reference"] = "log",
         **backbone_kwargs,
