@@ -64,7 +64,7 @@ def test_train_writes_a_loadable_model_and_reports_the_validation_metric(files):
     assert 0 <= score <= 1
     assert (files["model"] / "model.pt").is_file() and (files["model"] / "schce.json").is_file()
     model = schce.HCEClassifier.load(files["model"])
-    assert model.loss == "hce" and model.backbone == "mlp" and model.is_trained_
+    assert model.loss == "hce-aware" and model.backbone == "mlp" and model.is_trained_
     assert model.init_params_["kwargs"]["backbone_kwargs"] == SMALL_MLP
     assert model.hierarchy.n_labels == files["adata"].obs[LABELS].nunique()
     assert model.genes == list(files["adata"].var_names)
@@ -97,7 +97,7 @@ def test_loss_choices_come_from_the_model():
     accepted = getattr(model_module, "LOSSES", None) or typing.get_args(
         typing.get_type_hints(model_module.HCEClassifier.__init__)["loss"]
     )
-    assert tuple(choices) == tuple(accepted) and {"hce", "ce"} <= set(choices)
+    assert tuple(choices) == tuple(accepted) and {"hce-aware", "hce", "ce"} <= set(choices)
 
 
 def test_predict_writes_the_output_contract_and_leaves_the_input_alone(files):
