@@ -288,7 +288,7 @@ def test_from_sctab_store_logs_hierarchy_differences(stores, tmp_path, caplog):
 
 
 # ---------------------------------------------------------------------------------------------- training
-def test_train_evaluate_predict_on_a_store(stores, atlas):
+def test_train_evaluate_predict_on_a_store(stores, atlas, tmp_path):
     dm = SCTabStoreDataModule(stores["compact"], batch_size=256, num_workers=0, seed=0)
     model = schce.HCEClassifier.from_sctab_store(stores["compact"], **SMALL_MLP)
     assert model.genes == atlas.var["feature_id"].tolist()
@@ -309,6 +309,10 @@ def test_train_evaluate_predict_on_a_store(stores, atlas):
     )
     by_anndata = model.evaluate(test, "cell_type")
     assert by_anndata["corrected_accuracy"] == pytest.approx(result["corrected_accuracy"])
+    model.save(tmp_path / "model")
+    loaded = schce.HCEClassifier.load(tmp_path / "model")
+    np.testing.assert_array_equal(loaded.hierarchy.R, model.hierarchy.R)
+    pd.testing.assert_frame_equal(loaded.predict(test, inplace=False), model.predict(test, inplace=False))
     # Same seed, same weights (deterministic on CPU).
     again = schce.HCEClassifier.from_sctab_store(stores["compact"], **SMALL_MLP)
     again.train(

@@ -98,7 +98,10 @@ def _new_batch(n: int, n_genes: int) -> torch.Tensor:
     """A zeroed float32 batch; in a DataLoader worker it is created in shared memory so it is not copied again."""
     if get_worker_info() is None:
         return torch.zeros((n, n_genes), dtype=torch.float32)
-    storage = torch.UntypedStorage._new_shared(n * n_genes * 4)  # new shared memory is zero-filled by the OS
+    try:
+        storage = torch.UntypedStorage._new_shared(n * n_genes * 4)  # new shared memory is zero-filled by the OS
+    except (AttributeError, RuntimeError):  # a private torch API: fall back to a copy when sending the batch
+        return torch.zeros((n, n_genes), dtype=torch.float32)
     return torch.tensor([], dtype=torch.float32).set_(storage).view(n, n_genes)
 
 
