@@ -24,10 +24,13 @@ test: install
 
 $(VENV)/.docs-installed: pyproject.toml $(VENV)/.installed
 	$(PIP) install -e ".[doc]"
+	# The tutorials name the kernel "python3": register this venv's Python under that name (inside the venv only).
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3"
 	touch $@
 
+# Builds offline (no intersphinx) with warnings as errors and runs every tutorial (docs/conf.py).
 docs: $(VENV)/.docs-installed
 	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 clean:
-	rm -rf demo_output docs/_build docs/generated
+	rm -rf demo_output docs/_build docs/generated docs/notebooks

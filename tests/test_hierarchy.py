@@ -384,3 +384,52 @@ def test_to_dict_content():
     assert sorted(map(tuple, d["edges"])) == sorted(HCE_EDGES)
     assert d["names"] == {"A": "root", "B": "B", "C": "C", "D": "D", "E": "E"}
     assert d["version"] == "unknown"
+
+
+def _accepted(h: Hierarchy, masks, rows, i):
+    return {h.labels[j] for j in np.flatnonzero(masks[rows[i]])}
+
+
+def test_annotation_targets_auto_follows_each_source(hce):
+    # Source x uses A, B and D; source y uses A and C (the A–E example: E is below both B and C).
+    codes = hce.label_index(["A", "B", "D", "A", "C"])
+    sources = np.array(["x", "x", "x", "y", "y"])
+    masks, rows = hce.annotation_targets(codes, sources)
+    assert masks.dtype == bool and rows.dtype == np.int64 and len(rows) == 5
+    assert _accepted(hce, masks, rows, 0) == {"A", "C"}  # A less B's subtree {B, D, E}
+    assert _accepted(hce, masks, rows, 1) == {"B", "E"}  # B less D
+    assert _accepted(hce, masks, rows, 2) == {"D"}
+    assert _accepted(hce, masks, rows, 3) == {"A", "B", "D"}  # A less C's subtree {C, E}
+    assert _accepted(hce, masks, rows, 4) == {"C", "E"}  # y uses nothing below C
+    # Distinct sets only: five different sets here, and every row holds its own label.
+    assert len(masks) == 5
+    assert all(masks[rows[i], codes[i]] for i in range(5))
+
+
+def test_annotation_targets_one_source_and_forced_readings(hce):
+    codes = hce.label_index(["A", "C", "C", "E"])
+    masks, rows = hce.annotation_targets(codes)
+    assert _accepted(hce, masks, rows, 0) == {"A", "B", "D"}
+    assert _accepted(hce, masks, rows, 1) == {"C"}
+    assert rows[1] == rows[2]
+    inclusive, rows_in = hce.annotation_targets(codes, semantics="inclusive")
+    np.testing.assert_array_equal(inclusive[rows_in], hce.R[codes])
+    exclusive, rows_ex = hce.annotation_targets(codes, semantics="exclusive")
+    np.testing.assert_array_equal(exclusive[rows_ex], np.eye(5, dtype=bool)[codes])
+    with pytest.raises(ValueError, match="semantics must be one of"):
+        hce.annotation_targets(codes, semantics="fine")
+    with pytest.raises(ValueError, match="codes must index"):
+        hce.annotation_targets(np.array([0, 7]))
+    with pytest.raises(ValueError, match="differ in length"):
+        hce.annotation_targets(codes, np.array(["x"]))
+
+
+def test_annotation_targets_on_the_cell_ontology(cl_hierarchy):
+    # A source that says both CD14 and CD16 monocyte means "CD14, not CD16"; one that only says CD14 may mean CD16.
+    h = cl_hierarchy
+    assert h.R[h.labels.index(CD14_MONO), h.labels.index(CD16_MONO)]  # CD16 monocyte is_a CD14 monocyte
+    codes = h.label_index([CD14_MONO, CD16_MONO, CD14_MONO])
+    masks, rows = h.annotation_targets(codes, np.array(["both", "both", "one"]))
+    i16 = h.labels.index(CD16_MONO)
+    assert not masks[rows[0], i16]
+    assert masks[rows[2], i16]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 
@@ -9,7 +10,9 @@ logger = logging.getLogger(__name__)
 
 
 def run_demo(out_dir: str | Path, max_epochs: int = 60, seed: int = 0) -> dict:
-    """Train CE and HCE MLPs on bundled PBMCs, score held-out cells, write the annotated data and a UMAP.
+    """Train MLPs with each loss on bundled PBMCs, score held-out cells, write the annotated data and a UMAP.
+
+    The default loss writes the ``schce`` keys; the others write ``schce_<loss>`` keys beside them.
 
     Returns
     -------
@@ -24,6 +27,7 @@ def run_demo(out_dir: str | Path, max_epochs: int = 60, seed: int = 0) -> dict:
     from schce.datasets import pbmc68k
     from schce.metrics import classification_scores
     from schce.model import HCEClassifier
+    from schce.train import LOSSES
 
     out_dir = Path(out_dir)
     adata = pbmc68k()
@@ -31,11 +35,12 @@ def run_demo(out_dir: str | Path, max_epochs: int = 60, seed: int = 0) -> dict:
     train_idx, test_idx = stratified_split(labels, 0.3, seed)
     train, test = adata[train_idx].copy(), adata[test_idx].copy()
     scores = {}
-    for loss in ("ce", "hce"):
+    default = inspect.signature(HCEClassifier.__init__).parameters["loss"].default
+    for loss in LOSSES:
         HCEClassifier.setup_anndata(train, labels_key="cell_type_ontology_term_id")
         model = HCEClassifier(train, loss=loss)
         model.train(max_epochs=max_epochs, seed=seed, enable_progress_bar=False)
-        key = "schce" if loss == "hce" else "schce_ce"
+        key = "schce" if loss == default else f"schce_{loss.replace('-', '_')}"
         model.predict(test, key_added=key)
         pred = test.obs[f"{key}_prediction_ontology_term_id"].astype(str).to_numpy()
         scores[loss] = classification_scores(labels[test_idx], pred, model.hierarchy)

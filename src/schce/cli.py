@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
+import typing
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -18,7 +21,114 @@ def _configure_logging(verbose: bool) -> None:
     logging.getLogger("schce").setLevel(logging.INFO)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _one_line(err: BaseException) -> str:
+    # KeyError's str() quotes its message; multi-line messages are folded so the error stays one line.
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(str(text).split()) or type(err).__name__
+
+
+class _CleanErrors(click.Group):
+    """Turn an exception of a subcommand into one ``Error: ...`` line and exit code 1, unless ``--debug``."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as err:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            raise click.ClickException(_one_line(err)) from err
+
+
+def _loss_names() -> tuple[str, ...]:
+    """The losses :class:`~schce.HCEClassifier` accepts, read from the model so that new ones appear here too."""
+    from schce import model
+
+    names = getattr(model, "LOSSES", None)
+    if names is None:
+        names = typing.get_args(typing.get_type_hints(model.HCEClassifier.__init__)["loss"])
+    return tuple(names)
+
+
+def _default_loss() -> str:
+    """The default loss of :class:`~schce.HCEClassifier`, so the command line never disagrees with the API."""
+    from schce.model import HCEClassifier
+
+    return inspect.signature(HCEClassifier.__init__).parameters["loss"].default
+
+
+# ---------------------------------------------------------------------------------------------------- input checks
+# All of these run before any h5ad or model is loaded, so a typo fails in a second, not after minutes.
+def _existing_file(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise click.ClickException(f"{what} {path} does not exist.")
+    if not path.is_file():
+        raise click.ClickException(f"{what} {path} is not a file.")
+    return path
+
+
+def _columns(path: Path) -> dict[str, list[str]]:
+    """The ``obs`` and ``var`` column names and the layer names of an h5ad file, read without loading the data."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            found = {g: [str(c) for c in _as_list(f[g].attrs.get("column-order", []))] for g in ("obs", "var")}
+            found["layers"] = sorted(f["layers"].keys()) if "layers" in f else []
+            return found
+    except (OSError, KeyError) as err:
+        raise click.ClickException(f"{path} is not a readable .h5ad file ({_one_line(err)}).") from err
+
+
+def _as_list(value) -> list:
+    if isinstance(value, str | bytes):
+        return [value]
+    return list(value)
+
+
+def _require_columns(path: Path, columns: dict[str, list[str]], where: str, keys: dict[str, str | None]) -> None:
+    available = columns[where]
+    what = "a layer" if where == "layers" else f"a column of {where}"
+    for option, key in keys.items():
+        if key is not None and key not in available:
+            raise click.ClickException(
+                f"{option} {key!r} is not {what} in {path}; available: {', '.join(available) or 'none'}."
+            )
+
+
+def _check_model_dir(path: Path) -> None:
+    from schce import _io
+
+    try:
+        _io.read_meta(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(_one_line(err)) from err
+
+
+def _check_output(path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
+    for source in inputs:
+        if path.resolve() == source.resolve():
+            raise click.ClickException(f"--out {path} is an input; choose another path (inputs are never overwritten).")
+    if path.exists() and not overwrite:
+        raise click.ClickException(f"{path} already exists. Pass --overwrite to replace it, or choose another --out.")
+
+
+def _read_h5ad(path: Path):
+    import anndata as ad
+
+    logger.info("Reading %s.", path)
+    return ad.read_h5ad(path)
+
+
+def _echo_metrics(title: str, values: dict[str, float]) -> None:
+    click.echo(title)
+    for name, value in values.items():
+        click.echo(f"  {name:<28} {value:.4f}" if isinstance(value, float) else f"  {name:<28} {value}")
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+@click.group(cls=_CleanErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="schce", prog_name="schce")
 @click.option("--debug", is_flag=True, help="Show full tracebacks and debug logs.")
 @click.pass_context
@@ -42,16 +152,216 @@ def cli(ctx: click.Context, debug: bool) -> None:
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo(out_dir: Path, max_epochs: int, seed: int) -> None:
-    """Train CE and HCE MLPs on the bundled PBMC data and compare them on held-out cells."""
+    """Train MLPs with each loss (CE, HCE, annotation-aware HCE) on the bundled PBMC data; compare on held-out cells."""
     from schce._demo import run_demo
 
     results = run_demo(out_dir, max_epochs=max_epochs, seed=seed)
     for loss, scores in results["scores"].items():
         click.echo(
-            f"{loss.upper():>3} MLP on {results['n_test']} held-out cells: exact macro F1 = {scores['macro_f1']:.3f}, "
+            f"{loss.upper():>9} MLP on {results['n_test']} held-out cells: exact macro F1 = {scores['macro_f1']:.3f}, "
             f"hierarchy-corrected macro F1 = {scores['corrected_macro_f1']:.3f}"
         )
     click.echo(f"Wrote {results['h5ad']} and {results['umap']}")
+
+
+_INPUT = click.Path(dir_okay=False, path_type=Path)
+_MODEL = click.Path(path_type=Path)
+
+
+@cli.command()
+@click.argument("input_path", metavar="INPUT.h5ad", type=_INPUT)
+@click.option("--labels-key", required=True, help="obs column of cell types: CL IDs or CL names / synonyms.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Model directory to write.")
+@click.option("--batch-key", default=None, help="obs column of batches (for batch terms and the registry).")
+@click.option("--layer", default=None, help="Layer with the expression; default X. Raw counts preferred.")
+@click.option(
+    "--backbone", type=click.Choice(["linear", "mlp", "tabnet"]), default="mlp", show_default=True, help="Network."
+)
+@click.option(
+    "--loss", type=click.Choice(_loss_names()), default=_default_loss(), show_default=True, help="Training loss."
+)
+@click.option("--max-epochs", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Cells per step; default from n cells.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Makes training deterministic on CPU.")
+@click.option("--split-key", default=None, help="obs column of donors / samples: whole groups go to validation.")
+@click.option("--validation-size", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option("--n-hidden", type=click.IntRange(min=1), default=None, help="MLP width (default 256).")
+@click.option("--n-layers", type=click.IntRange(min=1), default=None, help="MLP depth (default 3).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Lightning's progress bar.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
+def train(
+    input_path: Path,
+    labels_key: str,
+    out_dir: Path,
+    batch_key: str | None,
+    layer: str | None,
+    backbone: str,
+    loss: str,
+    max_epochs: int,
+    batch_size: int | None,
+    seed: int,
+    split_key: str | None,
+    validation_size: float,
+    n_hidden: int | None,
+    n_layers: int | None,
+    progress: bool,
+    overwrite: bool,
+) -> None:
+    """Train a classifier on INPUT.h5ad and save it to --out.
+
+    Validation cells are held out; training keeps the weights of the epoch with the best validation
+    hierarchy-corrected macro F1.
+    """
+    _existing_file(input_path, "Input")
+    _check_output(out_dir, overwrite)
+    arch = {k: v for k, v in {"n_hidden": n_hidden, "n_layers": n_layers}.items() if v is not None}
+    if arch and backbone != "mlp":
+        raise click.ClickException(f"--n-hidden / --n-layers apply to --backbone mlp only, not {backbone}.")
+    keys = {"--labels-key": labels_key, "--batch-key": batch_key, "--split-key": split_key}
+    columns = _columns(input_path)
+    _require_columns(input_path, columns, "obs", keys)
+    _require_columns(input_path, columns, "layers", {"--layer": layer})
+
+    from schce.model import MONITOR, HCEClassifier
+
+    adata = _read_h5ad(input_path)
+    HCEClassifier.setup_anndata(adata, labels_key=labels_key, layer=layer, batch_key=batch_key)
+    model = HCEClassifier(adata, backbone=backbone, loss=loss, **arch)
+    model.train(
+        max_epochs=max_epochs,
+        batch_size=batch_size,
+        seed=seed,
+        split_key=split_key,
+        validation_size=validation_size,
+        enable_progress_bar=progress,
+    )
+    model.save(out_dir, overwrite=overwrite)
+    history = model.history_.get(MONITOR)
+    if history is not None and model.best_epoch_ in history.index:
+        score = float(history.loc[model.best_epoch_].iloc[0])
+        click.echo(f"Best epoch {model.best_epoch_}: validation hierarchy-corrected macro F1 = {score:.4f}")
+    click.echo(
+        f"Trained a {loss.upper()} {backbone} on {len(model.train_indices_)} cells "
+        f"({model.hierarchy.n_labels} labels, {len(model.genes)} genes); saved to {out_dir}"
+    )
+
+
+@cli.command()
+@click.argument("model_dir", metavar="MODEL_DIR", type=_MODEL)
+@click.argument("input_path", metavar="INPUT.h5ad", type=_INPUT)
+@click.option("--out", "out_path", required=True, type=_INPUT, help="Annotated h5ad to write (never the input).")
+@click.option(
+    "--coarse-threshold",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="Subtree probability needed for the coarse back-off call.",
+)
+@click.option("--layer", default=None, help="Layer with the expression; default X.")
+@click.option("--gene-symbols", default=None, help="var column with gene IDs of the model's type.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+def predict(
+    model_dir: Path,
+    input_path: Path,
+    out_path: Path,
+    coarse_threshold: float,
+    layer: str | None,
+    gene_symbols: str | None,
+    overwrite: bool,
+) -> None:
+    """Annotate INPUT.h5ad with a saved model and write the result to --out.
+
+    The output has the prediction columns in obs (schce_prediction, schce_prediction_coarse, schce_confidence, ...),
+    the probabilities, hierarchical scores and embedding (X_schce) in obsm.
+    """
+    _check_model_dir(model_dir)
+    _existing_file(input_path, "Input")
+    _check_output(out_path, overwrite, [input_path])
+    columns = _columns(input_path)
+    _require_columns(input_path, columns, "var", {"--gene-symbols": gene_symbols})
+    _require_columns(input_path, columns, "layers", {"--layer": layer})
+
+    from schce._io import write_file_atomically
+    from schce.model import HCEClassifier
+
+    model = HCEClassifier.load(model_dir)
+    adata = _read_h5ad(input_path)
+    obs = model.predict(adata, layer=layer, gene_symbols=gene_symbols, coarse_threshold=coarse_threshold)
+    write_file_atomically(out_path, lambda tmp: adata.write_h5ad(tmp))
+    overlap = adata.uns["schce"]["gene_overlap"]
+    top = obs["schce_prediction"].value_counts().head(5)
+    click.echo(
+        f"Annotated {adata.n_obs} cells ({overlap['n_found']} of {overlap['n_model_genes']} model genes found); "
+        f"most frequent: " + ", ".join(f"{name} ({n})" for name, n in top.items() if n)
+    )
+    click.echo(f"Wrote {out_path}")
+
+
+@cli.command()
+@click.argument("model_dir", metavar="MODEL_DIR", type=_MODEL)
+@click.argument("input_path", metavar="INPUT.h5ad", type=_INPUT)
+@click.option("--labels-key", required=True, help="obs column with the true cell types.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Report dir.")
+@click.option(
+    "--groupby",
+    multiple=True,
+    help="obs column to break the metrics down by (repeatable); default: assay, dataset_id, disease, tissue, "
+    "tissue_general where present.",
+)
+@click.option(
+    "--coarse-threshold", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True, help="Back-off."
+)
+@click.option("--layer", default=None, help="Layer with the expression; default X.")
+@click.option("--gene-symbols", default=None, help="var column with gene IDs of the model's type.")
+@click.option("--overwrite", is_flag=True, help="Write into an existing, non-empty --out directory.")
+def evaluate(
+    model_dir: Path,
+    input_path: Path,
+    labels_key: str,
+    out_dir: Path,
+    groupby: tuple[str, ...],
+    coarse_threshold: float,
+    layer: str | None,
+    gene_symbols: str | None,
+    overwrite: bool,
+) -> None:
+    """Score a saved model on labelled cells and write the metric tables to --out.
+
+    Writes overall_metrics.csv, per_class_metrics.csv, per_<column>_metrics.csv and detailed_results.parquet;
+    metrics are exact and hierarchy-corrected (a prediction is correct when it is the truth or a descendant).
+    """
+    _check_model_dir(model_dir)
+    _existing_file(input_path, "Input")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise click.ClickException(f"--out {out_dir} is a file; give a directory for the report.")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise click.ClickException(f"{out_dir} is not empty; pass --overwrite to write into it, or another --out.")
+    columns = _columns(input_path)
+    _require_columns(input_path, columns, "obs", {"--labels-key": labels_key})
+    for column in groupby:
+        _require_columns(input_path, columns, "obs", {"--groupby": column})
+    _require_columns(input_path, columns, "var", {"--gene-symbols": gene_symbols})
+    _require_columns(input_path, columns, "layers", {"--layer": layer})
+
+    from schce.evaluation import DEFAULT_GROUPBY
+    from schce.model import HCEClassifier
+
+    model = HCEClassifier.load(model_dir)
+    adata = _read_h5ad(input_path)
+    result = model.evaluate(
+        adata,
+        labels_key=labels_key,
+        groupby=groupby or DEFAULT_GROUPBY,
+        output_dir=out_dir,
+        layer=layer,
+        gene_symbols=gene_symbols,
+        coarse_threshold=coarse_threshold,
+    )
+    shown = ["n_cells", "n_not_scorable", "accuracy", "corrected_accuracy", "macro_f1", "corrected_macro_f1"]
+    values = {k: result[k] for k in shown if k in result.overall.index}
+    values = {k: int(v) if k.startswith("n_") else v for k, v in values.items()}
+    _echo_metrics(f"{model.loss.upper()} {model.backbone} on {input_path.name}:", values)
+    click.echo(f"Wrote the report to {out_dir}")
 
 
 def main() -> None:
@@ -68,7 +378,7 @@ def main() -> None:
     except Exception as err:
         if debug:
             raise
-        click.echo(f"Error: {err}", err=True)
+        click.echo(f"Error: {_one_line(err)}", err=True)
         sys.exit(1)
 
 

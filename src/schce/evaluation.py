@@ -177,11 +177,11 @@ def evaluate_predictions(
 
     terms = np.asarray(hierarchy.terms, dtype=object)
     coarse = terms[hierarchy.coarse_terms(hierarchy.subtree_scores(probabilities), coarse_threshold)]
-    # consistent with the truth: the truth itself, an ancestor of it, or (scTab rule) a descendant
+    # A coarse call is right when it is the truth or an ancestor of it: it may say less, never something else.
     coarse_ok = np.zeros(len(true_terms), dtype=bool)
     c_idx = pd.Index(hierarchy.terms).get_indexer(coarse[scored])
     t_idx = pd.Index(hierarchy.terms).get_indexer(effective[scored])
-    coarse_ok[scored] = hierarchy.term_reach[t_idx, c_idx] | hierarchy.term_reach[c_idx, t_idx]
+    coarse_ok[scored] = hierarchy.term_reach[c_idx, t_idx]
     backed_off = coarse != predicted
 
     eff, pred, corr = effective[scored], predicted[scored], corrected[scored]

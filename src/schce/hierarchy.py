@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: How a label's annotation is read: its subtree less the other labels its source uses below it, always its whole
+#: subtree (HCE), or only itself (cross-entropy). See :meth:`Hierarchy.annotation_targets`.
+LABEL_SEMANTICS = ("auto", "inclusive", "exclusive")
+
 
 class Hierarchy:
     """An ordered set of labels placed in a directed acyclic hierarchy.
@@ -240,6 +244,68 @@ class Hierarchy:
         predicted = np.asarray(predicted, dtype=object)
         true = np.asarray(true, dtype=object)
         return np.where(self.is_correct(predicted, true), true, predicted)
+
+    def annotation_targets(
+        self,
+        codes: np.ndarray,
+        sources: np.ndarray | None = None,
+        semantics: str = "auto",
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The labels each cell's annotation can mean, as target masks for :func:`~schce.losses.log_mask_probability`.
+
+        With ``semantics="auto"`` a label means its subtree minus the subtrees of the other labels that the same
+        annotation source also uses below it: a source that labels both CD14 and CD16 monocytes means "CD14, not
+        CD16" by "CD14 monocyte", while a source that only ever says "monocyte" may mean any monocyte.
+        ``"inclusive"`` always takes the whole subtree (plain HCE), ``"exclusive"`` only the label itself (plain
+        cross-entropy).
+
+        Parameters
+        ----------
+        codes
+            ``(n_cells,)`` label indices into :attr:`labels`.
+        sources
+            ``(n_cells,)`` annotation source of each cell (dataset, study or batch); ``None`` treats all cells as
+            one source.
+        semantics
+            ``"auto"``, ``"inclusive"`` or ``"exclusive"``.
+
+        Returns
+        -------
+        masks
+            ``(n_masks, n_labels)`` bool, the distinct acceptable sets; every row contains its own label.
+        rows
+            ``(n_cells,)`` int64, each cell's row of ``masks``.
+        """
+        if semantics not in LABEL_SEMANTICS:
+            raise ValueError(f"semantics must be one of {LABEL_SEMANTICS}, got {semantics!r}.")
+        codes = np.asarray(codes, dtype=np.int64)
+        if codes.size and (codes.min() < 0 or codes.max() >= self.n_labels):
+            raise ValueError(
+                f"codes must index the {self.n_labels} labels, got values in [{codes.min()}, {codes.max()}]."
+            )
+        if semantics == "exclusive":
+            return np.eye(self.n_labels, dtype=bool), codes.copy()
+        if semantics == "inclusive":
+            return self.R.copy(), codes.copy()
+        if sources is None:
+            sources = np.zeros(len(codes), dtype=np.int64)
+        sources = np.asarray(sources)
+        if sources.shape != codes.shape:
+            raise ValueError(f"sources and codes differ in length: {sources.shape} vs {codes.shape}.")
+        source_codes, source_index = np.unique(sources, return_inverse=True)
+        used = np.zeros((len(source_codes), self.n_labels), dtype=bool)
+        used[source_index, codes] = True
+        R = self.R
+        strict = R & ~np.eye(self.n_labels, dtype=bool)
+        # For source s and label l: R[l] minus the subtrees of labels m that s uses strictly below l.
+        # blocked[s, l, :] = any_m (used[s, m] & strict[l, m] & R[m, :]).
+        blocked = np.matmul(strict[None, :, :] & used[:, None, :], R.astype(np.float32))
+        acceptable = R[None, :, :] & (blocked == 0)
+        pair = source_index * self.n_labels + codes
+        unique_pairs, rows = np.unique(pair, return_inverse=True)
+        flat = acceptable.reshape(-1, self.n_labels)[unique_pairs]
+        masks, mask_rows = np.unique(flat, axis=0, return_inverse=True)
+        return masks, mask_rows.ravel()[rows.ravel()].astype(np.int64)
 
     def subtree_scores(self, probabilities: np.ndarray) -> np.ndarray:
         """Subtree probabilities of every term: ``probabilities @ term_matrix.T``.

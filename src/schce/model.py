@@ -28,10 +28,10 @@ from schce.data._expression import check_expression, get_matrix, resolve_normali
 from schce.data._genes import GeneAligner, gene_id_type, strip_ensembl_version
 from schce.data._loader import make_loader, split_cells
 from schce.evaluation import DEFAULT_GROUPBY, EvaluationResult, evaluate_predictions
-from schce.hierarchy import Hierarchy
+from schce.hierarchy import LABEL_SEMANTICS, Hierarchy
 from schce.nn import HCEModule, make_backbone
 from schce.ontology import load_cell_ontology
-from schce.train import BestWeights, HCETrainingPlan, HistoryRecorder
+from schce.train import LOSSES, BestWeights, HCETrainingPlan, HistoryRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,14 @@ class HCEClassifier(BaseModelClass):
     backbone
         ``"mlp"`` or ``"linear"``.
     loss
-        ``"hce"`` (hierarchical cross-entropy: a label's probability includes its descendants') or ``"ce"``.
+        ``"hce-aware"`` (default): hierarchical cross-entropy whose acceptable labels follow what each annotation
+        can mean (see ``label_semantics``); ``"hce"``: plain hierarchical cross-entropy (a label's probability
+        includes all its descendants'); ``"ce"``: flat cross-entropy. See :doc:`/method`.
+    label_semantics
+        For ``loss="hce-aware"``: ``"auto"`` reads a label as its subtree minus the subtrees of the other labels
+        that the same annotation source (the ``batch_key`` of :meth:`setup_anndata`, or the whole training set
+        when none) also uses below it; ``"inclusive"`` always as its whole subtree (= ``"hce"``);
+        ``"exclusive"`` as the label alone (= ``"ce"``).
     hce_form
         ``"log"``: exact log-space HCE (default); ``"reference"``: the published ``log(q + 1e-6)`` form.
     **backbone_kwargs
@@ -89,24 +96,28 @@ class HCEClassifier(BaseModelClass):
         adata: AnnData | None = None,
         registry: dict | None = None,
         backbone: Literal["mlp", "linear"] = "mlp",
-        loss: Literal["hce", "ce"] = "hce",
+        loss: Literal["hce-aware", "hce", "ce"] = "hce-aware",
+        label_semantics: Literal["auto", "inclusive", "exclusive"] = "auto",
         hce_form: Literal["log", "reference"] = "log",
         **backbone_kwargs,
     ):
         super().__init__(adata, registry)
-        if loss not in ("hce", "ce"):
-            raise ValueError(f"loss must be 'hce' or 'ce', got {loss!r}.")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}.")
+        if label_semantics not in LABEL_SEMANTICS:
+            raise ValueError(f"label_semantics must be one of {LABEL_SEMANTICS}, got {label_semantics!r}.")
         if hce_form not in ("log", "reference"):
             raise ValueError(f"hce_form must be 'log' or 'reference', got {hce_form!r}.")
         setup = self.registry_[_SETUP_KEY]
         self.hierarchy = Hierarchy.from_dict(setup["hierarchy"])
         self.genes: list[str] = list(setup["genes"])
         self.backbone, self.loss, self.hce_form = backbone, loss, hce_form
+        self.label_semantics = label_semantics
         arch = {**DEFAULT_BACKBONE_KWARGS.get(backbone, {}), **backbone_kwargs}
         self.module = HCEModule(make_backbone(backbone, len(self.genes), self.hierarchy.n_labels, **arch))
         self._model_summary_string = (
             f"HCEClassifier: backbone={backbone}({', '.join(f'{k}={v!r}' for k, v in arch.items())}), "
-            f"loss={loss}, "
+            f"loss={loss}" + (f" ({label_semantics})" if loss == "hce-aware" else "") + ", "
             f"{self.hierarchy.n_labels} labels (ontology {self.hierarchy.version}), {len(self.genes)} genes "
             f"({setup['gene_id_type']}), training input: "
             + ("raw counts, normalised in the module" if setup["normalize"] else "used as given")
@@ -298,6 +309,11 @@ class HCEClassifier(BaseModelClass):
             raise RuntimeError(
                 "This model has no registered AnnData to train on (it was loaded from disk); pass datamodule=."
             )
+        if datamodule is not None and self.loss == "hce-aware":
+            raise ValueError(
+                "loss='hce-aware' reads label meanings from the training cells, which datamodule= training does not "
+                "do yet; build the model with loss='hce' (the default of HCEClassifier.from_sctab_store)."
+            )
         if max_epochs < 1:
             raise ValueError(f"max_epochs must be at least 1, got {max_epochs}.")
         if batch_size is not None and batch_size < 2:
@@ -335,6 +351,7 @@ class HCEClassifier(BaseModelClass):
             for m in self.module.modules():
                 if m is not self.module and hasattr(m, "reset_parameters"):
                     m.reset_parameters()
+        target_masks = targets = None
         if datamodule is None:
             X = get_matrix(self.adata, self.registry_["setup_args"]["layer"])
             codes = self._label_codes()
@@ -348,6 +365,19 @@ class HCEClassifier(BaseModelClass):
                 present = counts > 0
                 weights = np.zeros_like(counts)
                 weights[present] = len(train_idx) / (present.sum() * counts[present])
+            batches = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).ravel()
+            if self.loss == "hce-aware":
+                # What a label means is read from the cells the model learns from (training and validation).
+                seen = np.concatenate([train_idx, val_idx])
+                sources = batches[seen] if self.registry_["setup_args"]["batch_key"] is not None else None
+                target_masks, seen_rows = self.hierarchy.annotation_targets(codes[seen], sources, self.label_semantics)
+                targets = np.full(len(codes), -1, dtype=np.int64)
+                targets[seen] = seen_rows
+                logger.info(
+                    "Annotation-aware targets (%s): %d distinct acceptable-label sets.",
+                    self.label_semantics,
+                    len(target_masks),
+                )
         else:
             from schce.data import _store_model
 
@@ -359,6 +389,7 @@ class HCEClassifier(BaseModelClass):
             self.module,
             self.hierarchy.R,
             loss=self.loss,
+            target_masks=target_masks,
             class_weights=weights,
             normalize=self.registry_[_SETUP_KEY]["normalize"],
             lr=lr,
@@ -370,11 +401,20 @@ class HCEClassifier(BaseModelClass):
             ecs_threshold=ecs_threshold,
         )
         if datamodule is None:
-            batches = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).ravel()
             train_dl = make_loader(
-                X, train_idx, batch_size, codes, shuffle=True, seed=seed, num_workers=num_workers, batches=batches
+                X,
+                train_idx,
+                batch_size,
+                codes,
+                shuffle=True,
+                seed=seed,
+                num_workers=num_workers,
+                batches=batches,
+                targets=targets,
             )
-            val_dl = make_loader(X, val_idx, 4096, codes, num_workers=num_workers) if len(val_idx) else None
+            val_dl = (
+                make_loader(X, val_idx, 4096, codes, num_workers=num_workers, targets=targets) if len(val_idx) else None
+            )
             fit_data = {"train_dataloaders": train_dl, "val_dataloaders": val_dl}
         else:
             train_dl, val_dl = datamodule.train_dataloader(), datamodule.val_dataloader() if n_val else None
@@ -440,7 +480,7 @@ class HCEClassifier(BaseModelClass):
         from schce.train import fit_temperature
 
         R = self.hierarchy.R
-        self.temperature_ = fit_temperature(logits, targets, R if self.loss == "hce" else None)
+        self.temperature_ = fit_temperature(logits, targets, None if self.loss == "ce" else R)
 
         def ece(t: float) -> float:
             probs = torch.softmax(torch.from_numpy(logits).double() / t, dim=1).numpy()
@@ -569,6 +609,7 @@ class HCEClassifier(BaseModelClass):
                 "schce_version": __version__,
                 "backbone": self.backbone,
                 "loss": self.loss,
+                "label_semantics": self.label_semantics,
                 "n_labels": self.hierarchy.n_labels,
                 "ontology_version": self.hierarchy.version,
                 "coarse_threshold": float(coarse_threshold),

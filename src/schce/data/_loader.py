@@ -21,8 +21,10 @@ class _RowBatches(Dataset):
         labels: np.ndarray | None = None,
         aligner: GeneAligner | None = None,
         batches: np.ndarray | None = None,
+        targets: np.ndarray | None = None,
     ):
         self.X, self.rows, self.labels, self.aligner, self.batches = X, np.asarray(rows), labels, aligner, batches
+        self.targets = targets
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -37,6 +39,8 @@ class _RowBatches(Dataset):
             item["y"] = torch.from_numpy(self.labels[rows].astype(np.int64))
         if self.batches is not None:
             item["batch"] = torch.from_numpy(self.batches[rows].astype(np.int64))
+        if self.targets is not None:
+            item["target"] = torch.from_numpy(self.targets[rows].astype(np.int64))
         return item
 
 
@@ -50,14 +54,16 @@ def make_loader(
     seed: int | None = None,
     num_workers: int = 0,
     batches: np.ndarray | None = None,
+    targets: np.ndarray | None = None,
 ) -> DataLoader:
     """A loader yielding ``{"x": (B, n_genes) float32, "y": (B,) int64, "batch": (B,) int64}`` batches of rows.
 
-    ``y`` and ``batch`` are present when ``labels`` and ``batches`` are given.
+    ``y``, ``batch`` and ``target`` (each cell's acceptable-label mask row) are present when ``labels``,
+    ``batches`` and ``targets`` are given; all three are indexed by row of ``X``.
 
     Training loaders (``shuffle=True``) drop a last batch of a single cell, which BatchNorm cannot use.
     """
-    ds = _RowBatches(X, rows, labels, aligner, batches)
+    ds = _RowBatches(X, rows, labels, aligner, batches, targets)
     if shuffle:
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         sampler = RandomSampler(range(len(ds)), generator=generator)

@@ -114,10 +114,13 @@ def datamodule_class_weights(datamodule, class_weights, n_labels: int) -> np.nda
         if stored.shape != (n_labels,):
             raise ValueError(f"The store's class_weights.npy has shape {stored.shape}; expected ({n_labels},).")
         return stored
-    if not callable(getattr(datamodule, "label_counts", None)):
-        logger.warning("The datamodule has neither class_weights nor label_counts(); training without class weights.")
+    counts = getattr(datamodule, "label_counts", None)  # a method (store) or an array (census datamodule)
+    if callable(counts):
+        counts = counts("train")
+    if counts is None:
+        logger.warning("The datamodule has neither class_weights nor label_counts; training without class weights.")
         return None
-    counts = np.asarray(datamodule.label_counts("train"), dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.float64)
     weights = np.zeros(n_labels)
     present = counts > 0
     weights[present] = counts.sum() / (present.sum() * counts[present])
@@ -150,6 +153,8 @@ def datamodule_sizes(datamodule) -> tuple[int, int, int]:
     n_cells = getattr(datamodule, "n_cells", None)
     if callable(n_cells):
         n_train, n_val = int(n_cells("train")), int(n_cells("val"))
+    elif hasattr(datamodule, "n_train") and hasattr(datamodule, "n_validation"):  # the census datamodule
+        n_train, n_val = int(datamodule.n_train), int(datamodule.n_validation)
     else:
         n_train, n_val = -1, int(datamodule.val_dataloader() is not None)
     return n_train, n_val, int(getattr(datamodule, "batch_size", -1) or -1)

@@ -2,6 +2,6 @@
 
 from schce.train._calibration import fit_temperature
 from schce.train._callbacks import BestWeights, HistoryRecorder
-from schce.train._plan import HCETrainingPlan
+from schce.train._plan import LOSSES, HCETrainingPlan
 
-__all__ = ["BestWeights", "HCETrainingPlan", "HistoryRecorder", "fit_temperature"]
+__all__ = ["LOSSES", "BestWeights", "HCETrainingPlan", "HistoryRecorder", "fit_temperature"]

@@ -12,10 +12,13 @@ from schce.losses import (
     DomainAdversarialLoss,
     elastic_cell_similarity_loss,
     hierarchical_cross_entropy,
+    log_mask_probability,
 )
 from schce.metrics import code_scores
 
-LOSSES = ("hce", "ce")
+#: Training losses: annotation-aware HCE (each cell's acceptable labels follow what its source's annotation can
+#: mean), plain HCE (a label's whole subtree is acceptable) and flat cross-entropy.
+LOSSES = ("hce-aware", "hce", "ce")
 # Terms that can be added to the task loss, computed on the penultimate embedding.
 AUXILIARY = ("adversarial", "batch_mixing", "ecs")
 
@@ -30,6 +33,7 @@ class HCETrainingPlan(pl.LightningModule):
     reachability
         ``(n_labels, n_labels)`` reachability matrix.
     loss
+        ``"hce-aware"`` (``-log`` of the probability mass on each cell's acceptable labels, ``target_masks``),
         ``"hce"`` (hierarchical cross-entropy) or ``"ce"`` (flat cross-entropy).
     class_weights
         ``(n_labels,)`` weights for the training loss only; validation loss is unweighted.
@@ -50,6 +54,12 @@ class HCETrainingPlan(pl.LightningModule):
         Number of batches, for the batch terms.
     ecs_threshold
         Threshold of the elastic cell similarity term.
+    target_masks
+        ``(n_masks, n_labels)`` acceptable-label sets for ``"hce-aware"``
+        (:meth:`~schce.hierarchy.Hierarchy.annotation_targets`); batches carry each cell's row as ``"target"``.
+        Batches without ``"target"`` use ``default_rows[y]``, or the label's subtree when that is ``None``.
+    default_rows
+        ``(n_labels,)`` row of ``target_masks`` per label for batches without ``"target"``.
     """
 
     def __init__(
@@ -66,6 +76,8 @@ class HCETrainingPlan(pl.LightningModule):
         auxiliary: dict[str, float] | None = None,
         n_batches: int = 1,
         ecs_threshold: float = 0.8,
+        target_masks: np.ndarray | None = None,
+        default_rows: np.ndarray | None = None,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -92,18 +104,37 @@ class HCETrainingPlan(pl.LightningModule):
         self.register_buffer("reachability", torch.as_tensor(self._R_np, dtype=torch.float32), persistent=False)
         weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
+        if loss == "hce-aware" and target_masks is None:
+            target_masks, default_rows = self._R_np, np.arange(len(self._R_np))
+        masks = None if target_masks is None else torch.as_tensor(np.asarray(target_masks, dtype=bool))
+        self.register_buffer("target_masks", masks, persistent=False)
+        rows = None if default_rows is None else torch.as_tensor(np.asarray(default_rows, dtype=np.int64))
+        self.register_buffer("default_rows", rows, persistent=False)
         self._val_true: list[torch.Tensor] = []
         self._val_pred: list[torch.Tensor] = []
 
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    def _loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], weight: torch.Tensor | None) -> torch.Tensor:
+        y = batch["y"]
         if self.loss_name == "ce":
             return F.cross_entropy(logits, y, weight=weight)
-        return hierarchical_cross_entropy(logits, y, self.reachability, weight=weight, form=self.hce_form)
+        if self.loss_name == "hce":
+            return hierarchical_cross_entropy(logits, y, self.reachability, weight=weight, form=self.hce_form)
+        if "target" in batch:
+            rows = batch["target"]
+        elif self.default_rows is not None:
+            rows = self.default_rows[y]
+        else:
+            return hierarchical_cross_entropy(logits, y, self.reachability, weight=weight)
+        loss = -log_mask_probability(logits, self.target_masks[rows])
+        if weight is None:
+            return loss.mean()
+        w = weight[y]
+        return (w * loss).sum() / w.sum()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One optimisation step on the weighted training loss."""
         logits, h = self.module(batch["x"], normalize=self.normalize)
-        task = self._loss(logits, batch["y"], self.class_weights)
+        task = self._loss(logits, batch, self.class_weights)
         n = len(batch["y"])
         terms: dict[str, torch.Tensor] = {}
         if "adversarial" in self.auxiliary:
@@ -126,7 +157,7 @@ class HCETrainingPlan(pl.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Validation loss; predictions are gathered for the epoch metrics."""
         logits, _ = self.module(batch["x"], normalize=self.normalize)
-        loss = self._loss(logits, batch["y"], None)
+        loss = self._loss(logits, batch, None)
         self.log("validation_loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["y"]))
         self._val_true.append(batch["y"].detach().cpu())
         self._val_pred.append(logits.argmax(dim=1).detach().cpu())
