@@ -314,3 +314,30 @@ def test_streaming_training(census_paths, census_source, census_model):
     assert len(losses) == 2 and losses[-1] < losses[0]
     assert "validation_loss" in history.history
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, census_model.module.parameters(), strict=True))
+
+
+def test_model_train_on_the_census_datamodule(census_paths, census_source):
+    """model.train(datamodule=) takes the census datamodule too: validation, class weights and calibration run."""
+    import schce
+
+    keep = (census_source.obs["case"] == "kept").to_numpy()
+    adata = census_source[keep].copy()
+    adata.obs["cell_type_ontology_term_id"] = adata.obs["cell_type_ontology_term_id"].cat.remove_unused_categories()
+    schce.HCEClassifier.setup_anndata(adata, labels_key="cell_type_ontology_term_id")
+    model = schce.HCEClassifier(adata, loss="hce", **SMALL_MLP)
+    with tiledbsoma.open(census_paths["new"]) as census:
+        dm = sc_census.CensusDataModule(
+            census,
+            model,
+            batch_size=64,
+            validation_size=0.2,
+            io_batch_size=1024,
+            shuffle_chunk_size=16,
+            seed=0,
+            use_eager_fetch=False,
+        )
+    model.train(datamodule=dm, max_epochs=2, seed=0, enable_progress_bar=False)
+    assert model.is_trained_ and "validation_corrected_macro_f1" in model.history_
+    aware = schce.HCEClassifier(adata, **SMALL_MLP)  # the annotation-aware default needs the AnnData path
+    with pytest.raises(ValueError, match="loss='hce-aware'"):
+        aware.train(datamodule=dm, max_epochs=1)

@@ -1,4 +1,4 @@
-"""Bundled demo data."""
+"""Bundled demo data and a synthetic atlas."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import logging
 import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
+
+from schce._simulate import simulate_atlas
 
 logger = logging.getLogger(__name__)
 
@@ -51,3 +53,6 @@ def pbmc68k() -> AnnData:
     adata.obs["cell_type_ontology_term_id"] = ids.astype("category")
     adata.obs["cell_type"] = ids.map(onto.name).astype("category")
     return adata
+
+
+__all__ = ["pbmc68k", "simulate_atlas"]

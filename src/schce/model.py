@@ -21,7 +21,6 @@ from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalObsField, LayerField
 from scvi.model.base import BaseModelClass
-from tqdm.auto import tqdm
 
 from schce import _io
 from schce._output import prediction_frame, write_outputs
@@ -246,6 +245,7 @@ class HCEClassifier(BaseModelClass):
         ecs_weight: float = 0.0,
         ecs_threshold: float = 0.8,
         calibrate: bool = True,
+        datamodule: pl.LightningDataModule | None = None,
         **trainer_kwargs,
     ) -> None:
         """Train the classifier.
@@ -295,11 +295,25 @@ class HCEClassifier(BaseModelClass):
         calibrate
             Fit a temperature on the validation cells after training (temperature scaling); :meth:`predict` applies
             it. Needs ``validation_size > 0``.
+        datamodule
+            Train on a :class:`~lightning.pytorch.LightningDataModule` instead of the registered AnnData, e.g.
+            :class:`~schce.data.SCTabStoreDataModule` (see :meth:`from_sctab_store`): its train and validation
+            loaders yield ``{"x", "y"}`` batches (``y`` indexing ``hierarchy.labels``; ``"batch"`` for batch terms).
+            ``batch_size``, ``validation_size``, ``test_size``, ``split_key`` and ``num_workers`` are then the
+            datamodule's; ``class_weights="balanced"`` uses its ``class_weights`` (the store's
+            ``class_weights.npy``) when it has them.
         **trainer_kwargs
             Other :class:`lightning.pytorch.Trainer` arguments (e.g. ``precision``).
         """
-        if self.adata is None:
-            raise RuntimeError("This model has no registered AnnData to train on (it was loaded from disk).")
+        if self.adata is None and datamodule is None:
+            raise RuntimeError(
+                "This model has no registered AnnData to train on (it was loaded from disk); pass datamodule=."
+            )
+        if datamodule is not None and self.loss == "hce-aware":
+            raise ValueError(
+                "loss='hce-aware' reads label meanings from the training cells, which datamodule= training does not "
+                "do yet; build the model with loss='hce' (the default of HCEClassifier.from_sctab_store)."
+            )
         if max_epochs < 1:
             raise ValueError(f"max_epochs must be at least 1, got {max_epochs}.")
         if batch_size is not None and batch_size < 2:
@@ -312,8 +326,12 @@ class HCEClassifier(BaseModelClass):
         if class_weights not in ("balanced", None):
             raise ValueError(f"class_weights must be 'balanced' or None, got {class_weights!r}.")
         auxiliary = {"adversarial": adversarial_weight, "batch_mixing": batch_mixing_weight, "ecs": ecs_weight}
-        n_batches = int(self.summary_stats["n_batch"])
-        if (adversarial_weight or batch_mixing_weight) and self.registry_["setup_args"]["batch_key"] is None:
+        if datamodule is None:
+            n_batches = int(self.summary_stats["n_batch"])
+        else:
+            n_batches = int(getattr(datamodule, "n_batches", None) or 1)
+        no_batch_key = datamodule is None and self.registry_["setup_args"]["batch_key"] is None
+        if (adversarial_weight or batch_mixing_weight) and no_batch_key:
             raise ValueError(
                 "adversarial_weight and batch_mixing_weight act on batches, but no batch_key was registered: "
                 "call HCEClassifier.setup_anndata(adata, ..., batch_key='batch') first."
@@ -321,7 +339,7 @@ class HCEClassifier(BaseModelClass):
         if (adversarial_weight or batch_mixing_weight) and n_batches < 2:
             raise ValueError(f"The registered batch_key has {n_batches} batch; batch terms need at least two.")
         groups = None
-        if split_key is not None:
+        if split_key is not None and datamodule is None:
             if split_key not in self.adata.obs.columns:
                 raise KeyError(
                     f"split_key={split_key!r} is not a column of adata.obs. Available: {list(self.adata.obs.columns)}."
@@ -333,32 +351,40 @@ class HCEClassifier(BaseModelClass):
             for m in self.module.modules():
                 if m is not self.module and hasattr(m, "reset_parameters"):
                     m.reset_parameters()
-        setup_args = self.registry_["setup_args"]
-        X = get_matrix(self.adata, setup_args["layer"])
-        codes = self._label_codes()
-        train_idx, val_idx, test_idx = split_cells(codes, validation_size, test_size, seed, groups)
-        if batch_size is None:
-            batch_size = int(min(2048, max(32, len(train_idx) // 16)))
-        weights = None
-        if class_weights == "balanced":
-            counts = np.bincount(codes[train_idx], minlength=self.hierarchy.n_labels).astype(np.float64)
-            present = counts > 0
-            weights = np.zeros_like(counts)
-            weights[present] = len(train_idx) / (present.sum() * counts[present])
-        batches = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).ravel()
         target_masks = targets = None
-        if self.loss == "hce-aware":
-            # What a label means is read from the cells the model learns from (training and validation).
-            seen = np.concatenate([train_idx, val_idx])
-            sources = batches[seen] if self.registry_["setup_args"]["batch_key"] is not None else None
-            target_masks, seen_rows = self.hierarchy.annotation_targets(codes[seen], sources, self.label_semantics)
-            targets = np.full(len(codes), -1, dtype=np.int64)
-            targets[seen] = seen_rows
-            logger.info(
-                "Annotation-aware targets (%s): %d distinct acceptable-label sets.",
-                self.label_semantics,
-                len(target_masks),
-            )
+        if datamodule is None:
+            X = get_matrix(self.adata, self.registry_["setup_args"]["layer"])
+            codes = self._label_codes()
+            train_idx, val_idx, test_idx = split_cells(codes, validation_size, test_size, seed, groups)
+            n_train, n_val = len(train_idx), len(val_idx)
+            if batch_size is None:
+                batch_size = int(min(2048, max(32, len(train_idx) // 16)))
+            weights = None
+            if class_weights == "balanced":
+                counts = np.bincount(codes[train_idx], minlength=self.hierarchy.n_labels).astype(np.float64)
+                present = counts > 0
+                weights = np.zeros_like(counts)
+                weights[present] = len(train_idx) / (present.sum() * counts[present])
+            batches = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).ravel()
+            if self.loss == "hce-aware":
+                # What a label means is read from the cells the model learns from (training and validation).
+                seen = np.concatenate([train_idx, val_idx])
+                sources = batches[seen] if self.registry_["setup_args"]["batch_key"] is not None else None
+                target_masks, seen_rows = self.hierarchy.annotation_targets(codes[seen], sources, self.label_semantics)
+                targets = np.full(len(codes), -1, dtype=np.int64)
+                targets[seen] = seen_rows
+                logger.info(
+                    "Annotation-aware targets (%s): %d distinct acceptable-label sets.",
+                    self.label_semantics,
+                    len(target_masks),
+                )
+        else:
+            from schce.data import _store_model
+
+            _store_model.check_datamodule(datamodule, self.genes, self.hierarchy.n_labels)
+            weights = _store_model.datamodule_class_weights(datamodule, class_weights, self.hierarchy.n_labels)
+            train_idx = val_idx = test_idx = None
+            n_train, n_val, batch_size = _store_model.datamodule_sizes(datamodule)
         plan = HCETrainingPlan(
             self.module,
             self.hierarchy.R,
@@ -374,20 +400,25 @@ class HCEClassifier(BaseModelClass):
             n_batches=n_batches,
             ecs_threshold=ecs_threshold,
         )
-        train_dl = make_loader(
-            X,
-            train_idx,
-            batch_size,
-            codes,
-            shuffle=True,
-            seed=seed,
-            num_workers=num_workers,
-            batches=batches,
-            targets=targets,
-        )
-        val_dl = (
-            make_loader(X, val_idx, 4096, codes, num_workers=num_workers, targets=targets) if len(val_idx) else None
-        )
+        if datamodule is None:
+            train_dl = make_loader(
+                X,
+                train_idx,
+                batch_size,
+                codes,
+                shuffle=True,
+                seed=seed,
+                num_workers=num_workers,
+                batches=batches,
+                targets=targets,
+            )
+            val_dl = (
+                make_loader(X, val_idx, 4096, codes, num_workers=num_workers, targets=targets) if len(val_idx) else None
+            )
+            fit_data = {"train_dataloaders": train_dl, "val_dataloaders": val_dl}
+        else:
+            train_dl, val_dl = datamodule.train_dataloader(), datamodule.val_dataloader() if n_val else None
+            fit_data = {"datamodule": datamodule}
         history = HistoryRecorder()
         callbacks: list[pl.Callback] = [history]
         best = BestWeights(MONITOR) if val_dl is not None else None
@@ -415,13 +446,13 @@ class HCEClassifier(BaseModelClass):
         logger.info(
             "Training %s on %d cells (%d for validation), batch size %d, up to %d epochs.",
             self.loss.upper(),
-            len(train_idx),
-            len(val_idx),
+            n_train,
+            n_val,
             batch_size,
             max_epochs,
         )
         with _quiet_lightning_info():
-            trainer.fit(plan, train_dl, val_dl)
+            trainer.fit(plan, **fit_data)
         self.module.eval()
         self.history_ = {
             key: pd.DataFrame({key: [v for _, v in rows]}, index=pd.Index([e for e, _ in rows], name="epoch"))
@@ -431,17 +462,23 @@ class HCEClassifier(BaseModelClass):
         self.best_epoch_ = best.best_epoch if best is not None else max_epochs - 1
         self.is_trained_ = True
         self.temperature_ = 1.0
-        if calibrate and len(val_idx):
-            self._calibrate(X, val_idx, codes[val_idx])
+        if calibrate and n_val:
+            normalize = self.registry_[_SETUP_KEY]["normalize"]
+            if datamodule is None:
+                self._calibrate(self._run(X, val_idx, normalize, None, 4096)[0], codes[val_idx])
+            else:
+                from schce.data._store_model import loader_outputs
+
+                out = loader_outputs(self.module, datamodule.val_dataloader(), normalize, desc="Calibrating")
+                self._calibrate(out["logits"], out["y"])
         if best is not None and best.best_epoch is not None:
             logger.info("Kept the weights of epoch %d (%s = %.4f).", best.best_epoch, MONITOR, best.best_score)
 
-    def _calibrate(self, X, rows: np.ndarray, targets: np.ndarray) -> None:
-        """Temperature scaling on held-out rows; logs the expected calibration error before and after."""
+    def _calibrate(self, logits: np.ndarray, targets: np.ndarray) -> None:
+        """Temperature scaling on held-out logits; logs the expected calibration error before and after."""
         from schce.metrics import correct_codes, expected_calibration_error
         from schce.train import fit_temperature
 
-        logits, _ = self._run(X, rows, self.registry_[_SETUP_KEY]["normalize"], None, 4096)
         R = self.hierarchy.R
         self.temperature_ = fit_temperature(logits, targets, None if self.loss == "ce" else R)
 
@@ -453,7 +490,7 @@ class HCEClassifier(BaseModelClass):
 
         logger.info(
             "Calibrated on %d validation cells: temperature %.3f, expected calibration error %.4f -> %.4f.",
-            len(rows),
+            len(targets),
             self.temperature_,
             ece(1.0),
             ece(self.temperature_),
@@ -464,17 +501,10 @@ class HCEClassifier(BaseModelClass):
         self, X, rows: np.ndarray, normalize: bool, aligner: GeneAligner | None, batch_size: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Logits and embeddings of ``rows`` of ``X`` (module in eval mode, no gradients)."""
-        device = next(self.module.parameters()).device
-        self.module.eval()
-        logits, embeddings = [], []
-        loader = make_loader(X, rows, batch_size, aligner=aligner)
-        with torch.inference_mode():
-            # A bar only when the pass is long enough to wait for.
-            for batch in tqdm(loader, desc="Predicting", unit="batch", disable=len(loader) < 20):
-                out, h = self.module(batch["x"].to(device), normalize=normalize)
-                logits.append(out.float().cpu())
-                embeddings.append(h.float().cpu())
-        return torch.cat(logits).numpy(), torch.cat(embeddings).numpy()
+        from schce.data._store_model import loader_outputs
+
+        out = loader_outputs(self.module, make_loader(X, rows, batch_size, aligner=aligner), normalize)
+        return out["logits"], out["embeddings"]
 
     def _forward(
         self,
@@ -598,8 +628,8 @@ class HCEClassifier(BaseModelClass):
 
     def evaluate(
         self,
-        adata: AnnData,
-        labels_key: str,
+        adata: AnnData | None = None,
+        labels_key: str | None = None,
         groupby: Sequence[str] = DEFAULT_GROUPBY,
         output_dir: str | os.PathLike | None = None,
         layer: str | None = None,
@@ -609,6 +639,8 @@ class HCEClassifier(BaseModelClass):
         batch_size: int = 1024,
         calibrated: bool = True,
         ontology=None,
+        datamodule: pl.LightningDataModule | None = None,
+        split: Literal["test", "val", "train"] = "test",
     ) -> EvaluationResult:
         """Score the model on labelled cells: exact and hierarchy-corrected metrics, per class and per group.
 
@@ -635,11 +667,29 @@ class HCEClassifier(BaseModelClass):
         ontology
             Ontology to place true labels outside the model's terms; default: the one given to
             :meth:`setup_anndata` when it was a path or URL, else the embedded CL release.
+        datamodule, split
+            Instead of ``adata``: stream a datamodule's ``split`` loader (e.g. the test split of an
+            :class:`~schce.data.SCTabStoreDataModule`); true labels are its ``y`` codes, and the groups come from
+            its ``read_obs(split)`` when it has one. Memory: the probabilities, cells × labels.
 
         Returns
         -------
         :class:`~schce.evaluation.EvaluationResult` with ``overall``, ``per_class``, ``per_group`` and ``detailed``.
         """
+        if datamodule is not None:
+            from schce.data._store_model import datamodule_predictions
+
+            onto = load_cell_ontology(ontology)
+            true_terms, logits, obs = datamodule_predictions(self, datamodule, split)
+            probs = self._probabilities(logits, calibrated)
+            result = evaluate_predictions(
+                true_terms, probs, self.hierarchy, onto.ancestors, obs, groupby, coarse_threshold, obs.index
+            )
+            if output_dir is not None:
+                result.write(output_dir)
+            return result
+        if adata is None or labels_key is None:
+            raise TypeError("Pass the labelled AnnData and its labels_key, or datamodule= to score a store's split.")
         if labels_key not in adata.obs.columns:
             raise KeyError(
                 f"labels_key={labels_key!r} is not a column of adata.obs. Available columns: {list(adata.obs.columns)}."
@@ -803,15 +853,7 @@ class HCEClassifier(BaseModelClass):
         labels = [mapping[n] for n in names]
         if len(set(labels)) != len(labels):
             raise ValueError(f"Several labels of {cell_type_path} map to the same CL term; cannot keep their order.")
-        # Register a placeholder with one empty cell per label, then put the checkpoint's label order back.
-        placeholder = AnnData(
-            X=sp.csr_matrix((len(labels), len(genes)), dtype=np.float32),
-            obs=pd.DataFrame({"label": labels}, index=[f"cell{i}" for i in range(len(labels))]),
-            var=pd.DataFrame(index=pd.Index(genes)),
-        )
-        cls.setup_anndata(placeholder, labels_key="label", ontology=onto, normalize=True)
-        registry = cls._get_most_recent_anndata_manager(placeholder, required=True).registry
-        registry[_SETUP_KEY]["hierarchy"] = Hierarchy.from_ontology(labels, onto).to_dict()
+        registry = cls._registry_without_data(genes, labels, onto, Hierarchy.from_ontology(labels, onto), True)
         model = cls(None, registry, backbone=backbone, loss=loss, **arch)
         try:
             model.module.classifier.load_state_dict(state)
@@ -822,6 +864,69 @@ class HCEClassifier(BaseModelClass):
         model.module.eval()
         model.is_trained_ = True
         logger.info("Loaded a %s %s classifier: %d genes, %d labels.", loss.upper(), backbone, len(genes), len(labels))
+        return model
+
+    @classmethod
+    def _registry_without_data(cls, genes, labels, onto, hierarchy: Hierarchy, normalize: bool) -> dict:
+        """A registry for a model built from files: one empty placeholder cell per label, then our label order."""
+        placeholder = AnnData(
+            X=sp.csr_matrix((len(labels), len(genes)), dtype=np.float32),
+            obs=pd.DataFrame({"label": labels}, index=[f"cell{i}" for i in range(len(labels))]),
+            var=pd.DataFrame(index=pd.Index(genes)),
+        )
+        cls.setup_anndata(placeholder, labels_key="label", ontology=onto, normalize=normalize)
+        registry = cls._get_most_recent_anndata_manager(placeholder, required=True).registry
+        registry[_SETUP_KEY]["hierarchy"] = hierarchy.to_dict()
+        return registry
+
+    @classmethod
+    def from_sctab_store(
+        cls,
+        path: str | os.PathLike,
+        backbone: Literal["mlp", "linear", "tabnet"] = "mlp",
+        loss: Literal["hce", "ce"] = "hce",
+        hierarchy: Literal["store", "ontology"] = "store",
+        normalize: bool | Literal["auto"] = "auto",
+        ontology=None,
+        **backbone_kwargs,
+    ) -> HCEClassifier:
+        """An untrained classifier for a scTab store (either layout); train it with ``model.train(datamodule=...)``.
+
+        Genes come from ``var.parquet`` (``feature_id``), labels from ``categorical_lookup/cell_type.parquet`` mapped
+        to CL IDs (in code order, so the store's ``cell_type`` codes are the model's label codes), the hierarchy from
+        ``cell_type_hierarchy/child_matrix.npy``, checked against the ontology: differences are logged and kept in
+        ``model.hierarchy_differences_`` (see :func:`schce.data.compare_hierarchy`).
+
+        Parameters
+        ----------
+        path
+            Store directory.
+        backbone, loss, **backbone_kwargs
+            As in :class:`HCEClassifier`.
+        hierarchy
+            ``"store"``: the relations of ``child_matrix.npy``; ``"ontology"``: the ontology's.
+        normalize
+            ``"auto"`` normalises in the model when the store holds integer counts (our synthetic stores) and not
+            when it holds normalised values (scTab's published store).
+        ontology
+            Ontology for the label mapping and the check; default: the embedded CL release.
+
+        Examples
+        --------
+        >>> dm = schce.data.SCTabStoreDataModule("merlin_cxg_2023_05_15_sf-log1p", batch_size=2048, num_workers=8)
+        >>> model = schce.HCEClassifier.from_sctab_store(dm.path, backbone="mlp")
+        >>> model.train(datamodule=dm, max_epochs=20)
+        >>> model.evaluate(datamodule=dm).overall
+        """
+        from schce.data._store_model import store_setup
+
+        setup = store_setup(path, ontology, hierarchy, normalize)
+        registry = cls._registry_without_data(
+            setup["genes"], setup["labels"], setup["ontology"], setup["hierarchy"], setup["normalize"]
+        )
+        registry[_SETUP_KEY]["sctab_store"] = os.fspath(path)
+        model = cls(None, registry, backbone=backbone, loss=loss, **backbone_kwargs)
+        model.hierarchy_differences_ = setup["differences"]
         return model
 
     # ------------------------------------------------------------------ display

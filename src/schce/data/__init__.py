@@ -1,6 +1,27 @@
-"""Data access: expression checks, gene alignment and AnnData loaders."""
+"""Data access: expression checks, gene alignment, AnnData loaders and scTab atlas stores."""
 
+from schce.data._datamodule import SCTabStoreDataModule, StoreDataset
 from schce.data._expression import ExpressionSummary, check_expression, get_matrix
 from schce.data._genes import GeneAligner, strip_ensembl_version
+from schce.data._store import (
+    compare_hierarchy,
+    convert_sctab_store,
+    read_part_metadata,
+    read_sctab_store,
+    write_sctab_store,
+)
 
-__all__ = ["ExpressionSummary", "GeneAligner", "check_expression", "get_matrix", "strip_ensembl_version"]
+__all__ = [
+    "ExpressionSummary",
+    "GeneAligner",
+    "SCTabStoreDataModule",
+    "StoreDataset",
+    "check_expression",
+    "compare_hierarchy",
+    "convert_sctab_store",
+    "get_matrix",
+    "read_part_metadata",
+    "read_sctab_store",
+    "strip_ensembl_version",
+    "write_sctab_store",
+]

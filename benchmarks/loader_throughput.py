@@ -1,0 +1,194 @@
+"""Read throughput and memory of the dense scTab store, the compact store and an in-memory AnnData.
+
+Builds (once, cached under ``benchmarks/.cache/``) a synthetic atlas of ``--n-cells`` cells × 19,331 genes with
+:func:`schce.datasets.simulate_atlas`, writes it in the published scTab layout and converts it to the compact one.
+Each figure is measured in a fresh process, which reads one epoch of the training split in batches of 2048 with
+2 DataLoader workers; memory is the peak RSS of the main process and the peak PSS of it with its workers (shared
+pages split between them, so nothing counts twice). Prints one line per figure.
+
+Run: ``.venv/bin/python benchmarks/loader_throughput.py [--n-cells 200000] [--train]``
+(``SCHCE_BENCH_CELLS`` also sets the size; ``--train`` adds one epoch of MLP training on the dense store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+def _memory() -> tuple[int, int]:
+    """RSS of this process, and the PSS of it and its workers (shared pages split, so nothing counts twice)."""
+    import psutil
+
+    me = psutil.Process()
+    rss, pss = me.memory_info().rss, 0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            with open(f"/proc/{p.pid}/smaps_rollup") as f:
+                pss += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            pass
+    return rss, pss
+
+
+class PeakRSS:
+    """Samples memory every 100 ms: ``peak`` (main-process RSS) and ``peak_tree`` (PSS with the workers)."""
+
+    def _sample(self):
+        rss, pss = _memory()
+        self.peak, self.peak_tree = max(self.peak, rss), max(self.peak_tree, pss)
+
+    def __enter__(self):
+        self.peak = self.peak_tree = 0
+        self._sample()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.1):
+            self._sample()
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def prepare(n_cells: int, n_genes: int) -> tuple[Path, Path]:
+    """The cached dense and compact stores of this size (built when absent)."""
+    import schce
+    from schce.data import convert_sctab_store, write_sctab_store
+
+    dense, compact = CACHE / f"atlas_{n_cells}x{n_genes}_dense", CACHE / f"atlas_{n_cells}x{n_genes}_compact"
+    if not dense.exists():
+        t = time.perf_counter()
+        adata = schce.datasets.simulate_atlas(n_cells, n_genes=n_genes, seed=0)
+        print(f"simulated {n_cells} cells in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        t = time.perf_counter()
+        write_sctab_store(adata, dense, split_key="donor_id", labels_key="cell_type")
+        print(f"wrote the dense store in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        del adata
+    if not compact.exists():
+        t = time.perf_counter()
+        convert_sctab_store(dense, compact)
+        print(f"converted to compact in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    return dense, compact
+
+
+def measure(kind: str, dense: Path, compact: Path, batch_size: int, workers: int) -> dict:
+    """One epoch over the training split; runs in its own process."""
+    import torch
+
+    from schce.data import SCTabStoreDataModule
+
+    torch.set_num_threads(1)
+    with PeakRSS() as rss:
+        if kind == "anndata":
+            from schce.data import read_sctab_store
+            from schce.data._loader import make_loader
+
+            adata = read_sctab_store(compact, "train", decode=False)
+            codes = adata.obs["cell_type"].to_numpy()
+            import numpy as np
+
+            loader = make_loader(
+                adata.X, np.arange(adata.n_obs), batch_size, codes, shuffle=True, seed=0, num_workers=workers
+            )
+        else:
+            loader = SCTabStoreDataModule(
+                dense if kind == "dense" else compact, batch_size=batch_size, num_workers=workers
+            ).train_dataloader()
+        t = time.perf_counter()
+        n = 0
+        for batch in loader:
+            n += len(batch["y"])
+        elapsed = time.perf_counter() - t
+    return {"cells": n, "seconds": elapsed, "peak_rss": rss.peak, "peak_tree": rss.peak_tree}
+
+
+def train(dense: Path, batch_size: int, workers: int) -> dict:
+    """One epoch of the default MLP on the dense store, validation included."""
+    import schce
+    from schce.data import SCTabStoreDataModule
+
+    with PeakRSS() as rss:
+        dm = SCTabStoreDataModule(dense, batch_size=batch_size, num_workers=workers)
+        model = schce.HCEClassifier.from_sctab_store(dense, backbone="mlp")
+        t = time.perf_counter()
+        model.train(datamodule=dm, max_epochs=1, seed=0, calibrate=False, enable_progress_bar=False)
+        elapsed = time.perf_counter() - t
+    return {"cells": dm.n_cells("train"), "seconds": elapsed, "peak_rss": rss.peak, "peak_tree": rss.peak_tree}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-cells", type=int, default=int(os.environ.get("SCHCE_BENCH_CELLS", 200_000)))
+    parser.add_argument("--n-genes", type=int, default=19_331)
+    parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--train", action="store_true", help="also time one epoch of MLP training (dense store)")
+    parser.add_argument("--prepare-only", action="store_true", help="only build the cached stores")
+    parser.add_argument("--_measure", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    dense, compact = prepare(args.n_cells, args.n_genes)
+    if args._measure:
+        if args._measure == "train":
+            out = train(dense, args.batch_size, args.workers)
+        else:
+            out = measure(args._measure, dense, compact, args.batch_size, args.workers)
+        print(json.dumps(out))
+        return
+    if args.prepare_only:
+        return
+
+    def child(kind: str) -> dict:
+        cmd = [sys.executable, __file__, "--_measure", kind, "--n-cells", str(args.n_cells)]
+        cmd += ["--n-genes", str(args.n_genes), "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+        res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    gib = 2**30
+    results = {}
+    for kind, label in (("dense", "dense scTab store"), ("compact", "compact store"), ("anndata", "in-memory AnnData")):
+        r = results[kind] = child(kind)
+        print(
+            f"{label}: {r['cells'] / r['seconds']:,.0f} cells/s ({r['cells']:,} cells, batch {args.batch_size}, "
+            f"{args.workers} workers)"
+        )
+        print(
+            f"{label}: peak RSS {r['peak_rss'] / gib:.2f} GiB (main process), "
+            f"{r['peak_tree'] / gib:.2f} GiB with workers"
+        )
+    size_dense, size_compact = _dir_size(dense), _dir_size(compact)
+    print(f"dense scTab store: {size_dense / gib:.2f} GiB on disk ({args.n_cells:,} cells x {args.n_genes:,} genes)")
+    print(f"compact store: {size_compact / gib:.2f} GiB on disk")
+    print(f"compact vs dense: {size_dense / size_compact:.1f}x smaller on disk")
+    speed = (results["compact"]["cells"] / results["compact"]["seconds"]) / (
+        results["dense"]["cells"] / results["dense"]["seconds"]
+    )
+    print(f"compact vs dense: {speed:.1f}x faster to read")
+    if args.train:
+        r = child("train")
+        print(f"one MLP training epoch (dense store): {r['cells'] / r['seconds']:,.0f} cells/s, {r['seconds']:.0f} s")
+        print(
+            f"one MLP training epoch (dense store): peak RSS {r['peak_rss'] / gib:.2f} GiB (main process), "
+            f"{r['peak_tree'] / gib:.2f} GiB with workers (check: < 4 GiB)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""Streaming scTab stores (either layout) into training: row groups, a shuffle buffer, worker and rank shards."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from schce.data._store import (
+    CODE_COLUMNS,
+    SPLITS,
+    _dense_values,
+    delta_decode,
+    read_lookup,
+    read_var,
+    split_parts,
+    store_layout,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class _Block:
+    """One row group in memory: expression as a dense array or as CSR parts, and its other columns."""
+
+    def __init__(self, table, n_genes: int, dense=None, offsets=None, indices=None, values=None):
+        self.table, self.n_genes = table, n_genes
+        self.dense, self.offsets, self.indices, self.values = dense, offsets, indices, values
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def column(self, name: str) -> np.ndarray:
+        return self.table.column(name).to_numpy()
+
+    def _csr_positions(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        starts, ends = self.offsets[rows], self.offsets[rows + 1]
+        lens = ends - starts
+        total = int(lens.sum())
+        # Positions of each row's entries in indices/values, all rows at once.
+        pos = np.arange(total) + np.repeat(starts - (np.cumsum(lens) - lens), lens)
+        return pos, lens
+
+    def write_rows(self, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
+        """``out[dest] = X[rows]``; ``out`` rows at ``dest`` must be zero for the compact layout."""
+        if self.dense is not None:
+            out[dest] = self.dense[rows]
+            return
+        pos, lens = self._csr_positions(rows)
+        flat = np.repeat(dest.astype(np.int64) * self.n_genes, lens) + self.indices[pos]
+        out.reshape(-1)[flat] = self.values[pos]
+
+    def to_csr(self, n: int):
+        import scipy.sparse as sp
+
+        if self.dense is not None:
+            return sp.csr_matrix(self.dense[:n])
+        pos, lens = self._csr_positions(np.arange(n))
+        indptr = np.concatenate([[0], np.cumsum(lens)])
+        return sp.csr_matrix(
+            (self.values[pos].astype(np.float32), self.indices[pos].astype(np.int32), indptr), shape=(n, self.n_genes)
+        )
+
+
+def _read_block(pf: pq.ParquetFile, group: int, layout: str, n_genes: int, columns: list[str] | None) -> _Block:
+    """Row group ``group`` of a part; ``columns`` are the non-expression columns to keep (``None``: all)."""
+    names = [f.name for f in pf.schema_arrow]
+    expr = ["X"] if layout == "dense" else ["indices", "values"]
+    missing = [c for c in expr if c not in names]
+    if missing:
+        raise ValueError(f"A part of this {layout} store has no {missing} column (columns: {names}).")
+    keep = [c for c in names if c not in expr] if columns is None else list(columns)
+    table = pf.read_row_group(group, columns=expr + keep)
+    rest = table.select(keep)
+    if layout == "dense":
+        return _Block(rest, n_genes, dense=_dense_values(table, n_genes))
+    ind = table.column("indices").combine_chunks()
+    val = table.column("values").combine_chunks()
+    offsets = ind.offsets.to_numpy().astype(np.int64)
+    start, stop = offsets[0], offsets[-1]
+    return _Block(
+        rest,
+        n_genes,
+        offsets=offsets - start,
+        indices=delta_decode(ind.values.to_numpy(), offsets),
+        values=val.values.to_numpy(zero_copy_only=False)[start:stop],
+    )
+
+
+def _new_batch(n: int, n_genes: int) -> torch.Tensor:
+    """A zeroed float32 batch; in a DataLoader worker it is created in shared memory so it is not copied again."""
+    if get_worker_info() is None:
+        return torch.zeros((n, n_genes), dtype=torch.float32)
+    try:
+        storage = torch.UntypedStorage._new_shared(n * n_genes * 4)  # new shared memory is zero-filled by the OS
+    except (AttributeError, RuntimeError):  # a private torch API: fall back to a copy when sending the batch
+        return torch.zeros((n, n_genes), dtype=torch.float32)
+    return torch.tensor([], dtype=torch.float32).set_(storage).view(n, n_genes)
+
+
+class StoreDataset(IterableDataset):
+    """Batches of one split of a scTab store, in row-group units.
+
+    Each epoch the split's row groups are permuted with ``(seed, epoch)`` (when shuffling), optionally subsampled
+    (``sub_sample_frac``), dealt to DDP ranks (``unit % world_size``) and then to DataLoader workers; each worker
+    reads ``buffer_size`` row groups at a time and emits batches of rows shuffled across them (rows left over join
+    the next buffer). Shards never overlap and together cover the (subsampled) split.
+
+    With several ranks in training (``even_batches``) every rank yields the same number of full batches (DDP needs
+    equal steps): a worker stops after as many full batches as the same worker of the smallest rank holds, which skips
+    at most about one row group plus one batch per worker and rank each epoch. Otherwise every cell is yielded once.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        split: str,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        buffer_size: int = 8,
+        sub_sample_frac: float = 1.0,
+        batch_column: str | None = None,
+        num_workers: int = 0,
+        shard_ranks: bool = True,
+        even_batches: bool = True,
+    ):
+        self.path, self.split = str(path), split
+        self.layout = store_layout(path)
+        self.n_genes = len(read_var(path))
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.buffer_size, self.sub_sample_frac, self.batch_column = buffer_size, sub_sample_frac, batch_column
+        self.num_workers, self.shard_ranks, self.even_batches = num_workers, shard_ranks, even_batches
+        self.units: list[tuple[str, int, int]] = []
+        for part in split_parts(path, split):
+            meta = pq.ParquetFile(part).metadata
+            self.units += [(str(part), g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+        self.unit_rows = np.array([u[2] for u in self.units], dtype=np.int64)
+        self.epoch = 0
+        self.rank: int | None = None  # None: from torch.distributed when initialised
+        self.world_size: int | None = None
+
+    @property
+    def n_cells(self) -> int:
+        """Cells in the split."""
+        return int(self.unit_rows.sum())
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.rank is not None:
+            return self.rank, self.world_size or 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def epoch_units(self, epoch: int | None = None) -> np.ndarray:
+        """Row-group indices of an epoch (default: the current one), in reading order, before sharding."""
+        n = len(self.units)
+        epoch = self.epoch if epoch is None else epoch
+        if not self.shuffle:
+            order = np.arange(n)
+        else:
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+        if self.sub_sample_frac < 1:
+            order = order[: max(1, int(round(self.sub_sample_frac * n)))]
+        return order
+
+    def shard(self, rank: int, world: int, worker: int, n_workers: int, epoch: int | None = None) -> np.ndarray:
+        """Row-group indices read by ``worker`` of ``rank`` in an epoch (default: the current one)."""
+        units = self.epoch_units(epoch)
+        if self.shard_ranks:
+            units = units[rank::world]
+        return units[worker::n_workers]
+
+    def _worker_batches(self, rank: int, world: int, worker: int, n_workers: int, epoch: int) -> int:
+        rows = int(self.unit_rows[self.shard(rank, world, worker, n_workers, epoch)].sum())
+        if self._equal_steps(world):
+            return min(
+                int(self.unit_rows[self.shard(r, world, worker, n_workers, epoch)].sum()) // self.batch_size
+                for r in range(world)
+            )
+        full, rest = divmod(rows, self.batch_size)
+        return full + (rest > 1 or (rest == 1 and not self.shuffle))
+
+    def _equal_steps(self, world: int) -> bool:
+        return world > 1 and self.shard_ranks and self.shuffle and self.even_batches
+
+    def __len__(self) -> int:
+        rank, world = self._rank_world()
+        n_workers = max(1, self.num_workers)
+        return sum(self._worker_batches(rank, world, w, n_workers, self.epoch) for w in range(n_workers))
+
+    def _columns(self) -> list[str]:
+        cols = ["cell_type", "idx"]
+        if self.batch_column is not None and self.batch_column not in cols:
+            cols.append(self.batch_column)
+        return cols
+
+    def __iter__(self):
+        # The epoch is read now: the loader advances it right after creating this iterator.
+        return self._iter(self.epoch)
+
+    def _iter(self, epoch: int):
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rank, world = self._rank_world()
+        units = self.shard(rank, world, worker, n_workers, epoch)
+        cap = self._worker_batches(rank, world, worker, n_workers, epoch)
+        rng = np.random.default_rng([self.seed, epoch, rank, worker])
+        files: dict[str, pq.ParquetFile] = {}
+        pending: list[tuple[_Block, np.ndarray]] = []
+        emitted = 0
+        for start in range(0, len(units), self.buffer_size):
+            for u in units[start : start + self.buffer_size]:
+                file, group, _ = self.units[u]
+                pf = files.setdefault(file, pq.ParquetFile(file))
+                block = _read_block(pf, group, self.layout, self.n_genes, self._columns())
+                pending.append((block, np.arange(len(block))))
+            ids = np.concatenate([np.full(len(r), k) for k, (_, r) in enumerate(pending)])
+            rows = np.concatenate([r for _, r in pending])
+            if self.shuffle:
+                perm = rng.permutation(len(rows))
+                ids, rows = ids[perm], rows[perm]
+            n_full = len(rows) // self.batch_size
+            for b in range(n_full):
+                if emitted >= cap:
+                    return
+                sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+                yield self._assemble(pending, ids[sl], rows[sl])
+                emitted += 1
+            left_ids, left_rows = ids[n_full * self.batch_size :], rows[n_full * self.batch_size :]
+            pending = [(pending[k][0], left_rows[left_ids == k]) for k in np.unique(left_ids)]
+        if pending and emitted < cap:
+            ids = np.concatenate([np.full(len(r), k) for k, (_, r) in enumerate(pending)])
+            rows = np.concatenate([r for _, r in pending])
+            yield self._assemble(pending, ids, rows)
+
+    def _assemble(self, pool: list[tuple[_Block, np.ndarray]], ids: np.ndarray, rows: np.ndarray) -> dict:
+        n = len(rows)
+        x = _new_batch(n, self.n_genes)
+        x_np = x.numpy()
+        cols = {c: np.empty(n, dtype=np.int64) for c in self._columns()}
+        for k in np.unique(ids):
+            dest = np.flatnonzero(ids == k)
+            block = pool[k][0]
+            block.write_rows(rows[dest], x_np, dest)
+            for c in cols:
+                cols[c][dest] = block.column(c)[rows[dest]]
+        batch = {"x": x, "y": torch.from_numpy(cols["cell_type"]), "idx": torch.from_numpy(cols["idx"])}
+        if self.batch_column is not None:
+            batch["batch"] = torch.from_numpy(cols[self.batch_column])
+        return batch
+
+
+class _EpochLoader(DataLoader):
+    """Tells the dataset which epoch starts (workers are re-created each epoch and receive it)."""
+
+    def __iter__(self):
+        it = super().__iter__()
+        self.dataset.epoch += 1
+        return it
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+class SCTabStoreDataModule(pl.LightningDataModule):
+    """Train, validation and test batches from a scTab store, in the published dense layout or the compact one.
+
+    Batches are ``{"x": float32 (B, n_genes), "y": int64 cell_type codes, "idx": int64 store row ids}`` plus
+    ``"batch"`` (codes of ``batch_column``) when asked. ``y`` indexes ``categorical_lookup/cell_type.parquet``,
+    which is the label order of :meth:`schce.HCEClassifier.from_sctab_store`. Memory stays bounded by the shuffle
+    buffer (``buffer_size`` row groups of 1024 cells per worker), whatever the store's size.
+
+    Parameters
+    ----------
+    path
+        Store directory (:func:`write_sctab_store`, :func:`convert_sctab_store` or scTab's published store).
+    batch_size
+        Training cells per batch (scTab: 2048).
+    num_workers
+        DataLoader worker processes; row groups are dealt to them without overlap.
+    sub_sample_frac
+        Fraction of the training row groups used each epoch, drawn anew every epoch (as scTab's option).
+    seed
+        Seeds the row-group order and the in-buffer shuffle of every epoch.
+    buffer_size
+        Row groups read and shuffled together by each worker.
+    batch_column
+        Code column to yield as ``batch`` (e.g. ``"dataset_id"``), for batch-aware losses.
+    eval_batch_size
+        Cells per validation / test batch; default ``batch_size``.
+    pin_memory
+        Page-locked batches for faster GPU copies; default: when CUDA is available.
+
+    Notes
+    -----
+    Training row groups are dealt to DDP ranks (rank from the trainer, else ``torch.distributed``), then to
+    workers. Validation and test are dealt to workers only: every rank scores the whole split, so early stopping
+    sees the same metric everywhere.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        batch_size: int = 2048,
+        num_workers: int = 2,
+        sub_sample_frac: float = 1.0,
+        seed: int = 0,
+        buffer_size: int = 8,
+        batch_column: str | None = None,
+        eval_batch_size: int | None = None,
+        pin_memory: bool | None = None,
+    ):
+        super().__init__()
+        if batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2 (BatchNorm needs two cells), got {batch_size}.")
+        if not 0 < sub_sample_frac <= 1:
+            raise ValueError(f"sub_sample_frac must be in (0, 1], got {sub_sample_frac}.")
+        if num_workers < 0 or buffer_size < 1:
+            raise ValueError(f"num_workers must be >= 0 and buffer_size >= 1, got {num_workers} and {buffer_size}.")
+        self.path = Path(path)
+        self.layout = store_layout(path)
+        if batch_column is not None and batch_column not in CODE_COLUMNS:
+            raise ValueError(
+                f"batch_column must be one of the store's code columns {CODE_COLUMNS}, got {batch_column!r}."
+            )
+        self.var = read_var(path)
+        self.labels = read_lookup(path, "cell_type")
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.sub_sample_frac, self.buffer_size, self.batch_column = sub_sample_frac, buffer_size, batch_column
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        weights = self.path / "class_weights.npy"
+        self.class_weights = np.load(weights) if weights.is_file() else None
+        self._datasets: dict[str, StoreDataset] = {}
+
+    @property
+    def n_genes(self) -> int:
+        """Genes per cell."""
+        return len(self.var)
+
+    @property
+    def n_batches(self) -> int | None:
+        """Number of ``batch_column`` codes (``None`` without one)."""
+        return None if self.batch_column is None else len(read_lookup(self.path, self.batch_column))
+
+    @property
+    def child_matrix(self) -> np.ndarray | None:
+        """``cell_type_hierarchy/child_matrix.npy`` (ancestor rows, descendant-or-self columns), when present."""
+        f = self.path / "cell_type_hierarchy" / "child_matrix.npy"
+        return np.load(f) if f.is_file() else None
+
+    def dataset(self, split: str) -> StoreDataset:
+        """The :class:`StoreDataset` of a split (created once)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+        if split not in self._datasets:
+            train = split == "train"
+            self._datasets[split] = StoreDataset(
+                self.path,
+                split,
+                self.batch_size if train else self.eval_batch_size,
+                shuffle=train,
+                seed=self.seed,
+                buffer_size=self.buffer_size if train else 1,
+                sub_sample_frac=self.sub_sample_frac if train else 1.0,
+                batch_column=self.batch_column,
+                num_workers=self.num_workers,
+                shard_ranks=train,
+            )
+        return self._datasets[split]
+
+    def n_cells(self, split: str) -> int:
+        """Cells in a split."""
+        return self.dataset(split).n_cells
+
+    def label_counts(self, split: str = "train") -> np.ndarray:
+        """Cells per ``cell_type`` code in a split (reads only that column)."""
+        counts = np.zeros(len(self.labels), dtype=np.int64)
+        for part in split_parts(self.path, split):
+            codes = pq.read_table(part, columns=["cell_type"]).column("cell_type").to_numpy()
+            counts += np.bincount(codes, minlength=len(self.labels))[: len(self.labels)]
+        return counts
+
+    def read_obs(self, split: str, columns=CODE_COLUMNS) -> pd.DataFrame:
+        """The split's code columns decoded to labels (categoricals), indexed by the store's ``idx``."""
+        frames = [pq.read_table(p, columns=[*columns, "idx"]).to_pandas() for p in split_parts(self.path, split)]
+        obs = pd.concat(frames, ignore_index=True)
+        for c in columns:
+            obs[c] = pd.Categorical.from_codes(obs[c].to_numpy(), categories=read_lookup(self.path, c))
+        return obs.set_index("idx")
+
+    def _loader(self, split: str) -> DataLoader:
+        ds = self.dataset(split)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            ds.rank, ds.world_size = trainer.global_rank, trainer.world_size
+        return _EpochLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches (row groups re-drawn every epoch)."""
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in store order per worker."""
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches in store order per worker."""
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test batches."""
+        return self._loader("test")
