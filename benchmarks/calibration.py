@@ -1,8 +1,8 @@
 """Expected calibration error on held-out 10x PBMC runs, before and after temperature scaling.
 
-Leave-one-batch-out on ../shared/data/real/symphony_pbmcs_small_3batches_counts_CL.h5ad with the default MLP (``--loss`` to choose the loss):
-the temperature is fitted on the (in-distribution) validation cells after training; the ECE is measured on the
-held-out batch. Prints one line per seed and one for the mean.
+Leave-one-batch-out on ../shared/data/real/symphony_pbmcs_small_3batches_counts_CL.h5ad with the default MLP
+(``--loss`` to choose the loss): the temperature is fitted on the (in-distribution) validation cells after training;
+the ECE is measured on the held-out batch. Prints one line per seed and one for the mean.
 
 Run: ``.venv/bin/python benchmarks/calibration.py [--seeds 0 1 2]``.
 """
