@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -17,9 +19,15 @@ import rich.pretty  # scvi-tools' view_registry uses rich.pretty without importi
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
+from mudata import MuData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
-from scvi.data.fields import CategoricalObsField, LayerField
+from scvi.data.fields import (
+    CategoricalObsField,
+    LayerField,
+    MuDataCategoricalObsField,
+    MuDataLayerField,
+)
 from scvi.model.base import BaseModelClass
 
 from schce import _io
@@ -29,9 +37,9 @@ from schce.data._genes import GeneAligner, gene_id_type, strip_ensembl_version
 from schce.data._loader import make_loader, split_cells
 from schce.evaluation import DEFAULT_GROUPBY, EvaluationResult, evaluate_predictions
 from schce.hierarchy import LABEL_SEMANTICS, Hierarchy
-from schce.nn import HCEModule, make_backbone
+from schce.nn import HCEModule, extend_head, make_backbone, output_layer
 from schce.ontology import load_cell_ontology
-from schce.train import LOSSES, BestWeights, HCETrainingPlan, HistoryRecorder
+from schce.train import LOSSES, BestWeights, FrozenModules, HCETrainingPlan, HistoryRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -160,30 +168,12 @@ class HCEClassifier(BaseModelClass):
         **kwargs
             Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
         """
-        if adata.n_obs == 0 or adata.n_vars == 0:
-            raise ValueError(f"adata is empty ({adata.n_obs} cells × {adata.n_vars} genes); nothing to train on.")
         for key, what in ((labels_key, "labels_key"), (batch_key, "batch_key")):
             if key is not None and key not in adata.obs.columns:
                 raise KeyError(
                     f"{what}={key!r} is not a column of adata.obs. Available columns: {list(adata.obs.columns)}."
                 )
-        X = get_matrix(adata, layer)
-        raw = adata.obs[labels_key]
-        if raw.isna().any():
-            raise ValueError(
-                f"{int(raw.isna().sum())} cell(s) have no label in obs[{labels_key!r}]. Drop them "
-                "(adata = adata[adata.obs[key].notna()].copy()) before setup."
-            )
-        onto = load_cell_ontology(ontology)
-        label_map = onto.map_labels(raw.astype(str).unique())
-        label_ids = sorted(set(label_map.values()))
-        if len(label_ids) < 2:
-            raise ValueError(
-                f"obs[{labels_key!r}] has a single cell type ({label_ids[0]}); a classifier needs at least two."
-            )
-        where = f"adata.layers[{layer!r}]" if layer else "adata.X"
-        normalize_used = resolve_normalize(normalize, check_expression(X, adata.n_obs, where), where)
-        hierarchy = Hierarchy.from_ontology(label_ids, onto)
+        state = cls._setup_state(adata, adata.obs[labels_key], labels_key, layer, ontology, normalize)
 
         setup_method_args = cls._get_setup_method_args(**locals())
         setup_method_args["setup_args"] = {
@@ -201,16 +191,122 @@ class HCEClassifier(BaseModelClass):
         ]
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
+        manager.registry[_SETUP_KEY] = state
+        cls.register_manager(manager)
+
+    @classmethod
+    def setup_mudata(
+        cls,
+        mdata: MuData,
+        labels_key: str,
+        rna_layer: str | None = None,
+        batch_key: str | None = None,
+        ontology=None,
+        normalize: bool | Literal["auto"] = "auto",
+        modalities: dict[str, str] | None = None,
+        **kwargs,
+    ) -> None:
+        """Register a :class:`~mudata.MuData` for training on its RNA modality.
+
+        As :meth:`setup_anndata`, with the expression read from the modality named by ``modalities["rna_layer"]``.
+        Other modalities (protein, ATAC) are left alone. :meth:`predict` on a MuData writes into the RNA modality
+        and refreshes ``mdata.obs`` (``mdata.obs["rna:schce_prediction"]``).
+
+        Parameters
+        ----------
+        mdata
+            MuData whose RNA modality holds the same cells as ``mdata`` (``muon.pp.intersect_obs`` makes it so).
+        labels_key
+            ``obs`` column of cell types (CL IDs or names), in ``mdata.obs`` or in the modality named by
+            ``modalities["labels_key"]``.
+        rna_layer
+            Layer of the RNA modality with the expression; default its ``X``.
+        batch_key
+            ``obs`` column of batches, in ``mdata.obs`` or in the modality named by ``modalities["batch_key"]``.
+        ontology, normalize
+            As in :meth:`setup_anndata`.
+        modalities
+            Which modality each argument refers to, as in scvi-tools: ``{"rna_layer": "rna"}`` (the default) and
+            optionally ``"labels_key"`` / ``"batch_key"`` (absent: the column is in ``mdata.obs``).
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+
+        Examples
+        --------
+        >>> schce.HCEClassifier.setup_mudata(mdata, "cell_type", modalities={"rna_layer": "rna", "labels_key": "rna"})
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if not isinstance(mdata, MuData):
+            raise TypeError(f"setup_mudata takes a MuData, got {type(mdata).__name__}; use setup_anndata for AnnData.")
+        modalities = dict({"rna_layer": "rna"} if modalities is None else modalities)
+        mods = cls._create_modalities_attr_dict(modalities, setup_method_args)
+        for arg, mod in mods.items():
+            if mod is not None and mod not in mdata.mod:
+                raise KeyError(f"modalities[{arg!r}]={mod!r} is not a modality of mdata; it has {list(mdata.mod)}.")
+        if mods.rna_layer is None:
+            raise ValueError('Name the RNA modality: modalities={"rna_layer": "rna"}.')
+        rna = mdata.mod[mods.rna_layer]
+        if rna.n_obs != mdata.n_obs or not rna.obs_names.equals(mdata.obs_names):
+            raise ValueError(
+                f"The RNA modality {mods.rna_layer!r} has {rna.n_obs} of mdata's {mdata.n_obs} cells (or another "
+                "order); keep the cells measured in every modality first (muon.pp.intersect_obs(mdata))."
+            )
+        obs_of = {}
+        for key, arg in ((labels_key, "labels_key"), (batch_key, "batch_key")):
+            obs, where = (mdata.obs, "mdata.obs") if mods[arg] is None else (mdata[mods[arg]].obs, mods[arg])
+            if key is not None and key not in obs.columns:
+                hint = [m for m in mdata.mod if key in mdata.mod[m].obs.columns]
+                raise KeyError(
+                    f"{arg}={key!r} is not a column of {where}"
+                    + (f"; it is in modality {hint[0]!r}: add {{{arg!r}: {hint[0]!r}}} to modalities." if hint else ".")
+                )
+            obs_of[arg] = obs
+        state = cls._setup_state(rna, obs_of["labels_key"][labels_key], labels_key, rna_layer, ontology, normalize)
+        # Every modality's features as registered, so a loaded model knows them without the data.
+        state["modality_genes"] = {m: [str(v) for v in mdata.mod[m].var_names] for m in mdata.mod}
+        setup_method_args["setup_args"]["ontology"] = (
+            os.fspath(ontology) if isinstance(ontology, str | os.PathLike) else None
+        )
+        setup_method_args["setup_args"]["modalities"] = modalities
+        fields = [
+            MuDataLayerField(REGISTRY_KEYS.X_KEY, rna_layer, mod_key=mods.rna_layer, is_count_data=False),
+            MuDataCategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key, mod_key=mods.labels_key),
+            MuDataCategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key, mod_key=mods.batch_key),
+        ]
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        manager.register_fields(mdata, **kwargs)
+        manager.registry[_SETUP_KEY] = state
+        cls.register_manager(manager)
+
+    @staticmethod
+    def _setup_state(adata: AnnData, raw: pd.Series, labels_key: str, layer: str | None, ontology, normalize) -> dict:
+        """Check the expression and labels of the training cells; schce's section of the registry."""
+        if adata.n_obs == 0 or adata.n_vars == 0:
+            raise ValueError(f"adata is empty ({adata.n_obs} cells × {adata.n_vars} genes); nothing to train on.")
+        X = get_matrix(adata, layer)
+        if raw.isna().any():
+            raise ValueError(
+                f"{int(raw.isna().sum())} cell(s) have no label in obs[{labels_key!r}]. Drop them "
+                "(adata = adata[adata.obs[key].notna()].copy()) before setup."
+            )
+        onto = load_cell_ontology(ontology)
+        label_map = onto.map_labels(raw.astype(str).unique())
+        label_ids = sorted(set(label_map.values()))
+        if len(label_ids) < 2:
+            raise ValueError(
+                f"obs[{labels_key!r}] has a single cell type ({label_ids[0]}); a classifier needs at least two."
+            )
+        where = f"adata.layers[{layer!r}]" if layer else "adata.X"
+        normalize_used = resolve_normalize(normalize, check_expression(X, adata.n_obs, where), where)
         genes = strip_ensembl_version(adata.var_names)
-        manager.registry[_SETUP_KEY] = {
+        return {
             "label_map": {str(k): v for k, v in label_map.items()},
-            "hierarchy": hierarchy.to_dict(),
+            "hierarchy": Hierarchy.from_ontology(label_ids, onto).to_dict(),
             "genes": [str(g) for g in genes],
             "gene_id_type": gene_id_type(genes),
             "normalize": bool(normalize_used),
             "ontology_source": onto.source,
         }
-        cls.register_manager(manager)
 
     # ------------------------------------------------------------------ training
     def _label_codes(self) -> np.ndarray:
@@ -351,47 +447,134 @@ class HCEClassifier(BaseModelClass):
             for m in self.module.modules():
                 if m is not self.module and hasattr(m, "reset_parameters"):
                     m.reset_parameters()
-        target_masks = targets = None
         if datamodule is None:
-            X = get_matrix(self.adata, self.registry_["setup_args"]["layer"])
+            X = self._registered_matrix()
             codes = self._label_codes()
             train_idx, val_idx, test_idx = split_cells(codes, validation_size, test_size, seed, groups)
-            n_train, n_val = len(train_idx), len(val_idx)
-            if batch_size is None:
-                batch_size = int(min(2048, max(32, len(train_idx) // 16)))
-            weights = None
-            if class_weights == "balanced":
-                counts = np.bincount(codes[train_idx], minlength=self.hierarchy.n_labels).astype(np.float64)
-                present = counts > 0
-                weights = np.zeros_like(counts)
-                weights[present] = len(train_idx) / (present.sum() * counts[present])
             batches = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).ravel()
-            if self.loss == "hce-aware":
-                # What a label means is read from the cells the model learns from (training and validation).
-                seen = np.concatenate([train_idx, val_idx])
-                sources = batches[seen] if self.registry_["setup_args"]["batch_key"] is not None else None
-                target_masks, seen_rows = self.hierarchy.annotation_targets(codes[seen], sources, self.label_semantics)
-                targets = np.full(len(codes), -1, dtype=np.int64)
-                targets[seen] = seen_rows
-                logger.info(
-                    "Annotation-aware targets (%s): %d distinct acceptable-label sets.",
-                    self.label_semantics,
-                    len(target_masks),
-                )
+            sources = batches if self.registry_["setup_args"]["batch_key"] is not None else None
         else:
+            X = codes = train_idx = val_idx = test_idx = batches = sources = None
+        self._fit(
+            X,
+            codes,
+            train_idx,
+            val_idx,
+            normalize=self.registry_[_SETUP_KEY]["normalize"],
+            batches=batches,
+            n_batches=n_batches,
+            sources=sources,
+            datamodule=datamodule,
+            auxiliary=auxiliary,
+            ecs_threshold=ecs_threshold,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            lr_gamma=lr_gamma,
+            early_stopping=early_stopping,
+            early_stopping_patience=early_stopping_patience,
+            class_weights=class_weights,
+            accelerator=accelerator,
+            devices=devices,
+            seed=seed,
+            num_workers=num_workers,
+            enable_progress_bar=enable_progress_bar,
+            calibrate=calibrate,
+            **trainer_kwargs,
+        )
+        self.train_indices_, self.validation_indices_, self.test_indices_ = train_idx, val_idx, test_idx
+
+    def _fit_targets(
+        self,
+        codes: np.ndarray,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        sources: np.ndarray | None,
+        class_weights: str | None,
+        batch_size: int | None,
+    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, int]:
+        """Class weights, annotation-aware target masks and per-row mask indices, and the batch size."""
+        if batch_size is None:
+            batch_size = int(min(2048, max(32, len(train_idx) // 16)))
+        weights = None
+        if class_weights == "balanced":
+            counts = np.bincount(codes[train_idx], minlength=self.hierarchy.n_labels).astype(np.float64)
+            present = counts > 0
+            weights = np.zeros_like(counts)
+            weights[present] = len(train_idx) / (present.sum() * counts[present])
+        target_masks = targets = None
+        if self.loss == "hce-aware":
+            # What a label means is read from the cells the model learns from (training and validation).
+            seen = np.concatenate([train_idx, val_idx])
+            seen_sources = sources[seen] if sources is not None else None
+            target_masks, seen_rows = self.hierarchy.annotation_targets(codes[seen], seen_sources, self.label_semantics)
+            targets = np.full(len(codes), -1, dtype=np.int64)
+            targets[seen] = seen_rows
+            logger.info(
+                "Annotation-aware targets (%s): %d distinct acceptable-label sets.",
+                self.label_semantics,
+                len(target_masks),
+            )
+        return weights, target_masks, targets, batch_size
+
+    def _fit(
+        self,
+        X,
+        codes: np.ndarray,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        *,
+        normalize: bool,
+        max_epochs: int,
+        batch_size: int | None,
+        lr: float,
+        weight_decay: float,
+        lr_gamma: float,
+        early_stopping: bool,
+        early_stopping_patience: int,
+        class_weights: str | None,
+        accelerator: str,
+        devices: int | str,
+        seed: int,
+        num_workers: int,
+        enable_progress_bar: bool,
+        calibrate: bool,
+        aligner: GeneAligner | None = None,
+        batches: np.ndarray | None = None,
+        n_batches: int = 1,
+        sources: np.ndarray | None = None,
+        auxiliary: dict[str, float] | None = None,
+        ecs_threshold: float = 0.8,
+        callbacks: Sequence[pl.Callback] = (),
+        datamodule=None,
+        **trainer_kwargs,
+    ) -> None:
+        """Train ``self.module`` on rows of ``X``, keep the best validation epoch, calibrate.
+
+        The machinery shared by :meth:`train` and :meth:`fine_tune`; ``codes`` index ``self.hierarchy.labels``,
+        ``sources`` are the rows' annotation sources for ``loss="hce-aware"`` (``None``: one source). With a
+        ``datamodule`` its loaders replace ``X`` / ``codes`` / the indices (``None`` then).
+        """
+        if datamodule is not None:
             from schce.data import _store_model
 
             _store_model.check_datamodule(datamodule, self.genes, self.hierarchy.n_labels)
             weights = _store_model.datamodule_class_weights(datamodule, class_weights, self.hierarchy.n_labels)
-            train_idx = val_idx = test_idx = None
             n_train, n_val, batch_size = _store_model.datamodule_sizes(datamodule)
+            target_masks = targets = None
+        else:
+            n_train, n_val = len(train_idx), len(val_idx)
+            weights, target_masks, targets, batch_size = self._fit_targets(
+                codes, train_idx, val_idx, sources, class_weights, batch_size
+            )
         plan = HCETrainingPlan(
             self.module,
             self.hierarchy.R,
             loss=self.loss,
             target_masks=target_masks,
             class_weights=weights,
-            normalize=self.registry_[_SETUP_KEY]["normalize"],
+            normalize=normalize,
             lr=lr,
             weight_decay=weight_decay,
             lr_gamma=lr_gamma,
@@ -407,20 +590,21 @@ class HCEClassifier(BaseModelClass):
                 batch_size,
                 codes,
                 shuffle=True,
+                aligner=aligner,
                 seed=seed,
                 num_workers=num_workers,
                 batches=batches,
                 targets=targets,
             )
-            val_dl = (
-                make_loader(X, val_idx, 4096, codes, num_workers=num_workers, targets=targets) if len(val_idx) else None
-            )
+            val_dl = None
+            if len(val_idx):
+                val_dl = make_loader(X, val_idx, 4096, codes, aligner=aligner, num_workers=num_workers, targets=targets)
             fit_data = {"train_dataloaders": train_dl, "val_dataloaders": val_dl}
         else:
             train_dl, val_dl = datamodule.train_dataloader(), datamodule.val_dataloader() if n_val else None
             fit_data = {"datamodule": datamodule}
         history = HistoryRecorder()
-        callbacks: list[pl.Callback] = [history]
+        callbacks = [history, *callbacks]
         best = BestWeights(MONITOR) if val_dl is not None else None
         if best is not None:
             callbacks.append(best)
@@ -458,19 +642,18 @@ class HCEClassifier(BaseModelClass):
             key: pd.DataFrame({key: [v for _, v in rows]}, index=pd.Index([e for e, _ in rows], name="epoch"))
             for key, rows in history.history.items()
         }
-        self.train_indices_, self.validation_indices_, self.test_indices_ = train_idx, val_idx, test_idx
         self.best_epoch_ = best.best_epoch if best is not None else max_epochs - 1
         self.is_trained_ = True
         self.temperature_ = 1.0
         if calibrate and n_val:
-            normalize = self.registry_[_SETUP_KEY]["normalize"]
             if datamodule is None:
-                self._calibrate(self._run(X, val_idx, normalize, None, 4096)[0], codes[val_idx])
+                val_logits, val_codes = self._run(X, val_idx, normalize, aligner, 4096)[0], codes[val_idx]
             else:
                 from schce.data._store_model import loader_outputs
 
                 out = loader_outputs(self.module, datamodule.val_dataloader(), normalize, desc="Calibrating")
-                self._calibrate(out["logits"], out["y"])
+                val_logits, val_codes = out["logits"], out["y"]
+            self._calibrate(val_logits, val_codes)
         if best is not None and best.best_epoch is not None:
             logger.info("Kept the weights of epoch %d (%s = %.4f).", best.best_epoch, MONITOR, best.best_score)
 
@@ -496,6 +679,158 @@ class HCEClassifier(BaseModelClass):
             ece(self.temperature_),
         )
 
+    def fine_tune(
+        self,
+        adata: AnnData | MuData,
+        labels_key: str,
+        max_epochs: int = 50,
+        freeze_encoder: bool = False,
+        new_labels: Literal["add", "error"] = "add",
+        layer: str | None = None,
+        gene_symbols: str | None = None,
+        normalize: bool | Literal["auto"] = "auto",
+        ontology=None,
+        validation_size: float = 0.1,
+        batch_size: int | None = None,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        lr_gamma: float = 0.98,
+        early_stopping: bool = True,
+        early_stopping_patience: int = 10,
+        class_weights: Literal["balanced"] | None = "balanced",
+        accelerator: str = "auto",
+        devices: int | str = 1,
+        seed: int = 0,
+        num_workers: int = 0,
+        enable_progress_bar: bool = True,
+        calibrate: bool = True,
+        **trainer_kwargs,
+    ) -> list[str]:
+        """Continue training from the current weights on new labelled cells.
+
+        Works on any trained model: one trained here, one from :meth:`load`, or a published checkpoint from
+        :meth:`from_sctab_checkpoint`. The cells' genes are aligned to the model's (missing genes zero-filled, as in
+        :meth:`predict`). Labels the model does not have are added as new outputs after the existing ones, and the
+        hierarchy gains them (with their ontology ancestors); the existing labels keep their output indices and,
+        until training moves them, their weights. Training then runs as in :meth:`train` (stratified validation
+        split, early stopping on the validation hierarchy-corrected macro F1, best epoch kept, temperature
+        re-fitted). Everything is checked first: on bad input the model is unchanged.
+
+        The cells here are all the model sees while fine-tuning, so labels absent from them can be forgotten; add
+        some of the original training cells to keep them.
+
+        Parameters
+        ----------
+        adata
+            Labelled cells (AnnData, or MuData whose RNA modality is used); not modified.
+        labels_key
+            ``obs`` column with the labels (CL IDs or names).
+        max_epochs
+            Maximum number of passes over the cells.
+        freeze_encoder
+            Train only the output layer (the rest of the network, BatchNorm statistics included, stays as it is).
+            Not available for the linear backbone, which has no encoder.
+        new_labels
+            ``"add"``: labels the model lacks become new outputs; ``"error"``: raise, naming them.
+        layer, gene_symbols, normalize
+            As in :meth:`predict`.
+        ontology
+            Ontology to map labels and place new ones; default: the one the model was set up with when it was a path
+            or URL, else the embedded CL release.
+        validation_size, batch_size, lr, weight_decay, lr_gamma, early_stopping, early_stopping_patience
+            As in :meth:`train`.
+        class_weights, accelerator, devices, seed, num_workers, enable_progress_bar, calibrate, **trainer_kwargs
+            As in :meth:`train`.
+
+        Returns
+        -------
+        The CL IDs of the labels added (empty when there were none).
+        """
+        if not self.is_trained_:
+            raise RuntimeError("fine_tune continues training a trained model: call train() first, or load a model.")
+        if new_labels not in ("add", "error"):
+            raise ValueError(f"new_labels must be 'add' or 'error', got {new_labels!r}.")
+        if max_epochs < 1:
+            raise ValueError(f"max_epochs must be at least 1, got {max_epochs}.")
+        if batch_size is not None and batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2 (BatchNorm needs two cells), got {batch_size}.")
+        if class_weights not in ("balanced", None):
+            raise ValueError(f"class_weights must be 'balanced' or None, got {class_weights!r}.")
+        default_lr, default_wd = DEFAULT_OPTIMIZER.get(self.backbone, DEFAULT_OPTIMIZER["mlp"])
+        lr = default_lr if lr is None else lr
+        weight_decay = default_wd if weight_decay is None else weight_decay
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}.")
+        if freeze_encoder and output_layer(self.module.classifier) is self.module.classifier:
+            raise ValueError(f"The {self.backbone} backbone has no encoder to freeze; use freeze_encoder=False.")
+        raw = self._labels(adata, labels_key)
+        onto = load_cell_ontology(ontology if ontology is not None else self.registry_["setup_args"].get("ontology"))
+        terms = raw.astype(str).map(onto.map_labels(raw.astype(str).unique())).to_numpy()
+        added = sorted(set(terms) - set(self.hierarchy.labels))
+        if added and new_labels == "error":
+            raise ValueError(
+                f"{len(added)} label(s) of obs[{labels_key!r}] are not outputs of the model: "
+                f"{[f'{t} ({onto.name(t)})' for t in added]}. Pass new_labels='add' to add them, or drop those cells."
+            )
+        hierarchy = Hierarchy.from_ontology([*self.hierarchy.labels, *added], onto) if added else self.hierarchy
+        data, X, aligner, normalize_used = self._prepare(adata, layer, gene_symbols, normalize)
+        codes = hierarchy.label_index(terms)
+        train_idx, val_idx, _ = split_cells(codes, validation_size, 0.0, seed)
+
+        pl.seed_everything(seed, workers=True, verbose=False)
+        # Train a copy, so an interrupted or failed run leaves the model as it was.
+        saved = (self.module, self.hierarchy, self.temperature_, self.history_, getattr(self, "best_epoch_", None))
+        self.module = copy.deepcopy(self.module).train()
+        self.hierarchy = hierarchy
+        extend_head(self.module.classifier, len(added))
+        head = output_layer(self.module.classifier)
+        frozen = [m for m in self.module.classifier.children() if m is not head] if freeze_encoder else []
+        for m in frozen:
+            m.requires_grad_(False)
+        if added:
+            logger.info("Added %d label(s) to the model: %s.", len(added), ", ".join(hierarchy.names(added)))
+        try:
+            self._fit(
+                X,
+                codes,
+                train_idx,
+                val_idx,
+                normalize=normalize_used,
+                aligner=aligner,
+                callbacks=[FrozenModules(frozen)] if frozen else [],
+                max_epochs=max_epochs,
+                batch_size=batch_size,
+                lr=lr,
+                weight_decay=weight_decay,
+                lr_gamma=lr_gamma,
+                early_stopping=early_stopping,
+                early_stopping_patience=early_stopping_patience,
+                class_weights=class_weights,
+                accelerator=accelerator,
+                devices=devices,
+                seed=seed,
+                num_workers=num_workers,
+                enable_progress_bar=enable_progress_bar,
+                calibrate=calibrate,
+                **trainer_kwargs,
+            )
+        except BaseException:
+            self.module, self.hierarchy, self.temperature_, self.history_, self.best_epoch_ = saved
+            raise
+        finally:
+            for m in frozen:
+                m.requires_grad_(True)
+        setup = self.registry_[_SETUP_KEY]
+        setup["hierarchy"] = hierarchy.to_dict()
+        setup.setdefault("fine_tuning", []).append(
+            {"n_cells": int(data.n_obs), "labels_added": added, "freeze_encoder": bool(freeze_encoder)}
+        )
+        n_old = len(saved[1].labels)
+        self._model_summary_string = self._model_summary_string.replace(
+            f"{n_old} labels", f"{hierarchy.n_labels} labels", 1
+        )
+        return added
+
     # ------------------------------------------------------------------ inference
     def _run(
         self, X, rows: np.ndarray, normalize: bool, aligner: GeneAligner | None, batch_size: int
@@ -506,25 +841,43 @@ class HCEClassifier(BaseModelClass):
         out = loader_outputs(self.module, make_loader(X, rows, batch_size, aligner=aligner), normalize)
         return out["logits"], out["embeddings"]
 
-    def _forward(
+    def _rna(self, data: AnnData | MuData) -> AnnData:
+        """``data`` itself, or for a MuData its RNA modality (the one given to :meth:`setup_mudata`, else ``"rna"``)."""
+        if not isinstance(data, MuData):
+            return data
+        mod = (self.registry_["setup_args"].get("modalities") or {}).get("rna_layer", "rna")
+        if mod not in data.mod:
+            raise KeyError(
+                f"The MuData has no modality {mod!r} (it has {list(data.mod)}); pass the RNA modality itself, "
+                "e.g. model.predict(mdata['gex'])."
+            )
+        return data.mod[mod]
+
+    def _registered_layer(self) -> str | None:
+        args = self.registry_["setup_args"]
+        return args["rna_layer"] if "rna_layer" in args else args["layer"]
+
+    def _registered_matrix(self):
+        """The registered expression (the RNA modality's for a MuData)."""
+        return get_matrix(self._rna(self.adata), self._registered_layer())
+
+    def _prepare(
         self,
-        adata: AnnData | None,
+        adata: AnnData | MuData | None,
         layer: str | None,
         gene_symbols: str | None,
-        batch_size: int,
         normalize: bool | Literal["auto"],
-    ) -> tuple[np.ndarray, np.ndarray, GeneAligner, bool, AnnData]:
-        """Logits and embeddings of every cell, after all input checks."""
-        if not self.is_trained_:
-            raise RuntimeError("The model is not trained yet: call model.train() first, or HCEClassifier.load(...).")
+    ) -> tuple[AnnData, object, GeneAligner, bool]:
+        """The query's RNA AnnData, its matrix, the gene alignment and whether to normalise, after all input checks."""
         if adata is None:
             adata = self.adata
             if adata is None:
                 raise ValueError("Pass the AnnData to predict on: this model has no registered AnnData.")
             if layer is None:
-                layer = self.registry_["setup_args"]["layer"]
+                layer = self._registered_layer()
+        adata = self._rna(adata)
         if not isinstance(adata, AnnData):
-            raise TypeError(f"Expected an AnnData, got {type(adata).__name__}.")
+            raise TypeError(f"Expected an AnnData or MuData, got {type(adata).__name__}.")
         if adata.n_obs == 0 or adata.n_vars == 0:
             raise ValueError(f"The query is empty ({adata.n_obs} cells × {adata.n_vars} genes).")
         if gene_symbols is not None:
@@ -540,7 +893,20 @@ class HCEClassifier(BaseModelClass):
         X = get_matrix(adata, layer)
         where_x = f"adata.layers[{layer!r}]" if layer else "adata.X"
         normalize_used = resolve_normalize(normalize, check_expression(X, adata.n_obs, where_x), where_x)
+        return adata, X, aligner, normalize_used
 
+    def _forward(
+        self,
+        adata: AnnData | MuData | None,
+        layer: str | None,
+        gene_symbols: str | None,
+        batch_size: int,
+        normalize: bool | Literal["auto"],
+    ) -> tuple[np.ndarray, np.ndarray, GeneAligner, bool, AnnData]:
+        """Logits and embeddings of every cell, after all input checks."""
+        if not self.is_trained_:
+            raise RuntimeError("The model is not trained yet: call model.train() first, or HCEClassifier.load(...).")
+        adata, X, aligner, normalize_used = self._prepare(adata, layer, gene_symbols, normalize)
         logits, embeddings = self._run(X, np.arange(adata.n_obs), normalize_used, aligner, batch_size)
         return logits, embeddings, aligner, normalize_used, adata
 
@@ -599,6 +965,8 @@ class HCEClassifier(BaseModelClass):
         """
         if not 0 < coarse_threshold <= 1:
             raise ValueError(f"coarse_threshold must be in (0, 1], got {coarse_threshold}.")
+        mdata = adata if adata is not None else self.adata
+        mdata = mdata if isinstance(mdata, MuData) else None
         logits, emb, aligner, normalize_used, adata = self._forward(adata, layer, gene_symbols, batch_size, normalize)
         probs = self._probabilities(logits, calibrated)
         obs, probs_df, scores_df = prediction_frame(probs, self.hierarchy, adata.obs_names, key_added, coarse_threshold)
@@ -620,6 +988,11 @@ class HCEClassifier(BaseModelClass):
             obsm = {f"{key_added}_probabilities": probs_df, f"{key_added}_hierarchical_scores": scores_df}
             obsm[f"X_{key_added}"] = emb
             write_outputs(adata, obs, obsm, uns, key_added)
+            if mdata is not None:  # our columns only, as mdata.obs["rna:schce_prediction"], ...
+                mod = next(name for name, m in mdata.mod.items() if m is adata)
+                with warnings.catch_warnings():  # pandas' copy warning raised inside mudata 0.3's pull_obs
+                    warnings.simplefilter("ignore", pd.errors.SettingWithCopyWarning)
+                    mdata.pull_obs(columns=list(obs.columns), mods=[mod])
         return obs
 
     def _probabilities(self, logits: np.ndarray, calibrated: bool) -> np.ndarray:
@@ -690,13 +1063,7 @@ class HCEClassifier(BaseModelClass):
             return result
         if adata is None or labels_key is None:
             raise TypeError("Pass the labelled AnnData and its labels_key, or datamodule= to score a store's split.")
-        if labels_key not in adata.obs.columns:
-            raise KeyError(
-                f"labels_key={labels_key!r} is not a column of adata.obs. Available columns: {list(adata.obs.columns)}."
-            )
-        raw = adata.obs[labels_key]
-        if raw.isna().any():
-            raise ValueError(f"{int(raw.isna().sum())} cell(s) have no label in obs[{labels_key!r}]; drop them first.")
+        raw = self._labels(adata, labels_key)
         onto = load_cell_ontology(ontology if ontology is not None else self.registry_["setup_args"].get("ontology"))
         mapping = onto.map_labels(raw.astype(str).unique())
         true_terms = raw.astype(str).map(mapping).to_numpy()
@@ -714,6 +1081,23 @@ class HCEClassifier(BaseModelClass):
         if output_dir is not None:
             result.write(output_dir)
         return result
+
+    def _labels(self, data: AnnData | MuData, labels_key: str) -> pd.Series:
+        """``obs[labels_key]`` of the RNA cells (for a MuData: the RNA modality's column, else ``mdata.obs``'s)."""
+        rna = self._rna(data)
+        if not isinstance(rna, AnnData):
+            raise TypeError(f"Expected an AnnData or MuData, got {type(data).__name__}.")
+        obs = rna.obs
+        if labels_key not in obs.columns and isinstance(data, MuData) and labels_key in data.obs.columns:
+            obs = data.obs.reindex(rna.obs_names)
+        if labels_key not in obs.columns:
+            raise KeyError(
+                f"labels_key={labels_key!r} is not a column of adata.obs. Available columns: {list(obs.columns)}."
+            )
+        raw = obs[labels_key]
+        if raw.isna().any():
+            raise ValueError(f"{int(raw.isna().sum())} cell(s) have no label in obs[{labels_key!r}]; drop them first.")
+        return raw
 
     def get_latent_representation(
         self,

@@ -1,7 +1,7 @@
 """Training: the Lightning training plan and its callbacks."""
 
 from schce.train._calibration import fit_temperature
-from schce.train._callbacks import BestWeights, HistoryRecorder
+from schce.train._callbacks import BestWeights, FrozenModules, HistoryRecorder
 from schce.train._plan import LOSSES, HCETrainingPlan
 
-__all__ = ["LOSSES", "BestWeights", "HCETrainingPlan", "HistoryRecorder", "fit_temperature"]
+__all__ = ["LOSSES", "BestWeights", "FrozenModules", "HCETrainingPlan", "HistoryRecorder", "fit_temperature"]

@@ -1,4 +1,4 @@
-"""Callbacks: the training history and best-epoch weight selection."""
+"""Callbacks: the training history, best-epoch weight selection and frozen modules."""
 
 from __future__ import annotations
 
@@ -48,3 +48,18 @@ class BestWeights(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._state is not None:
             pl_module.module.load_state_dict(self._state)
+
+
+class FrozenModules(pl.Callback):
+    """Keeps ``modules`` in eval mode during training (BatchNorm statistics and dropout frozen with the weights).
+
+    Their parameters should also have ``requires_grad=False``; Lightning puts the whole module in train mode every
+    epoch, so eval mode is restored before every training batch.
+    """
+
+    def __init__(self, modules: list[torch.nn.Module]):
+        self.modules = modules
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        for m in self.modules:
+            m.eval()
