@@ -492,6 +492,7 @@ class HCEClassifier(BaseModelClass):
             batch_size,
             max_epochs,
         )
+        self.module.train()  # a trained model is left in eval mode; Lightning keeps the mode it finds
         with _quiet_lightning_info(), matmul_precision("high"), warnings.catch_warnings():
             # TrainingProgress restores the data order mid-epoch, which Lightning cannot see from the loader.
             warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
