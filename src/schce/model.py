@@ -75,7 +75,7 @@ class HCEClassifier(BaseModelClass):
     recipe
         ``None``: the package defaults (tuned on held-out batches of real PBMCs); ``"sctab"``: the published scTab /
         HCE-paper recipe, i.e. scTab's exact architecture and, in :meth:`train`, its AdamW settings, StepLR(0.9) and
-        batch 2048 (see :mod:`schce.train` ``RECIPES``). Explicit arguments override either.
+        batch 2048 (see :data:`schce.train.RECIPES`). Explicit arguments override either.
     loss
         ``"hce-aware"``: hierarchical cross-entropy whose acceptable labels follow what each annotation can mean
         (see ``label_semantics``); ``"hce"``: plain hierarchical cross-entropy (a label's probability includes
