@@ -28,7 +28,7 @@ class _CrashAfter(pl.Callback):
 
 def _train(adata, **kwargs):
     model = schce.HCEClassifier(adata, **SMALL_MLP)  # dropout 0.2: the RNG state matters too
-    model.train(max_epochs=3, seed=0, enable_progress_bar=False, **kwargs)
+    model.train(max_epochs=2, seed=0, enable_progress_bar=False, **kwargs)
     return model
 
 
@@ -96,4 +96,4 @@ def test_resume_refuses_a_different_run(registered, reference):
     _, ref_dir = reference
     model = schce.HCEClassifier(registered, **SMALL_MLP)
     with pytest.raises(ValueError, match="different training run"):
-        model.train(max_epochs=3, seed=1, checkpoint_dir=ref_dir, ckpt_path="last", enable_progress_bar=False)
+        model.train(max_epochs=2, seed=1, checkpoint_dir=ref_dir, ckpt_path="last", enable_progress_bar=False)
