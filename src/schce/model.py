@@ -40,6 +40,9 @@ from schce.hierarchy import LABEL_SEMANTICS, Hierarchy
 from schce.nn import HCEModule, extend_head, make_backbone, output_layer
 from schce.ontology import load_cell_ontology
 from schce.train import LOSSES, BestWeights, FrozenModules, HCETrainingPlan, HistoryRecorder
+from schce.train._callbacks import TrainingProgress
+from schce.train._checkpoints import check_checkpoint_args, checkpoint_callbacks
+from schce.train._recipe import default_batch_size, get_recipe, matmul_precision
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +77,11 @@ class HCEClassifier(BaseModelClass):
     registry
         A saved registry (used by :meth:`load`; leave ``None``).
     backbone
-        ``"mlp"`` or ``"linear"``.
+        ``"mlp"``, ``"linear"`` or ``"tabnet"``.
+    recipe
+        ``None``: the package defaults (tuned on held-out batches of real PBMCs); ``"sctab"``: the published scTab /
+        HCE-paper recipe, i.e. scTab's exact architecture and, in :meth:`train`, its AdamW settings, StepLR(0.9) and
+        batch 2048 (see :data:`schce.train.RECIPES`). Explicit arguments override either.
     loss
         ``"hce-aware"`` (default): hierarchical cross-entropy whose acceptable labels follow what each annotation
         can mean (see ``label_semantics``); ``"hce"``: plain hierarchical cross-entropy (a label's probability
@@ -107,6 +114,7 @@ class HCEClassifier(BaseModelClass):
         loss: Literal["hce-aware", "hce", "ce"] = "hce-aware",
         label_semantics: Literal["auto", "inclusive", "exclusive"] = "auto",
         hce_form: Literal["log", "reference"] = "log",
+        recipe: Literal["sctab"] | None = None,
         **backbone_kwargs,
     ):
         super().__init__(adata, registry)
@@ -119,14 +127,18 @@ class HCEClassifier(BaseModelClass):
         setup = self.registry_[_SETUP_KEY]
         self.hierarchy = Hierarchy.from_dict(setup["hierarchy"])
         self.genes: list[str] = list(setup["genes"])
-        self.backbone, self.loss, self.hce_form = backbone, loss, hce_form
+        self.backbone, self.loss, self.hce_form, self.recipe = backbone, loss, hce_form, recipe
         self.label_semantics = label_semantics
-        arch = {**DEFAULT_BACKBONE_KWARGS.get(backbone, {}), **backbone_kwargs}
+        base = get_recipe(recipe, backbone).backbone_kwargs if recipe else DEFAULT_BACKBONE_KWARGS.get(backbone, {})
+        arch = {**base, **backbone_kwargs}
         self.module = HCEModule(make_backbone(backbone, len(self.genes), self.hierarchy.n_labels, **arch))
         self._model_summary_string = (
             f"HCEClassifier: backbone={backbone}({', '.join(f'{k}={v!r}' for k, v in arch.items())}), "
-            f"loss={loss}" + (f" ({label_semantics})" if loss == "hce-aware" else "") + ", "
-            f"{self.hierarchy.n_labels} labels (ontology {self.hierarchy.version}), {len(self.genes)} genes "
+            f"loss={loss}"
+            + (f" ({label_semantics})" if loss == "hce-aware" else "")
+            + ", "
+            + (f"recipe={recipe}, " if recipe else "")
+            + f"{self.hierarchy.n_labels} labels (ontology {self.hierarchy.version}), {len(self.genes)} genes "
             f"({setup['gene_id_type']}), training input: "
             + ("raw counts, normalised in the module" if setup["normalize"] else "used as given")
         )
@@ -324,7 +336,7 @@ class HCEClassifier(BaseModelClass):
         batch_size: int | None = None,
         lr: float | None = None,
         weight_decay: float | None = None,
-        lr_gamma: float = 0.98,
+        lr_gamma: float | None = None,
         validation_size: float = 0.1,
         test_size: float = 0.0,
         split_key: str | None = None,
@@ -341,6 +353,10 @@ class HCEClassifier(BaseModelClass):
         ecs_weight: float = 0.0,
         ecs_threshold: float = 0.8,
         calibrate: bool = True,
+        augment: bool | np.ndarray = False,
+        checkpoint_dir: str | os.PathLike | None = None,
+        ckpt_path: str | os.PathLike | None = None,
+        checkpoint_every_n_steps: int | None = None,
         datamodule: pl.LightningDataModule | None = None,
         **trainer_kwargs,
     ) -> None:
@@ -357,9 +373,10 @@ class HCEClassifier(BaseModelClass):
         batch_size
             Cells per step; default ``min(2048, max(32, n_train // 16))`` so small data still gets many steps.
         lr, weight_decay
-            AdamW settings; default per backbone: 5e-4 / 0.01 (linear, MLP), 5e-3 / 0.05 (TabNet).
+            AdamW settings; default per backbone: 5e-4 / 0.01 (linear, MLP), 5e-3 / 0.05 (TabNet); with
+            ``recipe="sctab"`` 5e-4 / 0.01, 2e-3 / 0.05, 5e-3 / 0.05 (linear / MLP / TabNet).
         lr_gamma
-            Learning-rate factor applied after every epoch (StepLR).
+            Learning-rate factor applied after every epoch (StepLR); default 0.98, or 0.9 with ``recipe="sctab"``.
         validation_size
             Fraction of cells held out for validation (per label, or by whole groups with ``split_key``); ``0``
             trains on everything for ``max_epochs``.
@@ -374,6 +391,9 @@ class HCEClassifier(BaseModelClass):
             ``"balanced"`` weighs label ``c`` by ``N / (K · n_c)`` in the training loss; ``None`` for none.
         accelerator, devices
             Passed to :class:`lightning.pytorch.Trainer` (``accelerator="auto"`` uses a GPU when there is one).
+            ``devices=N, strategy="ddp"`` trains on N processes: each rank trains on its own shard of the training
+            cells every epoch, every rank validates on all validation cells, and checkpoints and :meth:`save` write
+            once (rank 0). Lightning re-runs the script for the other ranks, so run it as a script.
         seed
             Seeds weight initialisation, the split and the batch order: training is deterministic on CPU.
         num_workers
@@ -391,6 +411,20 @@ class HCEClassifier(BaseModelClass):
         calibrate
             Fit a temperature on the validation cells after training (temperature scaling); :meth:`predict` applies
             it. Needs ``validation_size > 0``.
+        augment
+            scTab's augmentation (training only): ``True`` builds the matrix with
+            :func:`schce.data.augmentation_matrix` from the training cells, per label, as differences between the
+            registered batches (or the ``split_key`` groups); or pass a matrix (rows × genes). Each normalised
+            training input gets a random row added with a random sign, clamped to ``[0, 9]``.
+        checkpoint_dir
+            Directory for Lightning checkpoints: ``best.ckpt`` (highest validation hierarchy-corrected macro F1) and
+            ``last.ckpt`` (end of every epoch, or every ``checkpoint_every_n_steps`` steps).
+        ckpt_path
+            Resume an interrupted run: ``"last"`` (``checkpoint_dir/last.ckpt``) or a checkpoint file. With the
+            same data and arguments the result is identical to an uninterrupted run (weights, optimiser, scheduler,
+            epoch and step, early stopping, best weights, history, data order and random state are restored).
+        checkpoint_every_n_steps
+            Also write ``last.ckpt`` every so many training steps, so a run can resume mid-epoch.
         datamodule
             Train on a :class:`~lightning.pytorch.LightningDataModule` instead of the registered AnnData, e.g.
             :class:`~schce.data.SCTabStoreDataModule` (see :meth:`from_sctab_store`): its train and validation
@@ -399,7 +433,7 @@ class HCEClassifier(BaseModelClass):
             datamodule's; ``class_weights="balanced"`` uses its ``class_weights`` (the store's
             ``class_weights.npy``) when it has them.
         **trainer_kwargs
-            Other :class:`lightning.pytorch.Trainer` arguments (e.g. ``precision``).
+            Other :class:`lightning.pytorch.Trainer` arguments (e.g. ``precision="bf16-mixed"``, ``strategy``).
         """
         if self.adata is None and datamodule is None:
             raise RuntimeError(
@@ -414,9 +448,14 @@ class HCEClassifier(BaseModelClass):
             raise ValueError(f"max_epochs must be at least 1, got {max_epochs}.")
         if batch_size is not None and batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 (BatchNorm needs two cells), got {batch_size}.")
+        recipe = get_recipe(self.recipe, self.backbone) if getattr(self, "recipe", None) else None
         default_lr, default_wd = DEFAULT_OPTIMIZER.get(self.backbone, DEFAULT_OPTIMIZER["mlp"])
+        if recipe is not None:
+            default_lr, default_wd = recipe.lr, recipe.weight_decay
         lr = default_lr if lr is None else lr
         weight_decay = default_wd if weight_decay is None else weight_decay
+        lr_gamma = (recipe.lr_gamma if recipe else 0.98) if lr_gamma is None else lr_gamma
+        checkpoint_dir, resume_from = check_checkpoint_args(checkpoint_dir, ckpt_path, checkpoint_every_n_steps)
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}.")
         if class_weights not in ("balanced", None):
@@ -441,6 +480,24 @@ class HCEClassifier(BaseModelClass):
                     f"split_key={split_key!r} is not a column of adata.obs. Available: {list(self.adata.obs.columns)}."
                 )
             groups = self.adata.obs[split_key].astype(str).to_numpy()
+        if isinstance(augment, bool):
+            if augment and datamodule is not None:
+                raise ValueError(
+                    "augment=True builds the matrix from registered AnnData cells; with datamodule= pass a ready "
+                    "matrix (e.g. np.load('<store>/augmentations.npy'))."
+                )
+            if augment and self.registry_["setup_args"]["batch_key"] is None and groups is None:
+                raise ValueError(
+                    "augment=True learns batch shifts from differences between batches: register a batch_key in "
+                    "setup_anndata, pass split_key, or pass a ready augmentation matrix."
+                )
+        else:
+            augment = np.asarray(augment, dtype=np.float32)
+            if augment.ndim != 2 or augment.shape[1] != len(self.genes) or not np.isfinite(augment).all():
+                raise ValueError(
+                    f"augment must be True/False or a finite (rows, {len(self.genes)} genes) matrix, got shape "
+                    f"{augment.shape}."
+                )
         pl.seed_everything(seed, workers=True, verbose=False)
         if not self.is_trained_:
             # Re-initialise under the seed so results do not depend on what ran before construction.
@@ -453,8 +510,21 @@ class HCEClassifier(BaseModelClass):
             train_idx, val_idx, test_idx = split_cells(codes, validation_size, test_size, seed, groups)
             batches = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).ravel()
             sources = batches if self.registry_["setup_args"]["batch_key"] is not None else None
+            if batch_size is None:
+                batch_size = default_batch_size(len(train_idx), recipe.max_batch_size if recipe else 2048)
+            if augment is True:
+                from schce.data import augmentation_matrix
+
+                source = batches if self.registry_["setup_args"]["batch_key"] is not None else groups
+                augment = augmentation_matrix(
+                    X, codes, source, normalize=self.registry_[_SETUP_KEY]["normalize"], seed=seed, rows=train_idx
+                )
+                if not len(augment):
+                    raise ValueError("augment=True found no label in two batches of the training cells to learn from.")
+                logger.info("Augmenting training inputs with %d rows.", len(augment))
         else:
             X = codes = train_idx = val_idx = test_idx = batches = sources = None
+        trainer_kwargs.setdefault("gradient_clip_val", recipe.gradient_clip_val if recipe else 1.0)
         self._fit(
             X,
             codes,
@@ -465,6 +535,10 @@ class HCEClassifier(BaseModelClass):
             n_batches=n_batches,
             sources=sources,
             datamodule=datamodule,
+            augmentations=augment if isinstance(augment, np.ndarray) else None,
+            checkpoint_dir=checkpoint_dir,
+            resume_from=resume_from,
+            checkpoint_every_n_steps=checkpoint_every_n_steps,
             auxiliary=auxiliary,
             ecs_threshold=ecs_threshold,
             max_epochs=max_epochs,
@@ -496,7 +570,7 @@ class HCEClassifier(BaseModelClass):
     ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, int]:
         """Class weights, annotation-aware target masks and per-row mask indices, and the batch size."""
         if batch_size is None:
-            batch_size = int(min(2048, max(32, len(train_idx) // 16)))
+            batch_size = default_batch_size(len(train_idx))
         weights = None
         if class_weights == "balanced":
             counts = np.bincount(codes[train_idx], minlength=self.hierarchy.n_labels).astype(np.float64)
@@ -548,6 +622,10 @@ class HCEClassifier(BaseModelClass):
         ecs_threshold: float = 0.8,
         callbacks: Sequence[pl.Callback] = (),
         datamodule=None,
+        augmentations: np.ndarray | None = None,
+        checkpoint_dir: Path | None = None,
+        resume_from: str | None = None,
+        checkpoint_every_n_steps: int | None = None,
         **trainer_kwargs,
     ) -> None:
         """Train ``self.module`` on rows of ``X``, keep the best validation epoch, calibrate.
@@ -582,6 +660,7 @@ class HCEClassifier(BaseModelClass):
             auxiliary=auxiliary,
             n_batches=n_batches,
             ecs_threshold=ecs_threshold,
+            augmentations=augmentations,
         )
         if datamodule is None:
             train_dl = make_loader(
@@ -604,7 +683,11 @@ class HCEClassifier(BaseModelClass):
             train_dl, val_dl = datamodule.train_dataloader(), datamodule.val_dataloader() if n_val else None
             fit_data = {"datamodule": datamodule}
         history = HistoryRecorder()
+        user_callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
         callbacks = [history, *callbacks]
+        if datamodule is None:
+            fingerprint = {"seed": seed, "n_train": n_train, "n_validation": n_val, "batch_size": batch_size}
+            callbacks.insert(0, TrainingProgress(train_dl.sampler, fingerprint))
         best = BestWeights(MONITOR) if val_dl is not None else None
         if best is not None:
             callbacks.append(best)
@@ -612,6 +695,10 @@ class HCEClassifier(BaseModelClass):
                 callbacks.append(
                     pl.callbacks.EarlyStopping(MONITOR, mode="max", patience=early_stopping_patience, check_finite=True)
                 )
+        callbacks += user_callbacks
+        if checkpoint_dir is not None:
+            monitor = MONITOR if val_dl is not None else None
+            callbacks += checkpoint_callbacks(checkpoint_dir, monitor, checkpoint_every_n_steps)
         trainer_kwargs.setdefault("gradient_clip_val", 1.0)
         with _quiet_lightning_info():
             trainer = pl.Trainer(
@@ -619,7 +706,9 @@ class HCEClassifier(BaseModelClass):
                 accelerator=accelerator,
                 devices=devices,
                 logger=False,
-                enable_checkpointing=False,
+                # Our sampler shards the training cells itself (and keeps its order resumable).
+                use_distributed_sampler=False,
+                enable_checkpointing=checkpoint_dir is not None,
                 enable_model_summary=False,
                 enable_progress_bar=enable_progress_bar,
                 num_sanity_val_steps=0,
@@ -635,8 +724,13 @@ class HCEClassifier(BaseModelClass):
             batch_size,
             max_epochs,
         )
-        with _quiet_lightning_info():
-            trainer.fit(plan, **fit_data)
+        self.module.train()  # a trained model is left in eval mode; Lightning keeps the mode it finds
+        with _quiet_lightning_info(), matmul_precision("high"), warnings.catch_warnings():
+            # TrainingProgress restores the data order mid-epoch, which Lightning cannot see from the loader.
+            warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+            if resume_from is not None:
+                warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            trainer.fit(plan, ckpt_path=resume_from, **fit_data)
         self.module.eval()
         self.history_ = {
             key: pd.DataFrame({key: [v for _, v in rows]}, index=pd.Index([e for e, _ in rows], name="epoch"))
@@ -1124,8 +1218,15 @@ class HCEClassifier(BaseModelClass):
             Replace an existing directory.
         save_anndata
             Also write the registered AnnData as ``adata.h5ad``.
+
+        Under distributed training (``strategy="ddp"``) only rank 0 writes; the other ranks return.
         """
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
         from schce import __version__
+
+        if getattr(rank_zero_only, "rank", 0) != 0:
+            return
 
         meta = {
             "format": _io.FORMAT,

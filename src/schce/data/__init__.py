@@ -1,5 +1,6 @@
 """Data access: expression checks, gene alignment, AnnData loaders and scTab atlas stores."""
 
+from schce.data._augmentation import augmentation_matrix
 from schce.data._datamodule import SCTabStoreDataModule, StoreDataset
 from schce.data._expression import ExpressionSummary, check_expression, get_matrix
 from schce.data._genes import GeneAligner, strip_ensembl_version
@@ -16,6 +17,7 @@ __all__ = [
     "GeneAligner",
     "SCTabStoreDataModule",
     "StoreDataset",
+    "augmentation_matrix",
     "check_expression",
     "compare_hierarchy",
     "convert_sctab_store",

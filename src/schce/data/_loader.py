@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from schce.data._expression import read_rows
 from schce.data._genes import GeneAligner
@@ -44,6 +44,88 @@ class _RowBatches(Dataset):
         return item
 
 
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of positions ``0..n-1`` whose order is a pure function of ``(seed, epoch)``.
+
+    Because nothing but ``(seed, epoch)`` decides an epoch's order, an interrupted run resumes mid-epoch by skipping
+    the batches it already trained on (:meth:`resume`), and distributed ranks agree on one permutation and take
+    disjoint shards of it without communicating.
+
+    Parameters
+    ----------
+    n
+        Number of rows.
+    batch_size
+        Rows per batch.
+    shuffle
+        Permute the rows every epoch; else keep their order.
+    seed
+        Seed of the permutations.
+    drop_single
+        Drop a last batch of a single row (BatchNorm cannot train on it).
+    num_replicas, rank
+        Shard for distributed training; default: from :mod:`torch.distributed` when it is initialised (when
+        iterating, since Lightning starts the process group after the loader is built), else one replica.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_single: bool = True,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        self.n, self.batch_size, self.shuffle, self.seed = int(n), int(batch_size), shuffle, int(seed)
+        self.drop_single, self.num_replicas, self.rank = drop_single, num_replicas, rank
+        self.epoch = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order is drawn next (Lightning calls this every epoch)."""
+        self.epoch = int(epoch)
+
+    def resume(self, epoch: int, n_done: int) -> None:
+        """Make the next iteration continue ``epoch`` after its first ``n_done`` batches."""
+        self.epoch, self._skip = int(epoch), int(n_done)
+
+    def _world(self) -> tuple[int, int]:
+        if self.num_replicas is not None:
+            return self.num_replicas, self.rank or 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
+
+    def positions(self, epoch: int | None = None) -> np.ndarray:
+        """Positions of this rank in ``epoch`` (default: the current one), in order."""
+        epoch = self.epoch if epoch is None else epoch
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        world, rank = self._world()
+        if world > 1:
+            # Equal shards (DDP steps in lockstep): up to world − 1 rows sit out an epoch, different ones each epoch.
+            order = order[: self.n // world * world][rank::world]
+        return order
+
+    def _batches(self) -> list[np.ndarray]:
+        order = self.positions()
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.drop_single and len(batches) > 1 and len(batches[-1]) == 1:
+            batches.pop()
+        return batches
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        for batch in self._batches()[skip:]:
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
 def make_loader(
     X,
     rows: np.ndarray,
@@ -59,23 +141,27 @@ def make_loader(
     """A loader yielding ``{"x": (B, n_genes) float32, "y": (B,) int64, "batch": (B,) int64}`` batches of rows.
 
     ``y``, ``batch`` and ``target`` (each cell's acceptable-label mask row) are present when ``labels``,
-    ``batches`` and ``targets`` are given; all three are indexed by row of ``X``.
+    ``batches`` and ``targets`` are given; all three are indexed by row of ``X``. The loader's ``sampler`` is an
+    :class:`EpochBatchSampler`: with ``shuffle=True`` each epoch's order depends on ``(seed, epoch)`` only, and
+    under :mod:`torch.distributed` each rank reads its own shard (loaders without shuffling are not sharded).
 
     Training loaders (``shuffle=True``) drop a last batch of a single cell, which BatchNorm cannot use.
     """
     ds = _RowBatches(X, rows, labels, aligner, batches, targets)
-    if shuffle:
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        sampler = RandomSampler(range(len(ds)), generator=generator)
-    else:
-        sampler = SequentialSampler(range(len(ds)))
-    drop_last = shuffle and len(ds) % batch_size == 1 and len(ds) > 1
+    if seed is None:
+        seed = int(np.random.SeedSequence().generate_state(1)[0])
+    # Only training is sharded: every rank evaluates all validation cells, so its metrics agree across ranks.
+    sampler = EpochBatchSampler(
+        len(ds), batch_size, shuffle=shuffle, seed=seed, drop_single=shuffle, num_replicas=None if shuffle else 1
+    )
     return DataLoader(
         ds,
-        sampler=BatchSampler(sampler, batch_size=batch_size, drop_last=drop_last),
+        sampler=sampler,
         batch_size=None,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        # Worker seeds come from this generator, not the global RNG, so building an iterator draws nothing from it.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

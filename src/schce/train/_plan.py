@@ -7,6 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from schce.data._augmentation import augment
 from schce.losses import (
     BatchMixingLoss,
     DomainAdversarialLoss,
@@ -15,6 +16,7 @@ from schce.losses import (
     log_mask_probability,
 )
 from schce.metrics import code_scores
+from schce.nn._module import normalize_counts
 
 #: Training losses: annotation-aware HCE (each cell's acceptable labels follow what its source's annotation can
 #: mean), plain HCE (a label's whole subtree is acceptable) and flat cross-entropy.
@@ -60,6 +62,10 @@ class HCETrainingPlan(pl.LightningModule):
         Batches without ``"target"`` use ``default_rows[y]``, or the label's subtree when that is ``None``.
     default_rows
         ``(n_labels,)`` row of ``target_masks`` per label for batches without ``"target"``.
+    augmentations
+        ``(n_rows, n_genes)`` matrix of scTab's augmentation (:func:`schce.data.augmentation_matrix`): every
+        training input, once normalised, gets a random row added with a random sign and is clamped to ``[0, 9]``.
+        Validation and prediction see the inputs unchanged.
     """
 
     def __init__(
@@ -78,6 +84,7 @@ class HCETrainingPlan(pl.LightningModule):
         ecs_threshold: float = 0.8,
         target_masks: np.ndarray | None = None,
         default_rows: np.ndarray | None = None,
+        augmentations: np.ndarray | None = None,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -110,6 +117,8 @@ class HCETrainingPlan(pl.LightningModule):
         self.register_buffer("target_masks", masks, persistent=False)
         rows = None if default_rows is None else torch.as_tensor(np.asarray(default_rows, dtype=np.int64))
         self.register_buffer("default_rows", rows, persistent=False)
+        augs = None if augmentations is None or not len(augmentations) else torch.as_tensor(augmentations).float()
+        self.register_buffer("augmentations", augs, persistent=False)
         self._val_true: list[torch.Tensor] = []
         self._val_pred: list[torch.Tensor] = []
 
@@ -133,7 +142,10 @@ class HCETrainingPlan(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One optimisation step on the weighted training loss."""
-        logits, h = self.module(batch["x"], normalize=self.normalize)
+        x, normalize = batch["x"], self.normalize
+        if self.augmentations is not None:
+            x, normalize = augment(normalize_counts(x) if normalize else x, self.augmentations), False
+        logits, h = self.module(x, normalize=normalize)
         task = self._loss(logits, batch, self.class_weights)
         n = len(batch["y"])
         terms: dict[str, torch.Tensor] = {}
@@ -148,11 +160,17 @@ class HCETrainingPlan(pl.LightningModule):
         loss = task
         for name, value in terms.items():
             loss = loss + self.auxiliary[name] * value
-            self.log(f"train_{name}_loss", value, on_step=False, on_epoch=True, batch_size=n)
+            self.log(f"train_{name}_loss", value, on_step=False, on_epoch=True, batch_size=n, sync_dist=self._sync)
         if terms:
-            self.log("train_task_loss", task, on_step=False, on_epoch=True, batch_size=n)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=n)
+            self.log("train_task_loss", task, on_step=False, on_epoch=True, batch_size=n, sync_dist=self._sync)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=self._sync)
         return loss
+
+    @property
+    def _sync(self) -> bool:
+        # Under DDP each rank trains on its own shard: average the training losses over ranks. Validation metrics
+        # need no syncing, since every rank evaluates all validation cells.
+        return self._trainer is not None and self.trainer.world_size > 1
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Validation loss; predictions are gathered for the epoch metrics."""

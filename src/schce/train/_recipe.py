@@ -1,0 +1,72 @@
+"""Named training recipes: backbone hyperparameters and optimiser settings that belong together."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One backbone's settings in a recipe.
+
+    Attributes
+    ----------
+    backbone_kwargs
+        Backbone hyperparameters (``{}``: the defaults of the :mod:`schce.nn` class, which are scTab's).
+    lr, weight_decay
+        AdamW settings.
+    lr_gamma
+        StepLR factor applied after every epoch.
+    max_batch_size
+        Batch size on large data; small data get ``min(max_batch_size, max(32, n_train // 16))``.
+    gradient_clip_val
+        Gradient norm clipping.
+    """
+
+    backbone_kwargs: dict = field(default_factory=dict)
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    lr_gamma: float = 0.9
+    max_batch_size: int = 2048
+    gradient_clip_val: float = 1.0
+
+
+# The published scTab / HCE-paper recipe (Fischer et al. 2024): the exact architectures, AdamW, StepLR(γ = 0.9) each
+# epoch, batch 2048, clipping at 1.0. The MLP and TabNet classes' defaults are already scTab's architectures.
+RECIPES: dict[str, dict[str, Recipe]] = {
+    "sctab": {
+        "linear": Recipe(lr=5e-4, weight_decay=0.01),
+        "mlp": Recipe(backbone_kwargs={"n_hidden": 128, "n_layers": 8, "dropout": 0.1}, lr=2e-3, weight_decay=0.05),
+        "tabnet": Recipe(lr=5e-3, weight_decay=0.05),
+    },
+}
+
+
+def get_recipe(name: str, backbone: str) -> Recipe:
+    """The settings of ``backbone`` in recipe ``name``, with a clear error for unknown names."""
+    if name not in RECIPES:
+        raise ValueError(f"Unknown recipe {name!r}; choose one of {sorted(RECIPES)} or None for the package defaults.")
+    if backbone not in RECIPES[name]:
+        raise ValueError(
+            f"Recipe {name!r} has no settings for backbone {backbone!r}; it covers {sorted(RECIPES[name])}."
+        )
+    return RECIPES[name][backbone]
+
+
+def default_batch_size(n_train: int, max_batch_size: int = 2048) -> int:
+    """``min(max_batch_size, max(32, n_train // 16))``: small data still get about 16 steps per epoch."""
+    return int(min(max_batch_size, max(32, n_train // 16)))
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str = "high"):
+    """Set :func:`torch.set_float32_matmul_precision` for a block (TF32 on GPUs that have it) and restore it."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
