@@ -129,7 +129,9 @@ def test_hierarchy_scores_plot(predicted, tmp_path):
     ax = pl.hierarchy_scores(predicted, save=tmp_path / "tree.png")
     nodes = _nodes(ax)
     assert len(nodes.get_offsets()) == len(terms) == len(ax.texts)
-    np.testing.assert_allclose(nodes.get_array(), scores.to_numpy().mean(0), rtol=1e-6)
+    np.testing.assert_allclose(
+        nodes.get_array(), scores.to_numpy().mean(0), rtol=1e-5
+    )  # float32 scores, summed in another order
     root = terms.index("CL:0000000")
     assert nodes.get_array()[root] == pytest.approx(1.0, abs=1e-5)
     cmap = nodes.get_cmap()
