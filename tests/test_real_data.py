@@ -2,8 +2,8 @@
 
 With the default loss (annotation-aware HCE, the batch as annotation source) the MLP keeps CE's precision where
 annotators distinguished parent from child — mean hierarchy-corrected macro F1 ≥ 0.80 and exact ≥ 0.78 over the
-three folds (plain HCE: exact ≈ 0.63) — and HCE's gain where they did not: with mixed-granularity training labels corrected ≥ 0.78, exact ≥ 0.75,
-and ≥ 0.15 above CE.
+three folds (plain HCE: exact ≈ 0.63) — and HCE's gain where they did not: with mixed-granularity training labels
+corrected ≥ 0.78, exact ≥ 0.75, and ≥ 0.15 above CE.
 """
 
 from __future__ import annotations
