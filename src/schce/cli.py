@@ -164,6 +164,20 @@ def demo(out_dir: Path, max_epochs: int, seed: int) -> None:
     click.echo(f"Wrote {results['h5ad']} and {results['umap']}")
 
 
+def _query_options(command):
+    """The options ``predict`` and ``evaluate`` share: how to read the query and when to back off."""
+    gene_help = "var column with gene IDs of the model's type."
+    command = click.option("--gene-symbols", default=None, help=gene_help)(command)
+    command = click.option("--layer", default=None, help="Layer with the expression; default X.")(command)
+    return click.option(
+        "--coarse-threshold",
+        type=click.FloatRange(0, 1, min_open=True),
+        default=0.5,
+        show_default=True,
+        help="Subtree probability needed for the coarse back-off call.",
+    )(command)
+
+
 _INPUT = click.Path(dir_okay=False, path_type=Path)
 _MODEL = click.Path(path_type=Path)
 
@@ -250,15 +264,7 @@ def train(
 @click.argument("model_dir", metavar="MODEL_DIR", type=_MODEL)
 @click.argument("input_path", metavar="INPUT.h5ad", type=_INPUT)
 @click.option("--out", "out_path", required=True, type=_INPUT, help="Annotated h5ad to write (never the input).")
-@click.option(
-    "--coarse-threshold",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=0.5,
-    show_default=True,
-    help="Subtree probability needed for the coarse back-off call.",
-)
-@click.option("--layer", default=None, help="Layer with the expression; default X.")
-@click.option("--gene-symbols", default=None, help="var column with gene IDs of the model's type.")
+@_query_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 def predict(
     model_dir: Path,
@@ -308,11 +314,7 @@ def predict(
     help="obs column to break the metrics down by (repeatable); default: assay, dataset_id, disease, tissue, "
     "tissue_general where present.",
 )
-@click.option(
-    "--coarse-threshold", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True, help="Back-off."
-)
-@click.option("--layer", default=None, help="Layer with the expression; default X.")
-@click.option("--gene-symbols", default=None, help="var column with gene IDs of the model's type.")
+@_query_options
 @click.option("--overwrite", is_flag=True, help="Write into an existing, non-empty --out directory.")
 def evaluate(
     model_dir: Path,

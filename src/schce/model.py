@@ -566,11 +566,8 @@ class HCEClassifier(BaseModelClass):
         val_idx: np.ndarray,
         sources: np.ndarray | None,
         class_weights: str | None,
-        batch_size: int | None,
-    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, int]:
-        """Class weights, annotation-aware target masks and per-row mask indices, and the batch size."""
-        if batch_size is None:
-            batch_size = default_batch_size(len(train_idx))
+    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """Class weights, and the annotation-aware target masks with each row's mask index."""
         weights = None
         if class_weights == "balanced":
             counts = np.bincount(codes[train_idx], minlength=self.hierarchy.n_labels).astype(np.float64)
@@ -590,7 +587,7 @@ class HCEClassifier(BaseModelClass):
                 self.label_semantics,
                 len(target_masks),
             )
-        return weights, target_masks, targets, batch_size
+        return weights, target_masks, targets
 
     def _fit(
         self,
@@ -643,9 +640,8 @@ class HCEClassifier(BaseModelClass):
             target_masks = targets = None
         else:
             n_train, n_val = len(train_idx), len(val_idx)
-            weights, target_masks, targets, batch_size = self._fit_targets(
-                codes, train_idx, val_idx, sources, class_weights, batch_size
-            )
+            batch_size = default_batch_size(n_train) if batch_size is None else batch_size
+            weights, target_masks, targets = self._fit_targets(codes, train_idx, val_idx, sources, class_weights)
         plan = HCETrainingPlan(
             self.module,
             self.hierarchy.R,

@@ -59,9 +59,7 @@ class HCETrainingPlan(pl.LightningModule):
     target_masks
         ``(n_masks, n_labels)`` acceptable-label sets for ``"hce-aware"``
         (:meth:`~schce.hierarchy.Hierarchy.annotation_targets`); batches carry each cell's row as ``"target"``.
-        Batches without ``"target"`` use ``default_rows[y]``, or the label's subtree when that is ``None``.
-    default_rows
-        ``(n_labels,)`` row of ``target_masks`` per label for batches without ``"target"``.
+        Batches without ``"target"`` (or a plan without masks) read each label as its whole subtree, as ``"hce"``.
     augmentations
         ``(n_rows, n_genes)`` matrix of scTab's augmentation (:func:`schce.data.augmentation_matrix`): every
         training input, once normalised, gets a random row added with a random sign and is clamped to ``[0, 9]``.
@@ -83,7 +81,6 @@ class HCETrainingPlan(pl.LightningModule):
         n_batches: int = 1,
         ecs_threshold: float = 0.8,
         target_masks: np.ndarray | None = None,
-        default_rows: np.ndarray | None = None,
         augmentations: np.ndarray | None = None,
     ):
         super().__init__()
@@ -111,12 +108,8 @@ class HCETrainingPlan(pl.LightningModule):
         self.register_buffer("reachability", torch.as_tensor(self._R_np, dtype=torch.float32), persistent=False)
         weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
-        if loss == "hce-aware" and target_masks is None:
-            target_masks, default_rows = self._R_np, np.arange(len(self._R_np))
         masks = None if target_masks is None else torch.as_tensor(np.asarray(target_masks, dtype=bool))
         self.register_buffer("target_masks", masks, persistent=False)
-        rows = None if default_rows is None else torch.as_tensor(np.asarray(default_rows, dtype=np.int64))
-        self.register_buffer("default_rows", rows, persistent=False)
         augs = None if augmentations is None or not len(augmentations) else torch.as_tensor(augmentations).float()
         self.register_buffer("augmentations", augs, persistent=False)
         self._val_true: list[torch.Tensor] = []
@@ -126,15 +119,9 @@ class HCETrainingPlan(pl.LightningModule):
         y = batch["y"]
         if self.loss_name == "ce":
             return F.cross_entropy(logits, y, weight=weight)
-        if self.loss_name == "hce":
+        if self.loss_name == "hce" or self.target_masks is None or "target" not in batch:
             return hierarchical_cross_entropy(logits, y, self.reachability, weight=weight, form=self.hce_form)
-        if "target" in batch:
-            rows = batch["target"]
-        elif self.default_rows is not None:
-            rows = self.default_rows[y]
-        else:
-            return hierarchical_cross_entropy(logits, y, self.reachability, weight=weight)
-        loss = -log_mask_probability(logits, self.target_masks[rows])
+        loss = -log_mask_probability(logits, self.target_masks[batch["target"]])
         if weight is None:
             return loss.mean()
         w = weight[y]
