@@ -17,7 +17,7 @@ from schce.data._store import (
     CODE_COLUMNS,
     SPLITS,
     _dense_values,
-    delta_decode,
+    read_compact_rows,
     read_lookup,
     read_var,
     split_parts,
@@ -64,9 +64,11 @@ class _Block:
             return sp.csr_matrix(self.dense[:n])
         pos, lens = self._csr_positions(np.arange(n))
         indptr = np.concatenate([[0], np.cumsum(lens)])
-        return sp.csr_matrix(
+        out = sp.csr_matrix(
             (self.values[pos].astype(np.float32), self.indices[pos].astype(np.int32), indptr), shape=(n, self.n_genes)
         )
+        out.sort_indices()  # compact parts hold each cell's genes in the part's gene order
+        return out
 
 
 def _read_block(pf: pq.ParquetFile, group: int, layout: str, n_genes: int, columns: list[str] | None) -> _Block:
@@ -81,17 +83,8 @@ def _read_block(pf: pq.ParquetFile, group: int, layout: str, n_genes: int, colum
     rest = table.select(keep)
     if layout == "dense":
         return _Block(rest, n_genes, dense=_dense_values(table, n_genes))
-    ind = table.column("indices").combine_chunks()
-    val = table.column("values").combine_chunks()
-    offsets = ind.offsets.to_numpy().astype(np.int64)
-    start, stop = offsets[0], offsets[-1]
-    return _Block(
-        rest,
-        n_genes,
-        offsets=offsets - start,
-        indices=delta_decode(ind.values.to_numpy(), offsets),
-        values=val.values.to_numpy(zero_copy_only=False)[start:stop],
-    )
+    offsets, indices, values = read_compact_rows(pf, table)
+    return _Block(rest, n_genes, offsets=offsets, indices=indices, values=values)
 
 
 def _new_batch(n: int, n_genes: int) -> torch.Tensor:

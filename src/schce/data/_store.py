@@ -12,13 +12,24 @@ Published (dense) layout, as scTab's 164 GB training store::
     class_weights.npy            per cell_type code
     augmentations.npy            (n, genes) float32 gene-wise offsets (used by scTab's augmentation; not by schce)
 
-Compact layout: the same files, with the split parts holding CSR rows instead of ``X``
-(``indices: list<uint16|int32>``, delta-coded within each cell, ``values: list<uint8|uint16|uint32|float16|float32>``,
-zstd) and ``compact.json`` at the top; every part carries its own metadata in the parquet key-value metadata.
+Compact layout (format 2): the same files, with the split parts holding sparse rows instead of ``X``, one byte
+string per cell in each of two binary columns (zstd), and ``compact.json`` at the top::
+
+    indices: binary              the cell's non-zero genes in the part's gene order (most expressed first) as LEB128
+                                 varints of the gaps between them; with integer counts each is 2 * gap + (count > 1)
+    values: binary               integer counts: count - 2 of the counts above 1, as varints (exact);
+                                 other values: float16 (or float32) bytes
+
+Every part carries its own metadata (value coding, cells, non-zeros) and its gene order in the parquet key-value
+metadata. Coding the gaps in frequency order and the counts of 1 as one bit of the gap brings a cell to about
+5.7 bits per non-zero gene on raw UMI counts (the per-gene entropy bound of the gaps and values is about 4.8 bits).
+Format 1 (``indices: list<uint16|int32>`` delta-coded in gene order, ``values: list<uint8|...|float32>``) is still
+read.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -53,8 +64,10 @@ INT_COLUMNS = ("soma_joinid", "idx")
 ROW_GROUP_SIZE = 1024
 COMPACT_META = "compact.json"
 COMPACT_FORMAT = "schce-compact-sctab-store"
-COMPACT_VERSION = 1
+COMPACT_VERSION = 2
+INDEX_CODING = "rank-gap-varint"
 _PART_META_KEY = b"schce_compact"
+_GENE_ORDER_KEY = b"schce_compact_gene_order"
 
 
 # ---------------------------------------------------------------------------------------------- layout checks
@@ -353,16 +366,158 @@ def _write_common(tmp: Path, var: pd.DataFrame, lookups: dict, child_matrix, wei
 
 
 # ---------------------------------------------------------------------------------------------- compact
-def _value_type(values: np.ndarray, float_dtype: str) -> tuple[pa.DataType, np.dtype]:
-    """Smallest exact integer type for integral non-negative values, else the float type asked for."""
+def _value_coding(values: np.ndarray, float_dtype: str) -> str:
+    """``"count"`` for integral values in ``[0, 2**32)`` (kept exact), else the float type asked for."""
     if len(values) == 0:
-        return pa.uint8(), np.dtype(np.uint8)
-    vmin, vmax = float(values.min()), float(values.max())
-    if vmin >= 0 and np.all(values == np.round(values)):
-        for pa_t, np_t in ((pa.uint8(), np.uint8), (pa.uint16(), np.uint16), (pa.uint32(), np.uint32)):
-            if vmax <= np.iinfo(np_t).max:
-                return pa_t, np.dtype(np_t)
-    return (pa.float16(), np.dtype(np.float16)) if float_dtype == "float16" else (pa.float32(), np.dtype(np.float32))
+        return "count"
+    if values.min() >= 0 and values.max() < 2**32 and np.all(values == np.round(values)):
+        return "count"
+    return float_dtype
+
+
+def varint_encode(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """LEB128 bytes of non-negative integers (7 bits a byte, low bits first, high bit set on all but the last byte).
+
+    Returns the bytes and the number of bytes of each integer. Numbers below 128 take one byte, below 16,384 two.
+    """
+    x = np.asarray(x, dtype=np.int64)
+    if len(x) == 0:
+        return np.zeros(0, np.uint8), np.zeros(0, np.int64)
+    if x.min() < 0:
+        raise ValueError("varint_encode codes non-negative integers only.")
+    n_bytes = np.ones(len(x), dtype=np.int64)
+    k, top = 1, int(x.max())
+    while top >> (7 * k):
+        n_bytes += x >> (7 * k) > 0
+        k += 1
+    if k == 1:  # all below 128: one byte each
+        return x.astype(np.uint8), n_bytes
+    out = np.empty(int(n_bytes.sum()), dtype=np.uint8)
+    pos = np.cumsum(n_bytes) - n_bytes
+    out[pos] = (x & 127) | ((n_bytes > 1) << 7)
+    big = np.flatnonzero(n_bytes > 1)  # few: the rest of the bytes only for them
+    for j in range(1, k):
+        big = big[n_bytes[big] > j]
+        out[pos[big] + j] = ((x[big] >> (7 * j)) & 127) | ((n_bytes[big] > j + 1) << 7)
+    return out, n_bytes
+
+
+def varint_decode(data: np.ndarray, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`varint_encode`: the numbers of a byte string of whole LEB128 numbers.
+
+    Returns the numbers (``dtype``, which must hold them) and the positions of the bytes that continue a number:
+    ``b - np.searchsorted(positions, b)`` numbers end before byte ``b``.
+    """
+    data = np.asarray(data, dtype=np.uint8)
+    more = np.flatnonzero(data >= 128)  # few: most numbers take one byte
+    out = data.astype(dtype)
+    if len(more) == 0:
+        return out, more
+    if more[-1] == len(data) - 1:
+        raise ValueError("Truncated varint data: the last number has no final byte.")
+    out[more] -= 128
+    # Runs of continuation bytes and the final byte after each: shift every byte into its final byte.
+    run_start = np.ones(len(more), dtype=bool)
+    run_start[1:] = more[1:] != more[:-1] + 1
+    starts = more[run_start]
+    run = np.cumsum(run_start) - 1
+    shift = 7 * (more - starts[run])
+    ends = more[np.append(run_start[1:], True)] + 1
+    lengths = ends - starts
+    total = np.zeros(len(starts), dtype=dtype)
+    np.add.at(total, run, out[more] << shift)
+    out[ends] = total + (out[ends] << (7 * lengths))
+    keep = np.ones(len(data), dtype=bool)
+    keep[more] = False
+    return out[keep], more
+
+
+def _cell_offsets(entry_offsets: np.ndarray, n_bytes: np.ndarray) -> np.ndarray:
+    """Byte offsets of each cell from its entries' offsets and each entry's byte count."""
+    return np.concatenate([[0], np.cumsum(n_bytes)])[entry_offsets]
+
+
+def _binary_array(offsets: np.ndarray, data: np.ndarray) -> pa.BinaryArray:
+    return pa.BinaryArray.from_buffers(
+        pa.binary(), len(offsets) - 1, [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)]
+    )
+
+
+def _binary_parts(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell offsets (from 0) and the bytes of a binary column, without copying the bytes."""
+    arr = col.combine_chunks()
+    if arr.null_count:
+        raise ValueError("A compact part holds missing (null) rows; the store is damaged, convert it again.")
+    _, off_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(off_buf, dtype=np.int32, count=len(arr) + 1, offset=arr.offset * 4).astype(np.int64)
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    return offsets - offsets[0], data[offsets[0] : offsets[-1]]
+
+
+def encode_cells(x: np.ndarray, rank: np.ndarray, coding: str) -> tuple[pa.BinaryArray, pa.BinaryArray, int]:
+    """The ``indices`` and ``values`` columns (format 2) of dense rows ``x``; also returns the number of non-zeros.
+
+    ``rank`` is each gene's position in the part's gene order; a cell's non-zero genes are coded in that order as
+    gaps (``rank - previous rank - 1``, the first from -1). With integer counts (``coding="count"``) a gap is
+    stored as ``2 * gap + (count > 1)``, so a count of 1 costs no byte of its own, and ``values`` holds ``count - 2``
+    for the other counts; ``indices`` and these values are LEB128 varints. Float values are stored as they are.
+    """
+    order = np.argsort(rank)
+    xr = x[:, order]
+    rows, ranks = np.nonzero(xr)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(x)))])
+    values = xr[rows, ranks]
+    ranks = ranks.astype(np.int64)
+    gaps = ranks - np.concatenate([[-1], ranks[:-1]]) - 1
+    starts = offsets[:-1][np.diff(offsets) > 0]
+    gaps[starts] = ranks[starts]
+    if coding == "count":
+        more = values > 1
+        code_bytes, code_len = varint_encode(2 * gaps + more)
+        value_bytes, value_len = varint_encode(values[more].astype(np.int64) - 2)
+        entry_len = np.zeros(len(values), dtype=np.int64)
+        entry_len[more] = value_len
+        value_offsets = _cell_offsets(offsets, entry_len)
+    else:
+        code_bytes, code_len = varint_encode(gaps)
+        value_bytes = np.ascontiguousarray(values.astype(coding)).view(np.uint8)
+        value_offsets = offsets * np.dtype(coding).itemsize
+    return (
+        _binary_array(_cell_offsets(offsets, code_len), code_bytes),
+        _binary_array(value_offsets, value_bytes),
+        len(values),
+    )
+
+
+def decode_cells(
+    indices: pa.ChunkedArray, values: pa.ChunkedArray, gene_order: np.ndarray, coding: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of :func:`encode_cells`: per-cell offsets, gene indices (int32) and values of the rows."""
+    cell_bytes, code_bytes = _binary_parts(indices)
+    # int32 suffices: a code is at most 2 * n_genes + 1.
+    codes, more_bytes = varint_decode(code_bytes, np.int32)
+    offsets = cell_bytes - np.searchsorted(more_bytes, cell_bytes)
+    if coding == "count":
+        above_one = (codes & 1).view(np.uint32).astype(bool)
+        codes >>= 1
+    # Ranks from gaps: a running sum of gap + 1, restarted at every cell (int32: a row group sums to < 2**31).
+    codes += 1
+    total = np.cumsum(codes, dtype=np.int32)
+    before = (np.concatenate([[0], total])[offsets[:-1]] + 1).astype(np.int32)
+    total -= np.repeat(before, np.diff(offsets))
+    genes = gene_order.astype(np.int32)[total]
+    _, value_bytes = _binary_parts(values)
+    if coding == "count":
+        rest, _ = varint_decode(value_bytes)
+        if len(rest) != above_one.sum():
+            raise ValueError("A compact part's values do not match its indices; the store is damaged.")
+        out = np.ones(len(genes), dtype=np.float32)
+        np.place(out, above_one, (rest + 2).astype(np.float32))
+    else:
+        out = value_bytes.view(coding)
+        if len(out) != len(genes):
+            raise ValueError("A compact part's values do not match its indices; the store is damaged.")
+    return offsets, genes, out
 
 
 def convert_sctab_store(
@@ -370,17 +525,19 @@ def convert_sctab_store(
     dst: str | os.PathLike,
     float_dtype: str = "float16",
     compression: str = "zstd",
+    compression_level: int | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Convert a dense scTab store into the compact CSR layout, part by part and row group by row group.
 
-    Each part keeps its cells, order and 1024-row row groups; ``X`` becomes ``indices`` (``uint16`` when there are
-    fewer than 65,536 genes; delta-coded: each cell's first gene index, then the gaps between its sorted indices) and
-    ``values``: the smallest unsigned integer type when a part holds integer counts
-    (exact), else ``float16`` (``float_dtype="float32"`` keeps full precision). Code columns are copied. Every part
-    stores its own metadata (genes, value type, cells, non-zeros) in its parquet key-value metadata; ``compact.json``
-    sums them up. ``var.parquet``, ``categorical_lookup/``, ``cell_type_hierarchy/`` and the ``.npy`` files are
-    copied.
+    Each part keeps its cells, order and 1024-row row groups; ``X`` becomes two binary columns, one byte string per
+    cell. ``indices`` codes the cell's non-zero genes as gaps in the part's gene order (the genes sorted by how many
+    cells express them, so the frequent genes give small gaps), as LEB128 varints. With integer counts (exact) a
+    gap also carries one bit telling whether the count is above 1, and ``values`` holds only those counts, minus 2,
+    as varints; other values are stored as ``float16`` (``float_dtype="float32"`` keeps full precision). Code
+    columns are copied. Every part stores its own metadata (genes, value coding, cells, non-zeros, gene order) in
+    its parquet key-value metadata; ``compact.json`` sums them up. ``var.parquet``, ``categorical_lookup/``,
+    ``cell_type_hierarchy/`` and the ``.npy`` files are copied.
 
     Parameters
     ----------
@@ -392,6 +549,9 @@ def convert_sctab_store(
         ``"float16"`` or ``"float32"``, for non-integer values.
     compression
         Parquet codec for the parts.
+    compression_level
+        Codec level; default: the codec's default (zstd: 1). Higher zstd levels write much more slowly; levels 16
+        and up shrink integer counts by about another 5%.
     overwrite
         Replace an existing ``dst``.
     """
@@ -403,15 +563,14 @@ def convert_sctab_store(
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists. Pass overwrite=True to replace it, or choose another path.")
     n_genes = len(read_var(src))
-    index_np = np.uint16 if n_genes < 2**16 else np.int32
-    index_pa = pa.uint16() if n_genes < 2**16 else pa.int32()
     summary = {
         "format": COMPACT_FORMAT,
         "format_version": COMPACT_VERSION,
         "n_genes": n_genes,
-        "index_coding": "delta",
+        "index_coding": INDEX_CODING,
         "splits": {},
     }
+    options = {"compression": compression, "compression_level": compression_level}
 
     def write(tmp: Path) -> None:
         for name in ("var.parquet", "class_weights.npy", "augmentations.npy"):
@@ -424,9 +583,7 @@ def convert_sctab_store(
             (tmp / split).mkdir()
             stats = {"n_cells": 0, "nnz": 0, "parts": 0}
             for part in split_parts(src, split):
-                n, nnz = _convert_part(
-                    part, tmp / split / part.name, n_genes, index_np, index_pa, float_dtype, compression
-                )
+                n, nnz = _convert_part(part, tmp / split / part.name, n_genes, float_dtype, options)
                 stats["n_cells"] += n
                 stats["nnz"] += nnz
                 stats["parts"] += 1
@@ -438,63 +595,78 @@ def convert_sctab_store(
     return dst
 
 
-def _convert_part(src: Path, dst: Path, n_genes, index_np, index_pa, float_dtype, compression) -> tuple[int, int]:
+def _convert_part(src: Path, dst: Path, n_genes: int, float_dtype: str, options: dict) -> tuple[int, int]:
     pf = pq.ParquetFile(src)
     other = [f for f in pf.schema_arrow if f.name != "X"]
-    # Two passes over the part: the first only decides the value type, so every row group shares one schema.
-    value_pa, value_np = pa.uint8(), np.dtype(np.uint8)
+    # Two passes over the part: the first decides the value coding and counts the cells expressing each gene.
+    coding, expressed = "count", np.zeros(n_genes, dtype=np.int64)
     for g in range(pf.num_row_groups):
         x = _dense_values(pf.read_row_group(g, columns=["X"]), n_genes)
-        nz = x[x != 0]
-        t_pa, t_np = _value_type(nz, float_dtype)
-        if t_np.kind == "f" or (value_np.kind != "f" and t_np.itemsize > value_np.itemsize):
-            value_pa, value_np = t_pa, t_np
-        if value_np.kind == "f":
-            break
-    schema = pa.schema([pa.field("indices", pa.list_(index_pa)), pa.field("values", pa.list_(value_pa)), *other])
+        expressed += np.count_nonzero(x, axis=0)
+        if coding == "count":
+            coding = _value_coding(x[x != 0], float_dtype)
+    gene_order = np.argsort(-expressed, kind="stable")
+    rank = np.empty(n_genes, dtype=np.int64)
+    rank[gene_order] = np.arange(n_genes)
+    schema = pa.schema([pa.field("indices", pa.binary()), pa.field("values", pa.binary()), *other])
+    rest = [f.name for f in other]
     n_cells = nnz = 0
-    writer = pq.ParquetWriter(dst, schema, compression=compression)
+    # Dictionaries and statistics only for the code columns: the byte strings of cells have no use for them.
+    writer = pq.ParquetWriter(dst, schema, use_dictionary=rest, write_statistics=rest, **options)
     try:
         for g in range(pf.num_row_groups):
             table = pf.read_row_group(g)
             x = _dense_values(table.select(["X"]), n_genes)
-            rows, cols = np.nonzero(x)
-            offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(x)))])
-            arrays = [
-                _list_array(offsets, delta_encode(cols, offsets).astype(index_np)),
-                _list_array(offsets, x[rows, cols].astype(value_np)),
-                *(table.column(f.name).combine_chunks() for f in other),
-            ]
+            indices, values, n = encode_cells(x, rank, coding)
+            arrays = [indices, values, *(table.column(name).combine_chunks() for name in rest)]
             writer.write_table(pa.Table.from_arrays(arrays, schema=schema), row_group_size=ROW_GROUP_SIZE)
             n_cells += len(x)
-            nnz += len(rows)
+            nnz += n
+        order_dtype = "<u2" if n_genes <= 2**16 else "<u4"
         meta = {
+            "format_version": COMPACT_VERSION,
             "n_genes": n_genes,
-            "values": str(value_np),
-            "indices": np.dtype(index_np).name,
-            "index_coding": "delta",
+            "values": coding,
+            "index_coding": INDEX_CODING,
+            "gene_order": order_dtype,
+            "n_cells": n_cells,
+            "nnz": nnz,
+            "source": src.name,
         }
-        meta.update({"n_cells": n_cells, "nnz": nnz, "source": src.name})
-        writer.add_key_value_metadata({_PART_META_KEY: json.dumps(meta).encode()})
+        order_bytes = base64.b64encode(gene_order.astype(order_dtype).tobytes())
+        writer.add_key_value_metadata({_PART_META_KEY: json.dumps(meta).encode(), _GENE_ORDER_KEY: order_bytes})
     finally:
         writer.close()
     return n_cells, nnz
 
 
-def delta_encode(cols: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Gaps between a cell's sorted gene indices (its first index as is): small numbers that compress well."""
-    gaps = cols.astype(np.int64)
-    gaps[1:] -= cols[:-1]
-    starts = offsets[:-1][np.diff(offsets) > 0]
-    gaps[starts] = cols[starts]
-    return gaps
-
-
 def delta_decode(gaps: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`delta_encode` for the entries ``offsets[0]:offsets[-1]``; int64 gene indices."""
+    """Gene indices of format-1 parts (each cell's first index, then the gaps) for ``offsets[0]:offsets[-1]``."""
     total = np.cumsum(gaps[offsets[0] : offsets[-1]], dtype=np.int64)
     before = np.concatenate([[0], total])[offsets[:-1] - offsets[0]]
     return total - np.repeat(before, np.diff(offsets))
+
+
+def read_compact_rows(pf: pq.ParquetFile, table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-cell offsets (from 0), gene indices and values of the ``indices``/``values`` columns read from ``pf``.
+
+    Reads both formats: 2 (binary columns, see :func:`encode_cells`) and 1 (``list`` columns of delta-coded
+    indices and plain values, as earlier versions wrote).
+    """
+    kv = pf.metadata.metadata or {}
+    meta = json.loads(kv[_PART_META_KEY]) if _PART_META_KEY in kv else {}
+    if meta.get("format_version", 1) >= 2:
+        order = np.frombuffer(base64.b64decode(kv[_GENE_ORDER_KEY]), dtype=meta["gene_order"])
+        return decode_cells(table.column("indices"), table.column("values"), order, meta["values"])
+    ind = table.column("indices").combine_chunks()
+    val = table.column("values").combine_chunks()
+    offsets = ind.offsets.to_numpy().astype(np.int64)
+    start, stop = offsets[0], offsets[-1]
+    return (
+        offsets - start,
+        delta_decode(ind.values.to_numpy(), offsets),
+        val.values.to_numpy(zero_copy_only=False)[start:stop],
+    )
 
 
 def _dense_values(table: pa.Table, n_genes: int) -> np.ndarray:
