@@ -22,7 +22,7 @@ string per cell in each of two binary columns (zstd), and ``compact.json`` at th
 
 Every part carries its own metadata (value coding, cells, non-zeros) and its gene order in the parquet key-value
 metadata. Coding the gaps in frequency order and the counts of 1 as one bit of the gap brings a cell to about
-5.7 bits per non-zero gene on raw UMI counts (the per-gene entropy bound of the gaps and values is about 4.8 bits).
+5.6 bits per non-zero gene on raw UMI counts (the per-gene entropy bound of the gaps and values is about 4.8 bits).
 Format 1 (``indices: list<uint16|int32>`` delta-coded in gene order, ``values: list<uint8|...|float32>``) is still
 read.
 """
