@@ -71,9 +71,14 @@ def test_training_fits_the_scaling_on_training_cells_only(pbmc_copy, tmp_path):
     np.testing.assert_array_equal(model.module.input_mean.numpy(), mean.numpy())
 
 
-def test_standardize_off_and_sctab_recipe_read_log_values_directly(pbmc_copy):
+def test_only_the_mlp_standardises_by_default(pbmc_copy):
     schce.HCEClassifier.setup_anndata(pbmc_copy, labels_key="cell_type_ontology_term_id")
-    for kwargs in ({"standardize": False, **SMALL_MLP}, {"recipe": "sctab", "backbone": "linear"}):
+    for kwargs in (
+        {"standardize": False, **SMALL_MLP},
+        {"recipe": "sctab"},
+        {"backbone": "linear"},
+        {"backbone": "tabnet"},
+    ):
         model = schce.HCEClassifier(pbmc_copy, **kwargs)
         model.train(max_epochs=1, seed=0, enable_progress_bar=False)
         assert not hasattr(model.module, "input_mean"), kwargs
