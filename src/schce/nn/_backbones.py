@@ -50,9 +50,21 @@ class MLP(nn.Module):
         Number of blocks.
     dropout
         Dropout after every block.
+    input_dropout
+        Dropout on the input genes in training (``0``: none, as scTab's MLP): each gene of each cell is zeroed with
+        this probability, which teaches the model not to lean on any single gene (detection is noisy in single
+        cells and gene panels differ between studies). It has no parameters, so state dicts are unchanged.
     """
 
-    def __init__(self, n_input: int, n_labels: int, n_hidden: int = 128, n_layers: int = 8, dropout: float = 0.1):
+    def __init__(
+        self,
+        n_input: int,
+        n_labels: int,
+        n_hidden: int = 128,
+        n_layers: int = 8,
+        dropout: float = 0.1,
+        input_dropout: float = 0.0,
+    ):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be ≥ 1, got {n_layers}.")
@@ -63,6 +75,7 @@ class MLP(nn.Module):
             width = n_hidden
         self.encoder = nn.Sequential(*layers)
         self.linear = nn.Linear(n_hidden, n_labels)
+        self.input_dropout = nn.Dropout(input_dropout)
 
     @property
     def n_latent(self) -> int:
@@ -71,7 +84,7 @@ class MLP(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, n_input) -> (B, n_hidden)`` penultimate-layer embedding."""
-        return self.encoder(x)
+        return self.encoder(self.input_dropout(x))
 
     def classify(self, h: torch.Tensor) -> torch.Tensor:
         """``(B, n_hidden) -> (B, n_labels)`` logits."""
