@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
+import torch
 from torch.utils.data import DataLoader
 
 import schce
@@ -30,6 +31,7 @@ from schce.data._store import (
     varint_decode,
     varint_encode,
 )
+from schce.nn import normalize_counts
 
 from .conftest import SMALL_MLP
 
@@ -378,7 +380,11 @@ def test_train_evaluate_predict_on_a_store(stores, atlas, tmp_path):
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
     model.train(datamodule=dm, max_epochs=2, seed=0, enable_progress_bar=False)
     assert model.is_trained_ and "validation_corrected_macro_f1" in model.history_ and model.temperature_ != 1.0
-    assert any(not (before[k] == v).all() for k, v in model.module.state_dict().items())
+    assert any(not (before[k] == v).all() for k, v in model.module.state_dict().items() if k in before)
+    # The gene scaling comes from the store's training split (all of it: the store is below the sample size).
+    train_cells = read_sctab_store(stores["compact"], "train").X
+    logged = normalize_counts(torch.as_tensor(train_cells.toarray(), dtype=torch.float64))
+    np.testing.assert_allclose(model.module.input_mean.numpy(), logged.mean(0).numpy(), rtol=1e-4, atol=1e-6)
     result = model.evaluate(datamodule=dm)
     n_test = dm.n_cells("test")
     assert result.overall.loc["n_cells", "value"] == n_test

@@ -149,7 +149,7 @@ class HCEClassifier(BaseModelClass):
         self.backbone, self.loss, self.hce_form, self.recipe = backbone, loss, hce_form, recipe
         self.label_semantics = label_semantics
         if standardize is None:
-            standardize = recipe is None and DEFAULT_STANDARDIZE[backbone]
+            standardize = recipe is None and DEFAULT_STANDARDIZE.get(backbone, False)
         self.standardize = bool(standardize)
         base = get_recipe(recipe, backbone).backbone_kwargs if recipe else DEFAULT_BACKBONE_KWARGS.get(backbone, {})
         arch = {**base, **backbone_kwargs}
