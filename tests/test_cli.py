@@ -13,6 +13,7 @@ from conftest import SMALL_MLP
 
 import schce
 from schce.cli import cli
+from schce.model import DEFAULT_BACKBONE_KWARGS
 
 LABELS = "cell_type_ontology_term_id"
 SMALL = ["--n-hidden", str(SMALL_MLP["n_hidden"]), "--n-layers", str(SMALL_MLP["n_layers"])]
@@ -65,7 +66,8 @@ def test_train_writes_a_loadable_model_and_reports_the_validation_metric(files):
     assert (files["model"] / "model.pt").is_file() and (files["model"] / "schce.json").is_file()
     model = schce.HCEClassifier.load(files["model"])
     assert model.loss == "hce-aware" and model.backbone == "mlp" and model.is_trained_
-    assert model.init_params_["kwargs"]["backbone_kwargs"] == SMALL_MLP
+    # the full architecture is saved: the package defaults with the given settings on top
+    assert model.init_params_["kwargs"]["backbone_kwargs"] == {**DEFAULT_BACKBONE_KWARGS["mlp"], **SMALL_MLP}
     assert model.hierarchy.n_labels == files["adata"].obs[LABELS].nunique()
     assert model.genes == list(files["adata"].var_names)
     # the model's own validation score for its best epoch is what the command printed

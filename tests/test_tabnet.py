@@ -394,3 +394,50 @@ def test_without_shared_or_independent_layers(n_independent, n_shared):
     keys = model.state_dict().keys()
     assert any(".shared.shared_layers." in k for k in keys) == (n_shared > 0)
     assert any(".specifics." in k for k in keys) == (n_independent > 0)
+
+
+def test_initial_bn_eps_is_a_variance_floor_that_keeps_the_state_dict():
+    sctab = TabNet(10, 3, n_d=4, n_a=4)
+    assert sctab.encoder.initial_bn.eps == 1e-5  # scTab's (PyTorch's default)
+    ours = TabNet(10, 3, n_d=4, n_a=4, initial_bn_eps=1.0)
+    assert list(ours.state_dict()) == list(sctab.state_dict())
+    seen = {}
+    ours.encoder.initial_bn.register_forward_hook(lambda m, i, o: seen.update(out=o))
+    sctab.encoder.initial_bn.register_forward_hook(lambda m, i, o: seen.update(ref=o))
+    for model in (ours, sctab):
+        model.eval()
+        # a gene that was silent in training (variance 0) and is expressed at log level 3 in a query cell
+        model.encoder.initial_bn.running_mean.zero_()
+        model.encoder.initial_bn.running_var.zero_()
+        model(torch.full((2, 10), 3.0))
+    torch.testing.assert_close(seen["out"], torch.full((2, 10), 3.0))  # 3 / sqrt(0 + 1)
+    assert seen["ref"].min().item() > 900  # 3 / sqrt(1e-5): far outside anything a training batch produces
+    with pytest.raises(ValueError, match="initial_bn_eps"):
+        TabNet(10, 3, initial_bn_eps=0)
+
+
+def test_package_default_tabnet_floors_the_input_variance(pbmc):
+    import schce
+    from schce.model import DEFAULT_BACKBONE_KWARGS
+
+    adata = pbmc.copy()
+    schce.HCEClassifier.setup_anndata(adata, labels_key="cell_type_ontology_term_id")
+    assert DEFAULT_BACKBONE_KWARGS["tabnet"] == {"initial_bn_eps": 1.0}
+    eps = lambda model: model.module.classifier.encoder.initial_bn.eps
+    assert eps(schce.HCEClassifier(adata, backbone="tabnet", n_d=8, n_a=8)) == 1.0
+    assert eps(schce.HCEClassifier(adata, backbone="tabnet", recipe="sctab", n_d=8, n_a=8)) == 1e-5
+    assert eps(schce.HCEClassifier(adata, backbone="tabnet", n_d=8, n_a=8, initial_bn_eps=1e-3)) == 1e-3
+
+
+def test_saved_model_keeps_its_backbone_defaults(pbmc, tmp_path, monkeypatch):
+    import schce
+    from schce import model as model_module
+
+    adata = pbmc.copy()
+    schce.HCEClassifier.setup_anndata(adata, labels_key="cell_type_ontology_term_id")
+    model = schce.HCEClassifier(adata, backbone="tabnet", n_d=8, n_a=8)
+    model.train(max_epochs=1, seed=0, enable_progress_bar=False)
+    model.save(tmp_path / "m")
+    monkeypatch.setitem(model_module.DEFAULT_BACKBONE_KWARGS, "tabnet", {"initial_bn_eps": 0.5})
+    loaded = schce.HCEClassifier.load(tmp_path / "m", accelerator="cpu")
+    assert loaded.module.classifier.encoder.initial_bn.eps == 1.0

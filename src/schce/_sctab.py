@@ -21,6 +21,8 @@ _TABNET_DEFAULTS = {
     "momentum": 0.02,
     "mask_type": "entmax",
     "lambda_sparse": 1e-5,
+    # Not among scTab's hyperparameters (PyTorch's default there); pinned so a published TabNet stays scTab's.
+    "initial_bn_eps": 1e-5,
 }
 
 

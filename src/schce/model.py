@@ -57,7 +57,9 @@ SCALING_SAMPLE = 200_000
 DEFAULT_BACKBONE_KWARGS = {
     "mlp": {"n_hidden": 256, "n_layers": 3, "dropout": 0.2, "input_dropout": 0.2},
     "linear": {},
-    "tabnet": {},
+    # scTab's TabNet with a variance floor in its input batch norm, so eval-mode inputs stay in the range that small
+    # training batches produce (docs/training.md).
+    "tabnet": {"initial_bn_eps": 1.0},
 }
 # Standardised inputs by default: they help the MLP across batches; TabNet's input batch norm already standardises,
 # and the linear model transferred worse with them (symphony leave-one-batch-out, corrected macro F1 0.782 vs 0.801).
@@ -165,6 +167,7 @@ class HCEClassifier(BaseModelClass):
             + ("raw counts, normalised in the module" if setup["normalize"] else "used as given")
         )
         self.temperature_ = 1.0
+        backbone_kwargs = arch  # saved in full, so later changes of the defaults leave saved models as they were
         self.init_params_ = self._get_init_params(locals())
 
     # ------------------------------------------------------------------ setup

@@ -338,11 +338,12 @@ class _TabNetEncoder(nn.Module):
         momentum: float,
         mask_type: str,
         epsilon: float,
+        initial_bn_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.n_d, self.n_steps, self.gamma, self.epsilon = n_d, n_steps, gamma, epsilon
         width = n_d + n_a
-        self.initial_bn = nn.BatchNorm1d(n_input, momentum=0.01)
+        self.initial_bn = nn.BatchNorm1d(n_input, eps=initial_bn_eps, momentum=0.01)
         # The shared linears are deliberately not an attribute of the encoder: they are registered inside every
         # feature transformer's ``shared`` block, which is where scTab's state dict names them.
         shared: nn.ModuleList | None = None
@@ -433,6 +434,12 @@ class TabNet(nn.Module):
         Added inside the logarithm of the sparsity term.
     lambda_sparse
         Weight of the sparsity term, stored for the training plan; the module itself does not use it.
+    initial_bn_eps
+        ``eps`` of the initial batch norm (PyTorch's ``1e-5`` in scTab): a floor on each gene's variance. With a
+        tiny ``eps``, genes that are (almost) silent in the training cells get huge standardised values in eval
+        mode (in held-out batches up to hundreds of standard deviations), far beyond the ``sqrt(B - 1)`` that a
+        training batch of ``B`` cells can produce. On log-normalised input, ``1.0`` keeps such genes near their
+        log scale while still centring every gene. The package default for new models is ``1.0``.
     """
 
     def __init__(
@@ -450,6 +457,7 @@ class TabNet(nn.Module):
         mask_type: str = "entmax",
         epsilon: float = 1e-15,
         lambda_sparse: float = 1e-5,
+        initial_bn_eps: float = 1e-5,
     ):
         super().__init__()
         if n_steps < 1:
@@ -458,6 +466,8 @@ class TabNet(nn.Module):
             raise ValueError("n_independent and n_shared must be ≥ 0 and not both zero.")
         if mask_type not in ("entmax", "sparsemax"):
             raise ValueError(f"mask_type must be 'entmax' or 'sparsemax', got {mask_type!r}.")
+        if not initial_bn_eps > 0:
+            raise ValueError(f"initial_bn_eps must be positive, got {initial_bn_eps}.")
         self.n_input, self.n_labels = n_input, n_labels
         self.n_d, self.n_a, self.n_steps = n_d, n_a, n_steps
         self.mask_type = mask_type
@@ -474,6 +484,7 @@ class TabNet(nn.Module):
             momentum=momentum,
             mask_type=mask_type,
             epsilon=epsilon,
+            initial_bn_eps=initial_bn_eps,
         )
         self.final_mapping = nn.Linear(n_d, n_labels, bias=False)
         _init_non_glu(self.final_mapping)
