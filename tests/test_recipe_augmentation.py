@@ -63,7 +63,10 @@ def test_augmentation_changes_training_inputs_only(trained):
         trained.module, trained.hierarchy.R, augmentations=np.full((3, n_genes), 0.5, dtype=np.float32)
     )
     seen = []
-    hook = trained.module.classifier.encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    # What enters the module (its own standardisation and input dropout come after): (x, whether it normalises x).
+    hook = trained.module.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args[0].clone(), kwargs["normalize"])), with_kwargs=True
+    )
     x = torch.poisson(torch.full((8, n_genes), 2.0))
     batch = {"x": x, "y": torch.zeros(8, dtype=torch.long), "batch": torch.zeros(8, dtype=torch.long)}
     try:
@@ -78,10 +81,13 @@ def test_augmentation_changes_training_inputs_only(trained):
     clean = normalize_counts(x)
     # each training row is the normalised input plus or minus the (constant 0.5) row, clamped to [0, 9]
     plus, minus = (clean + 0.5).clamp(0, 9), (clean - 0.5).clamp(0, 9)
-    row_plus = torch.isclose(seen[0], plus).all(1)
-    row_minus = torch.isclose(seen[0], minus).all(1)
-    assert (row_plus | row_minus).all()
-    torch.testing.assert_close(seen[1], clean)
+    (train_x, train_normalize), (val_x, val_normalize) = seen
+    row_plus = torch.isclose(train_x, plus).all(1)
+    row_minus = torch.isclose(train_x, minus).all(1)
+    assert (row_plus | row_minus).all() and not train_normalize
+    # validation passes the counts untouched, normalised inside the module
+    torch.testing.assert_close(val_x, x)
+    assert val_normalize
 
 
 def test_train_with_augmentation_runs_and_predictions_are_deterministic(pbmc):
