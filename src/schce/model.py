@@ -590,16 +590,28 @@ class HCEClassifier(BaseModelClass):
         """Set the module's per-gene standardisation from the training cells (a sample of an atlas datamodule)."""
         normalize = self.registry_[_SETUP_KEY]["normalize"]
         if datamodule is None:
-            batches, max_cells = make_loader(X, train_idx, 4096), None
-            n_batches = len(batches)
+            loader, max_cells = make_loader(X, train_idx, 4096), None
+            n_batches = len(loader)
         else:
-            batches, max_cells = datamodule.train_dataloader(), SCALING_SAMPLE
+            loader, max_cells = datamodule.train_dataloader(), SCALING_SAMPLE
             n_batches = None
-        # A bar only when the pass is long enough to wait for.
-        batches = tqdm(
-            batches, desc="Gene scaling", unit="batch", leave=False, disable=n_batches is not None and n_batches < 20
-        )
-        mean, std, n = gene_moments(batches, normalize, max_cells)
+        iterator = iter(loader)
+        try:
+            # A bar only when the pass is long enough to wait for.
+            batches = tqdm(
+                iterator,
+                desc="Gene scaling",
+                unit="batch",
+                leave=False,
+                total=n_batches,
+                disable=n_batches is not None and n_batches < 20,
+            )
+            mean, std, n = gene_moments(batches, normalize, max_cells)
+        finally:
+            # Stop this pass's loader workers now (it ends early on an atlas), before training starts its own.
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
         self.module.set_input_scaling(mean, std)
         logger.info("Standardising %d genes with the mean and scale of %d training cells.", len(mean), n)
 

@@ -49,11 +49,13 @@ def gene_moments(
     """
     n, total, total_sq = 0, 0.0, 0.0
     for batch in batches:
-        # float64 sums: one pass over millions of cells must not lose the variance to cancellation.
-        x = batch["x"].double()
+        x = batch["x"].float()
         if normalize:
             x = normalize_counts(x)
-        total, total_sq, n = total + x.sum(0), total_sq + (x * x).sum(0), n + len(x)
+        # float64 sums (the batch itself stays float32, its size in memory): one pass over millions of cells must
+        # not lose the variance to cancellation.
+        total = total + x.sum(0, dtype=torch.float64)
+        total_sq, n = total_sq + x.square().sum(0, dtype=torch.float64), n + len(x)
         if max_cells is not None and n >= max_cells:
             break
     if n == 0:
