@@ -588,23 +588,13 @@ class HCEClassifier(BaseModelClass):
 
     def _fit_input_scaling(self, X, train_idx: np.ndarray | None, datamodule) -> None:
         """Set the module's per-gene standardisation from the training cells (a sample of an atlas datamodule)."""
-        from schce.data._datamodule import SCTabStoreDataModule, StoreDataset
-
-        normalize = self.registry_[_SETUP_KEY]["normalize"]
         if datamodule is None:
             loader, max_cells = make_loader(X, train_idx, 4096), None
-            n_batches = len(loader)
-        elif isinstance(datamodule, SCTabStoreDataModule):
-            # Read in this process, one shuffled row group at a time, in small batches: a pass through the
-            # datamodule's worker loader left the training epoch 1.9 GiB higher (summed over its workers) on the
-            # 200,000-cell benchmark store.
-            d = datamodule.dataset("train")
-            sample = StoreDataset(d.path, "train", 256, shuffle=True, seed=d.seed, buffer_size=1)
-            loader = torch.utils.data.DataLoader(sample, batch_size=None, num_workers=0)
-            max_cells, n_batches = SCALING_SAMPLE, None
         else:
-            loader, max_cells = datamodule.train_dataloader(), SCALING_SAMPLE
-            n_batches = None
+            from schce.data._store_model import scaling_loader
+
+            loader, max_cells = scaling_loader(datamodule), SCALING_SAMPLE
+        n_batches = len(loader) if max_cells is None else None
         iterator = iter(loader)
         try:
             # A bar only when the pass is long enough to wait for.
@@ -616,7 +606,7 @@ class HCEClassifier(BaseModelClass):
                 total=n_batches,
                 disable=n_batches is not None and n_batches < 20,
             )
-            mean, std, n = gene_moments(batches, normalize, max_cells)
+            mean, std, n = gene_moments(batches, self.registry_[_SETUP_KEY]["normalize"], max_cells)
         finally:
             # Stop this pass's loader workers now (it ends early on an atlas), before training starts its own.
             shutdown = getattr(iterator, "_shutdown_workers", None)
