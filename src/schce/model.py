@@ -32,6 +32,7 @@ from scvi.model.base import BaseModelClass
 from tqdm.auto import tqdm
 
 from schce import _io
+from schce._memory import release_free_memory
 from schce._output import prediction_frame, write_outputs
 from schce.data._expression import check_expression, get_matrix, resolve_normalize
 from schce.data._genes import GeneAligner, gene_id_type, strip_ensembl_version
@@ -782,6 +783,7 @@ class HCEClassifier(BaseModelClass):
             warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
             if resume_from is not None:
                 warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            release_free_memory()  # before the loader workers fork from this process
             trainer.fit(plan, ckpt_path=resume_from, **fit_data)
         self.module.eval()
         self.history_ = {

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from schce._memory import release_free_memory
 from schce.data._store import (
     CODE_COLUMNS,
     SPLITS,
@@ -209,30 +210,38 @@ class StoreDataset(IterableDataset):
         files: dict[str, pq.ParquetFile] = {}
         pending: list[tuple[_Block, np.ndarray]] = []
         emitted = 0
-        for start in range(0, len(units), self.buffer_size):
-            for u in units[start : start + self.buffer_size]:
-                file, group, _ = self.units[u]
-                pf = files.setdefault(file, pq.ParquetFile(file))
-                block = _read_block(pf, group, self.layout, self.n_genes, self._columns())
-                pending.append((block, np.arange(len(block))))
-            ids = np.concatenate([np.full(len(r), k) for k, (_, r) in enumerate(pending)])
-            rows = np.concatenate([r for _, r in pending])
-            if self.shuffle:
-                perm = rng.permutation(len(rows))
-                ids, rows = ids[perm], rows[perm]
-            n_full = len(rows) // self.batch_size
-            for b in range(n_full):
-                if emitted >= cap:
-                    return
-                sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
-                yield self._assemble(pending, ids[sl], rows[sl])
-                emitted += 1
-            left_ids, left_rows = ids[n_full * self.batch_size :], rows[n_full * self.batch_size :]
-            pending = [(pending[k][0], left_rows[left_ids == k]) for k in np.unique(left_ids)]
-        if pending and emitted < cap:
-            ids = np.concatenate([np.full(len(r), k) for k, (_, r) in enumerate(pending)])
-            rows = np.concatenate([r for _, r in pending])
-            yield self._assemble(pending, ids, rows)
+        try:
+            for start in range(0, len(units), self.buffer_size):
+                for u in units[start : start + self.buffer_size]:
+                    file, group, _ = self.units[u]
+                    pf = files.setdefault(file, pq.ParquetFile(file))
+                    block = _read_block(pf, group, self.layout, self.n_genes, self._columns())
+                    pending.append((block, np.arange(len(block))))
+                ids = np.concatenate([np.full(len(r), k) for k, (_, r) in enumerate(pending)])
+                rows = np.concatenate([r for _, r in pending])
+                if self.shuffle:
+                    perm = rng.permutation(len(rows))
+                    ids, rows = ids[perm], rows[perm]
+                n_full = len(rows) // self.batch_size
+                for b in range(n_full):
+                    if emitted >= cap:
+                        return
+                    sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+                    yield self._assemble(pending, ids[sl], rows[sl])
+                    emitted += 1
+                left_ids, left_rows = ids[n_full * self.batch_size :], rows[n_full * self.batch_size :]
+                pending = [(pending[k][0], left_rows[left_ids == k]) for k in np.unique(left_ids)]
+            if pending and emitted < cap:
+                ids = np.concatenate([np.full(len(r), k) for k, (_, r) in enumerate(pending)])
+                rows = np.concatenate([r for _, r in pending])
+                yield self._assemble(pending, ids, rows)
+        finally:
+            # A worker lives on after its last batch until the whole loader ends, and Lightning validates before
+            # that: the row groups it buffered (~1 GiB at batch 2048 on a dense store) would sit beside the
+            # validation workers.
+            pending = files = block = None
+            if get_worker_info() is not None:
+                release_free_memory()
 
     def _assemble(self, pool: list[tuple[_Block, np.ndarray]], ids: np.ndarray, rows: np.ndarray) -> dict:
         n = len(rows)
