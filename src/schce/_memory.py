@@ -8,6 +8,8 @@ import gc
 import logging
 import sys
 
+import pyarrow as pa
+
 logger = logging.getLogger(__name__)
 
 
@@ -19,12 +21,7 @@ def release_free_memory() -> None:
     the main process before the training epoch (``docs/atlas.md``).
     """
     gc.collect()
-    try:
-        import pyarrow as pa
-
-        pa.default_memory_pool().release_unused()
-    except ImportError:  # pragma: no cover - pyarrow is a dependency
-        pass
+    pa.default_memory_pool().release_unused()
     if sys.platform.startswith("linux"):
         libc_name = ctypes.util.find_library("c")
         try:
