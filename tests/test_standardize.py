@@ -71,12 +71,13 @@ def test_training_fits_the_scaling_on_training_cells_only(pbmc_copy, tmp_path):
     np.testing.assert_array_equal(model.module.input_mean.numpy(), mean.numpy())
 
 
-def test_only_the_mlp_standardises_by_default(pbmc_copy):
+def test_mlp_and_linear_standardise_by_default_tabnet_and_sctab_do_not(pbmc_copy):
     schce.HCEClassifier.setup_anndata(pbmc_copy, labels_key="cell_type_ontology_term_id")
+    assert schce.HCEClassifier(pbmc_copy, backbone="linear").standardize
     for kwargs in (
         {"standardize": False, **SMALL_MLP},
         {"recipe": "sctab"},
-        {"backbone": "linear"},
+        {"backbone": "linear", "recipe": "sctab"},
         {"backbone": "tabnet"},
     ):
         model = schce.HCEClassifier(pbmc_copy, **kwargs)

@@ -45,7 +45,7 @@ from schce.ontology import load_cell_ontology
 from schce.train import LOSSES, BestWeights, FrozenModules, HCETrainingPlan, HistoryRecorder
 from schce.train._callbacks import TrainingProgress
 from schce.train._checkpoints import check_checkpoint_args, checkpoint_callbacks
-from schce.train._recipe import default_batch_size, get_recipe, matmul_precision
+from schce.train._recipe import default_batch_size, get_recipe, matmul_precision, resolve_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +64,12 @@ DEFAULT_BACKBONE_KWARGS = {
 }
 # Standardised inputs by default: they help the MLP across batches; TabNet's input batch norm already standardises,
 # and the linear model transferred worse with them (symphony leave-one-batch-out, corrected macro F1 0.782 vs 0.801).
-DEFAULT_STANDARDIZE = {"mlp": True, "linear": False, "tabnet": False}
+DEFAULT_STANDARDIZE = {"mlp": True, "linear": True, "tabnet": False}
 # AdamW (lr, weight decay) per backbone; TabNet's are the published recipe, which it needs to train at all.
 DEFAULT_OPTIMIZER = {"linear": (5e-4, 0.01), "mlp": (5e-4, 0.01), "tabnet": (5e-3, 0.05)}
+# L2 strength of the full-batch L-BFGS linear model: symphony leave-one-batch-out needs ≥ 0.03 to transfer across
+# batches (0.81 -> 0.84 corrected macro F1); pancreas prefers more, pbmc68k is flat (docs/training.md).
+LBFGS_L2 = 0.1
 
 
 @contextlib.contextmanager
@@ -363,6 +366,7 @@ class HCEClassifier(BaseModelClass):
         lr: float | None = None,
         weight_decay: float | None = None,
         lr_gamma: float | None = None,
+        optimizer: Literal["adamw", "lbfgs"] | None = None,
         validation_size: float = 0.1,
         test_size: float = 0.0,
         split_key: str | None = None,
@@ -400,9 +404,17 @@ class HCEClassifier(BaseModelClass):
             Cells per step; default ``min(2048, max(32, n_train // 16))`` so small data still gets many steps.
         lr, weight_decay
             AdamW settings; default per backbone: 5e-4 / 0.01 (linear, MLP), 5e-3 / 0.05 (TabNet); with
-            ``recipe="sctab"`` 5e-4 / 0.01, 2e-3 / 0.05, 5e-3 / 0.05 (linear / MLP / TabNet).
+            ``recipe="sctab"`` 5e-4 / 0.01, 2e-3 / 0.05, 5e-3 / 0.05 (linear / MLP / TabNet). With
+            ``optimizer="lbfgs"``, ``weight_decay`` is the strength λ of the L2 penalty ``λ / 2 · ‖W‖²`` (default
+            0.1) and ``lr`` is unused.
         lr_gamma
             Learning-rate factor applied after every epoch (StepLR); default 0.98, or 0.9 with ``recipe="sctab"``.
+        optimizer
+            ``"adamw"``: mini-batches. ``"lbfgs"``: full batch, for the linear backbone: every epoch is 20 L-BFGS
+            iterations over all training cells on the L2-penalised loss, so the model is solved to convergence as a
+            logistic regression is. Default (``None``): L-BFGS for ``backbone="linear"`` without a recipe, on
+            in-memory data of at most 2**28 values (training cells × genes), one device, no augmentation or
+            auxiliary terms; AdamW otherwise. See :doc:`/training`.
         validation_size
             Fraction of cells held out for validation (per label, or by whole groups with ``split_key``); ``0``
             trains on everything for ``max_epochs``.
@@ -475,18 +487,33 @@ class HCEClassifier(BaseModelClass):
         if batch_size is not None and batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 (BatchNorm needs two cells), got {batch_size}.")
         recipe = get_recipe(self.recipe, self.backbone) if getattr(self, "recipe", None) else None
+        auxiliary = {"adversarial": adversarial_weight, "batch_mixing": batch_mixing_weight, "ecs": ecs_weight}
+        augment_on = augment is True or not isinstance(augment, bool)
+        optimizer = resolve_optimizer(
+            optimizer,
+            backbone=self.backbone,
+            recipe=getattr(self, "recipe", None),
+            n_values=None if datamodule is not None else self.adata.n_obs * len(self.genes),
+            devices=devices,
+            batch_size=batch_size,
+            stochastic=[f"{k}_weight" for k, w in auxiliary.items() if w] + ["augment"] * augment_on,
+            trainer_kwargs=trainer_kwargs,
+        )
         default_lr, default_wd = DEFAULT_OPTIMIZER.get(self.backbone, DEFAULT_OPTIMIZER["mlp"])
         if recipe is not None:
             default_lr, default_wd = recipe.lr, recipe.weight_decay
+        if optimizer == "lbfgs":
+            default_wd = LBFGS_L2
         lr = default_lr if lr is None else lr
         weight_decay = default_wd if weight_decay is None else weight_decay
         lr_gamma = (recipe.lr_gamma if recipe else 0.98) if lr_gamma is None else lr_gamma
         checkpoint_dir, resume_from = check_checkpoint_args(checkpoint_dir, ckpt_path, checkpoint_every_n_steps)
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}.")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be non-negative, got {weight_decay}.")
         if class_weights not in ("balanced", None):
             raise ValueError(f"class_weights must be 'balanced' or None, got {class_weights!r}.")
-        auxiliary = {"adversarial": adversarial_weight, "batch_mixing": batch_mixing_weight, "ecs": ecs_weight}
         if datamodule is None:
             n_batches = int(self.summary_stats["n_batch"])
         else:
@@ -536,7 +563,9 @@ class HCEClassifier(BaseModelClass):
             train_idx, val_idx, test_idx = split_cells(codes, validation_size, test_size, seed, groups)
             batches = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).ravel()
             sources = batches if self.registry_["setup_args"]["batch_key"] is not None else None
-            if batch_size is None:
+            if optimizer == "lbfgs":
+                batch_size = len(train_idx)
+            elif batch_size is None:
                 batch_size = default_batch_size(len(train_idx), recipe.max_batch_size if recipe else 2048)
             if augment is True:
                 from schce.data import augmentation_matrix
@@ -552,6 +581,8 @@ class HCEClassifier(BaseModelClass):
             X = codes = train_idx = val_idx = test_idx = batches = sources = None
         if self.standardize and not self.is_trained_:
             self._fit_input_scaling(X, train_idx, datamodule)
+        if optimizer == "lbfgs":
+            trainer_kwargs["gradient_clip_val"] = None
         trainer_kwargs.setdefault("gradient_clip_val", recipe.gradient_clip_val if recipe else 1.0)
         self._fit(
             X,
@@ -574,6 +605,7 @@ class HCEClassifier(BaseModelClass):
             lr=lr,
             weight_decay=weight_decay,
             lr_gamma=lr_gamma,
+            optimizer=optimizer,
             early_stopping=early_stopping,
             early_stopping_patience=early_stopping_patience,
             class_weights=class_weights,
@@ -680,6 +712,7 @@ class HCEClassifier(BaseModelClass):
         checkpoint_dir: Path | None = None,
         resume_from: str | None = None,
         checkpoint_every_n_steps: int | None = None,
+        optimizer: str = "adamw",
         **trainer_kwargs,
     ) -> None:
         """Train ``self.module`` on rows of ``X``, keep the best validation epoch, calibrate.
@@ -714,6 +747,7 @@ class HCEClassifier(BaseModelClass):
             n_batches=n_batches,
             ecs_threshold=ecs_threshold,
             augmentations=augmentations,
+            optimizer=optimizer,
         )
         if datamodule is None:
             train_dl = make_loader(
@@ -741,13 +775,17 @@ class HCEClassifier(BaseModelClass):
         if datamodule is None:
             fingerprint = {"seed": seed, "n_train": n_train, "n_validation": n_val, "batch_size": batch_size}
             callbacks.insert(0, TrainingProgress(train_dl.sampler, fingerprint))
-        best = BestWeights(MONITOR) if val_dl is not None else None
+        # L-BFGS solves a convex problem: its answer is the converged optimum, not the iterate that scored best on
+        # the validation cells, and it stops when the training loss stops falling.
+        best = BestWeights(MONITOR) if val_dl is not None and optimizer != "lbfgs" else None
         if best is not None:
             callbacks.append(best)
             if early_stopping:
                 callbacks.append(
                     pl.callbacks.EarlyStopping(MONITOR, mode="max", patience=early_stopping_patience, check_finite=True)
                 )
+        elif optimizer == "lbfgs" and early_stopping:
+            callbacks.append(pl.callbacks.EarlyStopping("train_loss", mode="min", min_delta=1e-6, patience=1))
         callbacks += user_callbacks
         if checkpoint_dir is not None:
             monitor = MONITOR if val_dl is not None else None
@@ -770,8 +808,9 @@ class HCEClassifier(BaseModelClass):
                 **trainer_kwargs,
             )
         logger.info(
-            "Training %s on %d cells (%d for validation), batch size %d, up to %d epochs.",
+            "Training %s with %s on %d cells (%d for validation), batch size %d, up to %d epochs.",
             self.loss.upper(),
+            "full-batch L-BFGS" if optimizer == "lbfgs" else "AdamW",
             n_train,
             n_val,
             batch_size,
@@ -790,7 +829,8 @@ class HCEClassifier(BaseModelClass):
             key: pd.DataFrame({key: [v for _, v in rows]}, index=pd.Index([e for e, _ in rows], name="epoch"))
             for key, rows in history.history.items()
         }
-        self.best_epoch_ = best.best_epoch if best is not None else max_epochs - 1
+        self.best_epoch_ = best.best_epoch if best is not None else trainer.current_epoch - 1
+        self.optimizer_ = optimizer
         self.is_trained_ = True
         self.temperature_ = 1.0
         if calibrate and n_val:

@@ -2,11 +2,12 @@
 
 from schce.train._calibration import fit_temperature
 from schce.train._callbacks import BestWeights, FrozenModules, HistoryRecorder
-from schce.train._plan import LOSSES, HCETrainingPlan
+from schce.train._plan import LOSSES, OPTIMIZERS, HCETrainingPlan
 from schce.train._recipe import RECIPES, Recipe
 
 __all__ = [
     "LOSSES",
+    "OPTIMIZERS",
     "BestWeights",
     "FrozenModules",
     "HCETrainingPlan",

@@ -23,6 +23,11 @@ from schce.nn._module import normalize_counts
 LOSSES = ("hce-aware", "hce", "ce")
 # Terms that can be added to the task loss, computed on the penultimate embedding.
 AUXILIARY = ("adversarial", "batch_mixing", "ecs")
+#: Optimisers: AdamW on mini-batches (any backbone, any data size) and full-batch L-BFGS (the linear backbone on
+#: in-memory data: each step sees every training cell, so the convex problem is solved to convergence).
+OPTIMIZERS = ("adamw", "lbfgs")
+# L-BFGS iterations per epoch (torch's default); validation, early stopping and best weights act between epochs.
+LBFGS_ITERATIONS = 20
 
 
 class HCETrainingPlan(pl.LightningModule):
@@ -42,9 +47,14 @@ class HCETrainingPlan(pl.LightningModule):
     normalize
         Whether inputs are raw counts to normalise in the module.
     lr, weight_decay
-        AdamW settings.
+        AdamW settings (``optimizer="adamw"``). With ``optimizer="lbfgs"``, ``weight_decay`` is the strength λ of
+        an L2 penalty ``λ / 2 · ‖W‖²`` on the weight matrices (not the biases), added to the mean training loss, and
+        ``lr`` is unused (a strong-Wolfe line search sets each step).
     lr_gamma
-        StepLR factor applied after every epoch.
+        StepLR factor applied after every epoch (AdamW only).
+    optimizer
+        ``"adamw"`` or ``"lbfgs"`` (:data:`OPTIMIZERS`); L-BFGS expects every training cell in one batch and no
+        randomness in the loss (no dropout, augmentation or auxiliary terms).
     hce_form
         ``"log"`` (exact, default) or ``"reference"`` (the published form with ``log(q + 1e-6)``).
     auxiliary
@@ -82,10 +92,14 @@ class HCETrainingPlan(pl.LightningModule):
         ecs_threshold: float = 0.8,
         target_masks: np.ndarray | None = None,
         augmentations: np.ndarray | None = None,
+        optimizer: str = "adamw",
     ):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}.")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
+        self.optimizer_name = optimizer
         self.auxiliary = {k: float(w) for k, w in (auxiliary or {}).items() if w}
         unknown = sorted(set(self.auxiliary) - set(AUXILIARY))
         if unknown:
@@ -101,6 +115,9 @@ class HCETrainingPlan(pl.LightningModule):
         if lambda_sparse:
             # TabNet's published recipe: task − λ · M_loss, where M_loss is the masks' negative entropy.
             self.auxiliary["sparsity"] = -float(lambda_sparse)
+        if optimizer == "lbfgs" and weight_decay:
+            # AdamW decays weights itself; for L-BFGS the penalty is part of the objective.
+            self.auxiliary["l2"] = float(weight_decay)
         self.module = module
         self.loss_name, self.normalize, self.hce_form = loss, normalize, hce_form
         self.lr, self.weight_decay, self.lr_gamma = lr, weight_decay, lr_gamma
@@ -144,6 +161,9 @@ class HCETrainingPlan(pl.LightningModule):
             terms["ecs"] = elastic_cell_similarity_loss(h, self.ecs_threshold)
         if "sparsity" in self.auxiliary:
             terms["sparsity"] = self.module.classifier.sparsity_loss
+        if "l2" in self.auxiliary:
+            # Weight matrices only: logistic regression penalises coefficients, not intercepts.
+            terms["l2"] = 0.5 * sum(p.square().sum() for p in self.module.parameters() if p.ndim > 1)
         loss = task
         for name, value in terms.items():
             loss = loss + self.auxiliary[name] * value
@@ -179,7 +199,17 @@ class HCETrainingPlan(pl.LightningModule):
             self.log(f"validation_{name}", value, prog_bar=name == "corrected_macro_f1")
 
     def configure_optimizers(self):
-        """AdamW with a StepLR decay after every epoch."""
+        """AdamW with a StepLR decay after every epoch, or full-batch L-BFGS."""
+        if self.optimizer_name == "lbfgs":
+            return torch.optim.LBFGS(
+                self.parameters(),
+                lr=1.0,
+                max_iter=LBFGS_ITERATIONS,
+                history_size=20,
+                line_search_fn="strong_wolfe",
+                tolerance_grad=1e-6,
+                tolerance_change=1e-9,
+            )
         # self.parameters(): the classifier and, when on, the batch discriminator.
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=self.lr_gamma)

@@ -70,3 +70,50 @@ def matmul_precision(precision: str = "high"):
         yield
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+# Full-batch L-BFGS holds the whole dense training matrix on the device: by default only up to this many values
+# (1 GiB of float32); larger data train with AdamW on mini-batches.
+LBFGS_MAX_VALUES = 2**28
+
+
+def resolve_optimizer(
+    requested: str | None,
+    *,
+    backbone: str,
+    recipe: str | None,
+    n_values: int | None,
+    devices,
+    batch_size: int | None,
+    stochastic: list[str],
+    trainer_kwargs: dict,
+) -> str:
+    """Pick the optimiser of a :meth:`~schce.HCEClassifier.train` call, or explain why the requested one cannot run.
+
+    ``None`` gives full-batch L-BFGS for the package-default linear model on in-memory data that fits
+    (``n_values = n_train × n_genes ≤`` :data:`LBFGS_MAX_VALUES`, one device, a deterministic loss) and AdamW
+    otherwise. ``n_values`` is ``None`` for a datamodule; ``stochastic`` names the random training terms asked for.
+    """
+    if requested not in (None, "adamw", "lbfgs"):
+        raise ValueError(f"optimizer must be 'adamw', 'lbfgs' or None (automatic), got {requested!r}.")
+    if requested == "adamw":
+        return "adamw"
+    problems = []
+    if backbone != "linear":
+        problems.append(f"the {backbone} backbone has dropout or batch statistics (use backbone='linear')")
+    if n_values is None:
+        problems.append("it needs the training cells in memory, not a datamodule")
+    if devices not in (1, "1", "auto"):
+        problems.append(f"it runs on one device (got devices={devices!r})")
+    if stochastic:
+        problems.append(f"its line search needs a deterministic loss (turn off {', '.join(stochastic)})")
+    if batch_size is not None:
+        problems.append("every step uses all training cells (leave batch_size=None)")
+    if trainer_kwargs.get("gradient_clip_val"):
+        problems.append("clipping gradients would break its line search (leave gradient_clip_val unset)")
+    if requested is None:
+        fits = n_values is not None and n_values <= LBFGS_MAX_VALUES
+        return "lbfgs" if recipe is None and fits and not problems else "adamw"
+    if problems:
+        raise ValueError("optimizer='lbfgs' cannot train this model: " + "; ".join(problems) + ".")
+    return "lbfgs"
