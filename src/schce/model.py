@@ -62,8 +62,8 @@ DEFAULT_BACKBONE_KWARGS = {
     # training batches produce (docs/training.md).
     "tabnet": {"initial_bn_eps": 1.0},
 }
-# Standardised inputs by default: they help the MLP across batches; TabNet's input batch norm already standardises,
-# and the linear model transferred worse with them (symphony leave-one-batch-out, corrected macro F1 0.782 vs 0.801).
+# Standardised inputs by default: they help the MLP across batches and, with L-BFGS and an L2 penalty, the linear
+# model (docs/training.md); TabNet's input batch norm already standardises.
 DEFAULT_STANDARDIZE = {"mlp": True, "linear": True, "tabnet": False}
 # AdamW (lr, weight decay) per backbone; TabNet's are the published recipe, which it needs to train at all.
 DEFAULT_OPTIMIZER = {"linear": (5e-4, 0.01), "mlp": (5e-4, 0.01), "tabnet": (5e-3, 0.05)}
@@ -94,7 +94,8 @@ class HCEClassifier(BaseModelClass):
     registry
         A saved registry (used by :meth:`load`; leave ``None``).
     backbone
-        ``"mlp"``, ``"linear"`` or ``"tabnet"``.
+        ``"mlp"``, ``"linear"`` (a logistic regression, fitted by full-batch L-BFGS; see :meth:`train`) or
+        ``"tabnet"``.
     recipe
         ``None``: the package defaults (tuned on held-out batches of real PBMCs); ``"sctab"``: the published scTab /
         HCE-paper recipe, i.e. scTab's exact architecture and, in :meth:`train`, its AdamW settings, StepLR(0.9) and
@@ -113,9 +114,9 @@ class HCEClassifier(BaseModelClass):
     standardize
         Whether the first :meth:`train` scales every gene to zero mean and unit variance over the training cells
         (after the log normalisation; clipped at ±10, as :func:`scanpy.pp.scale` with ``max_value=10``). The mean
-        and scale are stored with the weights and applied to every query. Default: ``True`` for the MLP; ``False``
-        for TabNet (its input batch norm standardises already), the linear model, and ``recipe="sctab"`` (scTab's
-        models read the log-normalised values directly). See :doc:`/training`.
+        and scale are stored with the weights and applied to every query. Default: ``True`` for the MLP and the
+        linear model; ``False`` for TabNet (its input batch norm standardises already) and ``recipe="sctab"``
+        (scTab's models read the log-normalised values directly). See :doc:`/training`.
     **backbone_kwargs
         Backbone hyperparameters. The MLP defaults to ``n_hidden=256, n_layers=3, dropout=0.2, input_dropout=0.2``;
         scTab's architecture is ``n_hidden=128, n_layers=8, dropout=0.1, input_dropout=0`` (the defaults of
