@@ -83,8 +83,9 @@ def test_train_refuses_existing_out_and_honours_loss_backbone_and_split(files):
     result = _run("train", files["h5ad"], "--labels-key", "cell_type", "--out", out, "--backbone", "linear",
                   "--loss", "ce", "--max-epochs", 2, "--split-key", "donor", "--no-progress")  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert "Converged at epoch" in result.output
     model = schce.HCEClassifier.load(out)
-    assert (model.loss, model.backbone) == ("ce", "linear")
+    assert (model.loss, model.backbone, model.optimizer_) == ("ce", "linear", "lbfgs")
     donors = files["adata"].obs["donor"].to_numpy()
     # whole donors go to training or validation
     assert set(donors[model.train_indices_]).isdisjoint(donors[model.validation_indices_])

@@ -83,3 +83,19 @@ def test_lbfgs_linear_ce_is_the_l2_penalised_logistic_regression(pbmc_copy):
     assert np.abs(p - theirs).max() < 2e-3  # measured 3e-4
     np.testing.assert_allclose(module.classifier.weight.detach().numpy(), reference.coef_, atol=1e-3)  # 7e-5
     assert (p.argmax(1) == theirs.argmax(1)).mean() > 0.995
+
+
+def test_an_interrupted_lbfgs_run_resumes_to_the_same_weights(pbmc_copy, tmp_path):
+    schce.HCEClassifier.setup_anndata(pbmc_copy, labels_key=LABELS_KEY)
+    whole = schce.HCEClassifier(pbmc_copy, backbone="linear")
+    whole.train(seed=0, enable_progress_bar=False)
+    cut = schce.HCEClassifier(pbmc_copy, backbone="linear")
+    cut.train(seed=0, enable_progress_bar=False, checkpoint_dir=tmp_path, max_epochs=2)  # "interrupted" after 2
+    resumed = schce.HCEClassifier(pbmc_copy, backbone="linear")
+    resumed.train(seed=0, enable_progress_bar=False, checkpoint_dir=tmp_path, ckpt_path="last")
+    assert not torch.equal(cut.module.classifier.weight, whole.module.classifier.weight)
+    assert torch.equal(resumed.module.classifier.weight, whole.module.classifier.weight)  # L-BFGS memory restored
+    assert resumed.best_epoch_ == whole.best_epoch_ and resumed.temperature_ == whole.temperature_
+    resumed.save(tmp_path / "model")
+    loaded = schce.HCEClassifier.load(tmp_path / "model")
+    assert (loaded.optimizer_, loaded.best_epoch_) == ("lbfgs", whole.best_epoch_)

@@ -195,7 +195,12 @@ _MODEL = click.Path(path_type=Path)
     "--loss", type=click.Choice(_loss_names()), default=_default_loss(), show_default=True, help="Training loss."
 )
 @click.option("--max-epochs", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=2), default=None, help="Cells per step; default from n cells.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Cells per step; default from n cells (linear: all of them, by L-BFGS).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Makes training deterministic on CPU.")
 @click.option("--split-key", default=None, help="obs column of donors / samples: whole groups go to validation.")
 @click.option("--validation-size", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
@@ -224,7 +229,7 @@ def train(
     """Train a classifier on INPUT.h5ad and save it to --out.
 
     Validation cells are held out; training keeps the weights of the epoch with the best validation
-    hierarchy-corrected macro F1.
+    hierarchy-corrected macro F1 (the linear model is fitted by full-batch L-BFGS and keeps the converged weights).
     """
     _existing_file(input_path, "Input")
     _check_output(out_dir, overwrite)
@@ -253,7 +258,8 @@ def train(
     history = model.history_.get(MONITOR)
     if history is not None and model.best_epoch_ in history.index:
         score = float(history.loc[model.best_epoch_].iloc[0])
-        click.echo(f"Best epoch {model.best_epoch_}: validation hierarchy-corrected macro F1 = {score:.4f}")
+        kept = "Converged at epoch" if model.optimizer_ == "lbfgs" else "Best epoch"
+        click.echo(f"{kept} {model.best_epoch_}: validation hierarchy-corrected macro F1 = {score:.4f}")
     click.echo(
         f"Trained a {loss.upper()} {backbone} on {len(model.train_indices_)} cells "
         f"({model.hierarchy.n_labels} labels, {len(model.genes)} genes); saved to {out_dir}"

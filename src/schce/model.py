@@ -172,6 +172,7 @@ class HCEClassifier(BaseModelClass):
             + ("raw counts, normalised in the module" if setup["normalize"] else "used as given")
         )
         self.temperature_ = 1.0
+        self.best_epoch_ = self.optimizer_ = None
         backbone_kwargs = arch  # saved in full, so later changes of the defaults leave saved models as they were
         self.init_params_ = self._get_init_params(locals())
 
@@ -968,7 +969,7 @@ class HCEClassifier(BaseModelClass):
 
         pl.seed_everything(seed, workers=True, verbose=False)
         # Train a copy, so an interrupted or failed run leaves the model as it was.
-        saved = (self.module, self.hierarchy, self.temperature_, self.history_, getattr(self, "best_epoch_", None))
+        saved = (self.module, self.hierarchy, self.temperature_, self.history_, self.best_epoch_, self.optimizer_)
         self.module = copy.deepcopy(self.module).train()
         self.hierarchy = hierarchy
         extend_head(self.module.classifier, len(added))
@@ -1004,7 +1005,7 @@ class HCEClassifier(BaseModelClass):
                 **trainer_kwargs,
             )
         except BaseException:
-            self.module, self.hierarchy, self.temperature_, self.history_, self.best_epoch_ = saved
+            self.module, self.hierarchy, self.temperature_, self.history_, self.best_epoch_, self.optimizer_ = saved
             raise
         finally:
             for m in frozen:
@@ -1332,6 +1333,8 @@ class HCEClassifier(BaseModelClass):
             "registry": {k: v for k, v in self.registry_.items()},
             "is_trained": bool(self.is_trained_),
             "temperature": float(self.temperature_),
+            "optimizer": self.optimizer_,
+            "best_epoch": None if self.best_epoch_ is None else int(self.best_epoch_),
             "history": {
                 k: {"epoch": df.index.tolist(), "value": df.iloc[:, 0].tolist()}
                 for k, df in (self.history_ or {}).items()
@@ -1382,6 +1385,7 @@ class HCEClassifier(BaseModelClass):
             raise ValueError(f"The weights in {dir_path} do not match the model described there: {err}") from err
         model.is_trained_ = meta["is_trained"]
         model.temperature_ = float(meta.get("temperature", 1.0))
+        model.optimizer_, model.best_epoch_ = meta.get("optimizer"), meta.get("best_epoch")  # None in older files
         model.history_ = {
             k: pd.DataFrame({k: h["value"]}, index=pd.Index(h["epoch"], name="epoch"))
             for k, h in meta["history"].items()
