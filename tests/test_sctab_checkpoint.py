@@ -48,6 +48,7 @@ def test_checkpoint_predicts_like_the_network_it_holds(tmp_path, pbmc, backbone)
     )
     assert model.backbone == backbone and model.loss == ("ce" if backbone == "linear" else "hce")
     assert model.hierarchy.names() == names  # the checkpoint's output order is kept
+    assert not model.standardize and not hasattr(model.module, "input_mean")  # scTab reads log-normalised values
     if backbone == "tabnet":  # scTab's input batch norm, whatever the package defaults for new TabNets are
         assert model.module.classifier.encoder.initial_bn.eps == 1e-5
     query = pbmc.copy()

@@ -1440,7 +1440,8 @@ class HCEClassifier(BaseModelClass):
         if len(set(labels)) != len(labels):
             raise ValueError(f"Several labels of {cell_type_path} map to the same CL term; cannot keep their order.")
         registry = cls._registry_without_data(genes, labels, onto, Hierarchy.from_ontology(labels, onto), True)
-        model = cls(None, registry, backbone=backbone, loss=loss, **arch)
+        # scTab's models read the log-normalised values as they are.
+        model = cls(None, registry, backbone=backbone, loss=loss, standardize=False, **arch)
         try:
             model.module.classifier.load_state_dict(state)
         except RuntimeError as err:
