@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from schce.train._plan import OPTIMIZERS
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -94,8 +96,9 @@ def resolve_optimizer(
     (``n_values = n_train × n_genes ≤`` :data:`LBFGS_MAX_VALUES`, one device, a deterministic loss) and AdamW
     otherwise. ``n_values`` is ``None`` for a datamodule; ``stochastic`` names the random training terms asked for.
     """
-    if requested not in (None, "adamw", "lbfgs"):
-        raise ValueError(f"optimizer must be 'adamw', 'lbfgs' or None (automatic), got {requested!r}.")
+    if requested is not None and requested not in OPTIMIZERS:
+        choices = ", ".join(repr(name) for name in OPTIMIZERS)
+        raise ValueError(f"optimizer must be {choices} or None (automatic), got {requested!r}.")
     if requested == "adamw":
         return "adamw"
     problems = []
