@@ -499,7 +499,7 @@ class HCEClassifier(BaseModelClass):
             devices=devices,
             batch_size=batch_size,
             stochastic=[f"{k}_weight" for k, w in auxiliary.items() if w] + ["augment"] * augment_on,
-            trainer_kwargs=trainer_kwargs,
+            gradient_clip_val=trainer_kwargs.get("gradient_clip_val"),
         )
         default_lr, default_wd = DEFAULT_OPTIMIZER.get(self.backbone, DEFAULT_OPTIMIZER["mlp"])
         if recipe is not None:
@@ -583,9 +583,9 @@ class HCEClassifier(BaseModelClass):
             X = codes = train_idx = val_idx = test_idx = batches = sources = None
         if self.standardize and not self.is_trained_:
             self._fit_input_scaling(X, train_idx, datamodule)
-        if optimizer == "lbfgs":
-            trainer_kwargs["gradient_clip_val"] = None
-        trainer_kwargs.setdefault("gradient_clip_val", recipe.gradient_clip_val if recipe else 1.0)
+        # L-BFGS runs unclipped (a user's clipping value already made the automatic choice AdamW).
+        clip = None if optimizer == "lbfgs" else recipe.gradient_clip_val if recipe else 1.0
+        trainer_kwargs.setdefault("gradient_clip_val", clip)
         self._fit(
             X,
             codes,

@@ -88,7 +88,7 @@ def resolve_optimizer(
     devices,
     batch_size: int | None,
     stochastic: list[str],
-    trainer_kwargs: dict,
+    gradient_clip_val: float | None,
 ) -> str:
     """Pick the optimiser of a :meth:`~schce.HCEClassifier.train` call, or explain why the requested one cannot run.
 
@@ -112,7 +112,7 @@ def resolve_optimizer(
         problems.append(f"its line search needs a deterministic loss (turn off {', '.join(stochastic)})")
     if batch_size is not None:
         problems.append("every step uses all training cells (leave batch_size=None)")
-    if trainer_kwargs.get("gradient_clip_val"):
+    if gradient_clip_val:
         problems.append("clipping gradients would break its line search (leave gradient_clip_val unset)")
     if requested is None:
         fits = n_values is not None and n_values <= LBFGS_MAX_VALUES
