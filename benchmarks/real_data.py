@@ -101,7 +101,9 @@ def predict_labels(
     return pred, model.hierarchy
 
 
-def per_class_lines(task: str, method: str, per_seed: list[dict[str, list[tuple[float, int]]]], names: dict) -> list[str]:
+def per_class_lines(
+    task: str, method: str, per_seed: list[dict[str, list[tuple[float, int]]]], names: dict[str, str]
+) -> list[str]:
     """One line per true label: corrected F1 (fold mean, then mean ± sd over seeds) and test cells per fold."""
     lines = []
     for label in sorted({lab for seed in per_seed for lab in seed}, key=lambda t: names.get(t, t)):
@@ -145,7 +147,7 @@ def main() -> None:
                     table = per_class_table(true, hierarchy.correct_predictions(pred, true))
                     for label, row in table.iterrows():
                         by_label.setdefault(label, []).append((row["f1"], row["support"]))
-                    names.update(zip(true, test.obs["cell_type_cl_name"].astype(str)))
+                    names.update(zip(true, test.obs["cell_type_cl_name"].astype(str), strict=True))
                     runs.append(
                         (res["corrected_macro_f1"], res["macro_f1"], res["corrected_accuracy"], res["accuracy"], below)
                     )
