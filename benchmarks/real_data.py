@@ -143,8 +143,9 @@ def main() -> None:
                     true = test.obs[LABELS].astype(str).to_numpy()
                     res = classification_scores(true, pred, hierarchy)
                     # Called a strict descendant of the truth: right by the hierarchy rule, wrong by exact match.
-                    below = int((hierarchy.is_correct(pred, true) & (pred != true)).sum())
-                    table = per_class_table(true, hierarchy.correct_predictions(pred, true))
+                    corrected = hierarchy.correct_predictions(pred, true)
+                    below = int(((corrected == true) & (pred != true)).sum())
+                    table = per_class_table(true, corrected)
                     for label, row in table.iterrows():
                         by_label.setdefault(label, []).append((row["f1"], row["support"]))
                     names.update(zip(true, test.obs["cell_type_cl_name"].astype(str), strict=True))
