@@ -35,6 +35,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._tasks import LABELS, SHARED_REAL, SYMPHONY, leave_one_batch_out, ready
 
+from schce._benchmarking import per_label_summary
+
 TASKS = ("symphony", "symphony-mixed", "pancreas", "pbmc68k")
 LOSSES = ("hce-aware", "hce", "ce")
 METHODS = tuple(f"{loss}-{backbone}" for backbone in ("mlp", "linear", "tabnet") for loss in LOSSES) + ("lr",)
@@ -105,16 +107,13 @@ def per_class_lines(
     task: str, method: str, per_seed: list[dict[str, list[tuple[float, int]]]], names: dict[str, str]
 ) -> list[str]:
     """One line per true label: corrected F1 (fold mean, then mean ± sd over seeds) and test cells per fold."""
-    lines = []
-    for label in sorted({lab for seed in per_seed for lab in seed}, key=lambda t: names.get(t, t)):
-        runs = [np.asarray(seed[label]) for seed in per_seed if label in seed]
-        scores = [r[:, 0].mean() for r in runs]
-        cells = np.mean([r[:, 1].mean() for r in runs])
-        lines.append(
-            f"{task:15s} {method:15s}   {names.get(label, label)[:48]:48s} corrected F1 {np.mean(scores):.3f} ± "
-            f"{np.std(scores):.3f} | {cells:.0f} test cells per fold"
-        )
-    return lines
+    table = per_label_summary(per_seed)
+    table = table.loc[sorted(table.index, key=lambda t: names.get(t, t))]
+    return [
+        f"{task:15s} {method:15s}   {names.get(label, label)[:48]:48s} corrected F1 {row.mean:.3f} ± "
+        f"{row.sd:.3f} | {row.cells:.0f} test cells per fold"
+        for label, row in table.iterrows()
+    ]
 
 
 def main() -> None:

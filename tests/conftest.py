@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -8,17 +9,46 @@ import numpy as np
 import pandas as pd
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED_DATA = SHARED / "data"
 FIXTURES = Path(__file__).parent / "data"
 SMALL_MLP = {"n_hidden": 32, "n_layers": 2}
+# CI sets this: there a missing ../shared is a failure, not a skip that leaves a green run testing less.
+REQUIRE_SHARED = os.environ.get("SCHCE_REQUIRE_SHARED_DATA", "") not in ("", "0")
+SHARED_ABSENT = "[../shared absent]"  # marks the skip reason, so the summary can count these skips
+
+
+def shared_path(*parts: str) -> Path:
+    """A file under ../shared (``data/...`` or ``reference/...``), or skip the test saying so (fail in CI)."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        reason = f"{SHARED_ABSENT} {path} is missing: this test needs the project's ../shared beside the repository."
+        if REQUIRE_SHARED:
+            pytest.fail(f"{reason} SCHCE_REQUIRE_SHARED_DATA is set, so this is an error.", pytrace=False)
+        pytest.skip(reason)
+    return path
 
 
 def shared_file(*parts: str) -> Path:
-    """A file under ../shared/data, or skip the test with the reason."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is absent: real-data tests need the project's ../shared/data beside the repository.")
-    return path
+    """A file under ../shared/data, or skip the test with the reason (fail in CI)."""
+    return shared_path("data", *parts)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say loudly, last, how many tests a missing ../shared skipped: a green run without it tests less."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if SHARED_ABSENT in str(r.longrepr)]
+    if not skipped:
+        return
+    terminalreporter.section("tests skipped for missing ../shared", sep="!", red=True, bold=True)
+    for report in skipped:
+        terminalreporter.write_line(f"SKIPPED {report.nodeid}", yellow=True)
+    terminalreporter.write_line(
+        f"{len(skipped)} tests did not run because ../shared is absent (real data, the full CL release, scTab "
+        "reference facts). Put the project's shared folder beside the repository to run them; CI sets "
+        "SCHCE_REQUIRE_SHARED_DATA=1 so that there they fail instead.",
+        red=True,
+        bold=True,
+    )
 
 
 @pytest.fixture(autouse=True)

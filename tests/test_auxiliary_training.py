@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from conftest import SMALL_MLP
 
 import schce
@@ -45,7 +44,7 @@ def test_each_term_is_logged_and_changes_training(with_batches):
     np.testing.assert_allclose(total, parts, rtol=1e-4)  # epoch means of a sum are sums of epoch means
     # the classifier's weights differ from plain HCE training with the same seed
     a, b = plain.module.state_dict(), model.module.state_dict()
-    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    assert any(bool((a[k] != b[k]).any()) for k in a if a[k].is_floating_point())
     # the discriminator is not part of the saved classifier
     assert set(a) == set(b)
 

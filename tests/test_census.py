@@ -279,10 +279,8 @@ def test_census_datamodule_bad_input(census_paths, census_source, census_model):
 def test_streaming_training(census_paths, census_source, census_model):
     """HCETrainingPlan fitted by a Lightning Trainer on the datamodule: the loss falls and the weights move."""
     import lightning.pytorch as pl
-    import torch
 
-    from schce.train import HCETrainingPlan
-    from schce.train._callbacks import HistoryRecorder
+    from schce.train import HCETrainingPlan, HistoryRecorder
 
     pl.seed_everything(0, workers=True, verbose=False)
     with tiledbsoma.open(census_paths["new"]) as census:
@@ -313,7 +311,7 @@ def test_streaming_training(census_paths, census_source, census_model):
     losses = [v for _, v in history.history["train_loss"]]
     assert len(losses) == 2 and losses[-1] < losses[0]
     assert "validation_loss" in history.history
-    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, census_model.module.parameters(), strict=True))
+    assert any(bool((a != b.detach()).any()) for a, b in zip(before, census_model.module.parameters(), strict=True))
 
 
 def test_model_train_on_the_census_datamodule(census_paths, census_source):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 import schce
@@ -45,9 +46,7 @@ def test_version_and_errors_are_one_line(tmp_path, monkeypatch, capsys):
     from schce import cli as cli_module
 
     monkeypatch.setattr("sys.argv", ["schce", "demo", "--max-epochs", "-1", "--out", str(tmp_path / "x")])
-    try:
+    with pytest.raises(SystemExit) as exit_info:  # main() must exit non-zero, never return normally
         cli_module.main()
-    except SystemExit as exc:
-        code = exc.code
     err = capsys.readouterr().err
-    assert code != 0 and "Error" in err and "max-epochs" in err and "Traceback" not in err
+    assert exit_info.value.code not in (0, None) and "Error" in err and "max-epochs" in err and "Traceback" not in err

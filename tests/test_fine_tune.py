@@ -23,7 +23,7 @@ def _assert_same_state(model, before: dict) -> None:
     after = model.module.state_dict()
     assert after.keys() == before.keys()
     for k, v in before.items():
-        assert torch.equal(after[k], v), k
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0, msg=k)  # untouched values, not recomputed
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +49,13 @@ def test_extend_head_keeps_old_rows_and_their_logits(backbone):
     extend_head(net.classifier, 3)
     logits_new, _ = net(x)
     assert head.out_features == 8 and logits_new.shape == (16, 8) and head.weight.shape[0] == 8
-    assert torch.equal(head.weight[:5], w_old)
-    # Old labels: identical logits, so the same argmax among them and the same probabilities relative to each other.
-    assert torch.equal(logits_new[:, :5], logits_old)
+    torch.testing.assert_close(head.weight[:5], w_old, rtol=0, atol=0)  # the old rows are copied, not recomputed
+    # Old labels: the same logits up to the matmul's rounding (a wider product may use another kernel on some CPUs),
+    # so the same argmax among them and the same probabilities relative to each other.
+    torch.testing.assert_close(logits_new[:, :5], logits_old, rtol=1e-5, atol=1e-5)
+    assert (logits_new[:, :5].argmax(1) == logits_old.argmax(1)).all()
     torch.testing.assert_close(torch.softmax(logits_new[:, :5], 1), torch.softmax(logits_old, 1))
-    assert head.weight.requires_grad and not torch.equal(head.weight[5:], torch.zeros_like(head.weight[5:]))
+    assert head.weight.requires_grad and bool(head.weight[5:].abs().sum() > 0)
     assert extend_head(net.classifier, 0) is net.classifier and head.out_features == 8
 
 
@@ -142,15 +144,15 @@ def test_fine_tune_a_published_checkpoint(tmp_path, pbmc):
     assert added == [TREG] and model.hierarchy.names()[:-1] == names
     # Frozen encoder: weights and BatchNorm statistics as published; only the output layer trained.
     for k, v in model.module.classifier.encoder.state_dict().items():
-        assert torch.equal(v, encoder[k]), k
+        torch.testing.assert_close(v, encoder[k], rtol=0, atol=0, msg=k)  # frozen: never written
     head = output_layer(model.module.classifier)
-    assert head.weight.shape[0] == len(names) + 1 and not torch.equal(head.weight[:-1], head_before)
+    assert head.weight.shape[0] == len(names) + 1 and bool((head.weight[:-1] != head_before).any())
     assert all(p.requires_grad for p in model.module.parameters())  # unfrozen again for later training
     loss = model.history_["train_loss"]["train_loss"].to_numpy()
     assert loss[-1] < loss[0]
     model.fine_tune(pbmc, LABELS, max_epochs=2, seed=0, enable_progress_bar=False)
-    assert not torch.equal(
-        model.module.classifier.encoder.state_dict()[next(iter(encoder))], next(iter(encoder.values()))
+    assert bool(
+        (model.module.classifier.encoder.state_dict()[next(iter(encoder))] != next(iter(encoder.values()))).any()
     )
 
 

@@ -64,7 +64,7 @@ def test_reachability_tensor(hce):
     t = hce.reachability()
     assert isinstance(t, torch.Tensor)
     assert t.dtype == torch.float32
-    assert torch.equal(t, torch.tensor(HCE_R, dtype=torch.float32))
+    assert t.dtype == torch.float32 and (t == torch.tensor(HCE_R, dtype=torch.float32)).all()
     assert hce.reachability(dtype=torch.float64).dtype == torch.float64
 
 

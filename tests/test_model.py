@@ -70,9 +70,12 @@ def test_training_is_deterministic_with_seed(pbmc_copy):
         model = schce.HCEClassifier(adata, **SMALL_MLP)
         model.train(max_epochs=2, seed=seed, enable_progress_bar=False)
         states.append(model.module.state_dict())
-    same = all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-    differs = any(not torch.equal(states[0][k], states[2][k]) for k in states[0] if states[0][k].is_floating_point())
-    assert same and differs
+    # Bitwise is the point here: the same seed, the same computation, one machine, one process.
+    for k in states[0]:
+        torch.testing.assert_close(
+            states[0][k], states[1][k], rtol=0, atol=0, msg=f"{k} differs between two seed-3 runs"
+        )
+    assert any(bool((states[0][k] != states[2][k]).any()) for k in states[0] if states[0][k].is_floating_point())
 
 
 def test_training_on_backed_data_equals_in_memory(pbmc, tmp_path):
@@ -84,7 +87,9 @@ def test_training_on_backed_data_equals_in_memory(pbmc, tmp_path):
         model = schce.HCEClassifier(adata, **SMALL_MLP)
         model.train(max_epochs=2, seed=1, enable_progress_bar=False)
         states.append(model.module.state_dict())
-    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    # The same values reach the model on both paths; memory layout may change a kernel's rounding, hence a tolerance.
+    for k in states[0]:
+        torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-5, atol=1e-6, msg=f"{k} differs")
 
 
 def test_predict_writes_the_output_contract(trained, pbmc):
@@ -246,7 +251,9 @@ def test_save_load_round_trip_and_atomic_overwrite(trained, pbmc, tmp_path):
     a, b = _query(pbmc), _query(pbmc)
     trained.predict(a)
     loaded.predict(b)
-    np.testing.assert_array_equal(a.obsm["schce_probabilities"].to_numpy(), b.obsm["schce_probabilities"].to_numpy())
+    np.testing.assert_allclose(
+        a.obsm["schce_probabilities"].to_numpy(), b.obsm["schce_probabilities"].to_numpy(), rtol=1e-5, atol=1e-7
+    )
     pd.testing.assert_frame_equal(a.obs, b.obs)
     trained.save(path, overwrite=True, save_anndata=True)
     assert (path / "adata.h5ad").exists()
@@ -279,4 +286,4 @@ def test_normalisation_is_inside_the_module():
     x = torch.tensor([[1.0, 3.0, 0.0], [0.0, 0.0, 0.0]])
     out = normalize_counts(x)
     np.testing.assert_allclose(out[0].numpy(), np.log1p(np.array([2500.0, 7500.0, 0.0])), rtol=1e-6)
-    assert torch.equal(out[1], torch.zeros(3))  # an empty cell stays zero, no NaN
+    assert (out[1] == 0).all()  # an empty cell stays exactly zero, no NaN

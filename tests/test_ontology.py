@@ -8,11 +8,11 @@ import networkx as nx
 import obonet
 import pytest
 from cellxgene_ontology_guide.supported_versions import CXGSchema
+from conftest import shared_file
 
 from schce.ontology import CellOntology, LabelMappingError, load_cell_ontology
 
 FIXTURE = Path(__file__).parent / "data" / "cl_subset.obo"
-FULL_OBO = Path(__file__).parents[2] / "shared" / "data" / "ontology" / "cl-2026-03-26.obo"
 ROOT = "CL:0000000"
 ORPHAN = "CL:0017503"  # basophilic cytoplasm: no is_a parent in the OBO
 T_CELL_ANCESTORS = {
@@ -260,10 +260,9 @@ def test_fixture_closures_equal_embedded(subset, embedded):
 
 
 def test_full_obo_matches_embedded_except_documented_differences(embedded):
-    if not FULL_OBO.exists():
-        pytest.skip(f"full CL OBO not available at {FULL_OBO} (shared data not mounted)")
+    full_obo = shared_file("ontology", "cl-2026-03-26.obo")
     start = time.perf_counter()
-    full = load_cell_ontology(FULL_OBO)
+    full = load_cell_ontology(full_obo)
     assert full.version == "2026-03-26"
     assert len(full) == 3324
     assert full.terms == embedded.terms
@@ -271,7 +270,7 @@ def test_full_obo_matches_embedded_except_documented_differences(embedded):
     assert full.resolve("CL:0000804") == "CL:0000084"
     assert ("T lymphocyte", "EXACT") in full.synonyms("CL:0000084")
 
-    graph = obonet.read_obo(FULL_OBO, ignore_obsolete=False)
+    graph = obonet.read_obo(full_obo, ignore_obsolete=False)
     # is_a plus part_of, child -> parent, among live CL terms: what the guide's closure also follows.
     up = nx.DiGraph(
         (child, parent)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pytest
-from benchmarks._tasks import LABELS, leave_one_batch_out
+from _private import leave_one_batch_out
 from conftest import shared_file
 
 import schce
 from schce.metrics import classification_scores
+
+LABELS = "cell_type_ontology_term_id"
 
 pytestmark = pytest.mark.slow
 

@@ -49,7 +49,8 @@ def _assert_same(a, b, resumed_epoch: int | None = None):
     sa, sb = a.module.state_dict(), b.module.state_dict()
     assert sa.keys() == sb.keys()
     for key in sa:
-        assert torch.equal(sa[key], sb[key]), key
+        # Bitwise, one process: resuming after a kill continues exactly as the uninterrupted run.
+        torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0, msg=key)
     assert a.best_epoch_ == b.best_epoch_
     assert a.temperature_ == b.temperature_
     assert a.history_.keys() == b.history_.keys()

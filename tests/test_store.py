@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 import torch
+from _private import _dense_values, datamodule_class_weights, split_parts, store_layout, varint_decode, varint_encode
 from torch.utils.data import DataLoader
 
 import schce
@@ -20,16 +21,9 @@ from schce.data import (
     StoreDataset,
     compare_hierarchy,
     convert_sctab_store,
+    read_part_metadata,
     read_sctab_store,
     write_sctab_store,
-)
-from schce.data._store import (
-    _dense_values,
-    read_part_metadata,
-    split_parts,
-    store_layout,
-    varint_decode,
-    varint_encode,
 )
 from schce.nn import normalize_counts
 
@@ -414,7 +408,6 @@ def test_train_evaluate_predict_on_a_store(stores, atlas, tmp_path):
 
 
 def test_store_class_weights_are_used(stores):
-    from schce.data._store_model import datamodule_class_weights
 
     dm = SCTabStoreDataModule(stores["dense"], num_workers=0)
     n = len(dm.labels)

@@ -1,0 +1,46 @@
+"""The private names the tests reach into, imported in one place so that moving a module changes only this file.
+
+Everything else in the tests uses the public API (``schce``, ``schce.data``, ``schce.nn``, ``schce.train``, ...).
+"""
+
+from schce._benchmarking import COARSEN, leave_one_batch_out, per_label_summary
+from schce._memory import release_free_memory
+from schce.data._augmentation import augment
+from schce.data._loader import EpochBatchSampler, group_split, split_cells
+from schce.data._store import _dense_values, split_parts, store_layout, varint_decode, varint_encode
+from schce.data._store_model import datamodule_class_weights
+from schce.model import DEFAULT_BACKBONE_KWARGS
+from schce.nn._backbones import BACKBONES
+from schce.nn._module import CLIP, gene_moments
+from schce.nn._tabnet import GhostBatchNorm, entmax15, sparsemax
+from schce.train._callbacks import TrainingProgress
+from schce.train._recipe import LBFGS_MAX_VALUES, RECIPES, matmul_precision, resolve_optimizer
+
+__all__ = [
+    "BACKBONES",
+    "CLIP",
+    "COARSEN",
+    "DEFAULT_BACKBONE_KWARGS",
+    "EpochBatchSampler",
+    "GhostBatchNorm",
+    "LBFGS_MAX_VALUES",
+    "RECIPES",
+    "TrainingProgress",
+    "augment",
+    "datamodule_class_weights",
+    "entmax15",
+    "gene_moments",
+    "group_split",
+    "leave_one_batch_out",
+    "matmul_precision",
+    "per_label_summary",
+    "release_free_memory",
+    "resolve_optimizer",
+    "sparsemax",
+    "split_cells",
+    "split_parts",
+    "store_layout",
+    "varint_decode",
+    "varint_encode",
+    "_dense_values",
+]
