@@ -3,7 +3,14 @@
 Everything else in the tests uses the public API (``schce``, ``schce.data``, ``schce.nn``, ``schce.train``, ...).
 """
 
-from schce._benchmarking import COARSEN, leave_one_batch_out, per_label_summary
+from schce._benchmarking import (
+    COARSEN,
+    PBMC68K_T_CELLS,
+    T_CELL,
+    leave_one_batch_out,
+    mix_granularity,
+    per_label_summary,
+)
 from schce._memory import release_free_memory
 from schce.data._augmentation import augment
 from schce.data._loader import EpochBatchSampler, group_split, split_cells
@@ -24,6 +31,8 @@ __all__ = [
     "EpochBatchSampler",
     "GhostBatchNorm",
     "LBFGS_MAX_VALUES",
+    "PBMC68K_T_CELLS",
+    "T_CELL",
     "RECIPES",
     "TrainingProgress",
     "augment",
@@ -33,6 +42,7 @@ __all__ = [
     "group_split",
     "leave_one_batch_out",
     "matmul_precision",
+    "mix_granularity",
     "per_label_summary",
     "release_free_memory",
     "resolve_optimizer",

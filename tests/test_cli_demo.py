@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -30,9 +32,14 @@ def test_demo_command_prints_every_loss_and_writes_files(tmp_path):
     out = tmp_path / "demo"
     result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--max-epochs", "3"])
     assert result.exit_code == 0, result.output
-    lines = [line for line in result.output.splitlines() if "macro F1" in line]
-    assert [line.split()[0] for line in lines] == ["HCE-AWARE", "HCE", "CE"]
-    assert all("exact macro F1 = 0." in line and "hierarchy-corrected macro F1 = 0." in line for line in lines)
+    assert "study B called its" in result.output and "T cells only 'T cell'" in result.output
+    lines = [line for line in result.output.splitlines() if "hierarchy-corrected 0." in line]
+    assert [line.split("  ")[1].strip() for line in lines] == [
+        "schce default (hce-aware)",
+        "published HCE",
+        "cross-entropy (CE)",
+    ]
+    assert all(re.search(r"exact 0\.\d{3}   hierarchy-corrected 0\.\d{3}$", line) for line in lines)
     adata = ad.read_h5ad(out / "pbmc68k_schce.h5ad")
     # the default loss writes the plain keys, the others their own
     assert {"schce_prediction", "schce_hce_prediction", "schce_ce_prediction"} <= set(adata.obs)

@@ -43,6 +43,34 @@ def leave_one_batch_out(
         yield test_batch, train, test
 
 
+# pbmc68k's T-cell labels (regulatory, CD8 αβ, CD4 memory, naive CD8, naive CD4): a coarse study calls them "T cell".
+PBMC68K_T_CELLS = ("CL:0000815", "CL:0000625", "CL:0000897", "CL:0000900", "CL:0000895")
+T_CELL = "CL:0000084"
+
+
+def mix_granularity(
+    adata: AnnData,
+    fine_terms: Sequence[str],
+    coarse_term: str,
+    labels_key: str = LABELS,
+    fraction: float = 0.5,
+    seed: int = 0,
+) -> AnnData:
+    """A copy of ``adata`` annotated by two studies at different depths: the situation annotation-aware HCE is for.
+
+    A random ``fraction`` of the cells forms "study B (coarse)", whose annotators called every cell of
+    ``fine_terms`` only ``coarse_term``; the rest, "study A (fine)", keep their labels. Writes
+    ``obs["study"]`` and ``obs["annotation"]`` (the training labels); ``obs[labels_key]`` keeps the truth.
+    """
+    out = adata.copy()
+    coarse_study = np.random.default_rng(seed).random(out.n_obs) < fraction
+    labels = out.obs[labels_key].astype(str).to_numpy().copy()
+    labels[coarse_study & np.isin(labels, list(fine_terms))] = coarse_term
+    out.obs["study"] = pd.Categorical(np.where(coarse_study, "study B (coarse)", "study A (fine)"))
+    out.obs["annotation"] = labels
+    return out
+
+
 def per_label_summary(per_seed: Sequence[dict[str, list[tuple[float, int]]]]) -> pd.DataFrame:
     """Per true label: its score averaged over the folds that test it, then mean and sd over seeds.
 
