@@ -31,7 +31,8 @@ from scvi.data.fields import (
 from scvi.model.base import BaseModelClass
 from tqdm.auto import tqdm
 
-from schce import _io
+from schce import _io, _model_file
+from schce._checks import check_checkpoint_file
 from schce._memory import release_free_memory
 from schce._output import prediction_frame, write_outputs
 from schce.data._expression import check_expression, get_matrix, resolve_normalize
@@ -510,6 +511,7 @@ class HCEClassifier(BaseModelClass):
         weight_decay = default_wd if weight_decay is None else weight_decay
         lr_gamma = (recipe.lr_gamma if recipe else 0.98) if lr_gamma is None else lr_gamma
         checkpoint_dir, resume_from = check_checkpoint_args(checkpoint_dir, ckpt_path, checkpoint_every_n_steps)
+        check_checkpoint_file(resume_from)  # an empty or truncated file fails here, naming it
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}.")
         if weight_decay < 0:
@@ -1345,16 +1347,8 @@ class HCEClassifier(BaseModelClass):
             else np.asarray(self.validation_indices_).tolist(),
             "test_indices": None if self.test_indices_ is None else np.asarray(self.test_indices_).tolist(),
         }
-        text = _io.dumps(meta)
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-
-        def write(tmp: Path) -> None:
-            torch.save(state, tmp / _io.WEIGHTS_FILE)
-            (tmp / _io.META_FILE).write_text(text)
-            if save_anndata and self.adata is not None:
-                self.adata.write_h5ad(tmp / _io.ADATA_FILE)
-
-        _io.write_dir_atomically(dir_path, overwrite, write)
+        _model_file.write_model(dir_path, overwrite, meta, state, self.adata if save_anndata else None)
         logger.info("Saved the model to %s.", dir_path)
 
     @classmethod
@@ -1368,13 +1362,7 @@ class HCEClassifier(BaseModelClass):
         accelerator, device
             Where to put the weights (``"auto"``: a GPU when there is one).
         """
-        meta = _io.read_meta(dir_path)
-        if meta.get("model_class") != cls.__name__:
-            raise ValueError(f"{dir_path} holds a {meta.get('model_class')}, not a {cls.__name__}.")
-        try:
-            state = torch.load(Path(dir_path) / _io.WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises several types for damaged files
-            raise ValueError(f"{Path(dir_path) / _io.WEIGHTS_FILE} is corrupt and cannot be read: {err}") from err
+        meta, state = _model_file.read_model(dir_path, cls.__name__)
         params = meta["init_params"]
         model = cls(None, meta["registry"], **params["non_kwargs"], **params["kwargs"].get("backbone_kwargs", {}))
         if "input_mean" in state:
