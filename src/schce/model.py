@@ -1397,6 +1397,7 @@ class HCEClassifier(BaseModelClass):
         var_path: str | os.PathLike,
         cell_type_path: str | os.PathLike,
         ontology=None,
+        trusted: bool = False,
     ) -> HCEClassifier:
         """Load a published scTab or HCE-paper Lightning checkpoint as a trained classifier.
 
@@ -1415,10 +1416,13 @@ class HCEClassifier(BaseModelClass):
             The store's ``categorical_lookup/cell_type.parquet``: the output labels (CL names, mapped to CL IDs).
         ontology
             Ontology for the name mapping and the hierarchy; default: the embedded CL release.
+        trusted
+            ``False`` (default): unpickle only tensors and the hyperparameter types scTab's checkpoints hold, and
+            refuse anything else, since unpickling can run code. ``True``: unpickle everything (files you trust).
         """
         from schce import _sctab
 
-        ckpt = _sctab.load_checkpoint(ckpt_path)
+        ckpt = _sctab.load_checkpoint(ckpt_path, trusted=trusted)
         backbone, arch, state, loss = _sctab.classifier_from_checkpoint(ckpt)
         genes = _sctab.read_genes(var_path)
         names = _sctab.read_labels(cell_type_path)
