@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from schce import _io, _model_file
 from schce._checks import check_checkpoint_file
 from schce._memory import release_free_memory
-from schce._output import prediction_frame, write_outputs
-from schce.data._expression import check_expression, get_matrix, resolve_normalize
+from schce._output import check_key_added, check_output_keys, prediction_frame, write_outputs
+from schce.data._expression import check_expression, empty_rows, get_matrix, resolve_normalize
 from schce.data._genes import GeneAligner, gene_id_type, strip_ensembl_version
 from schce.data._loader import make_loader, split_cells
 from schce.evaluation import DEFAULT_GROUPBY, EvaluationResult, evaluate_predictions
@@ -1113,6 +1113,7 @@ class HCEClassifier(BaseModelClass):
         batch_size: int = 1024,
         inplace: bool = True,
         calibrated: bool = True,
+        overwrite: bool = False,
     ) -> pd.DataFrame:
         """Predict cell types and write them into ``adata``.
 
@@ -1125,9 +1126,12 @@ class HCEClassifier(BaseModelClass):
         - ``obsm["{key}_probabilities"]`` (cells × labels), ``obsm["{key}_hierarchical_scores"]`` (cells ×
           labels and their ancestors: the summed probability of each term's subtree), ``obsm["X_{key}"]`` (the
           penultimate-layer embedding);
-        - ``uns["{key}"]``: model, ontology version, threshold, gene overlap.
+        - ``obs["{key}_unassigned_reason"]``: why a cell is ``"unassigned"`` (no expression in the model's genes:
+          confidence 0), else missing;
+        - ``uns["{key}"]``: model, ontology version, threshold, gene overlap, and the keys written.
 
-        Nothing else in ``adata`` changes.
+        Nothing else in ``adata`` changes: an entry of the same name that schce did not write is an error (before
+        any work) unless ``overwrite=True``; schce's own entries from an earlier run are replaced.
 
         Parameters
         ----------
@@ -1150,6 +1154,8 @@ class HCEClassifier(BaseModelClass):
         calibrated
             Divide the logits by the temperature fitted after training (probabilities, confidence and the coarse
             call change; the argmax label does not).
+        overwrite
+            Replace entries of the output names that schce did not write (refused by default).
 
         Returns
         -------
@@ -1157,11 +1163,18 @@ class HCEClassifier(BaseModelClass):
         """
         if not 0 < coarse_threshold <= 1:
             raise ValueError(f"coarse_threshold must be in (0, 1], got {coarse_threshold}.")
+        check_key_added(key_added)
         mdata = adata if adata is not None else self.adata
+        if inplace and isinstance(target := self._rna(mdata) if mdata is not None else None, AnnData):
+            check_output_keys(target, key_added, overwrite)  # before any work
+        layer_used = self._registered_layer() if adata is None and layer is None else layer
         mdata = mdata if isinstance(mdata, MuData) else None
         logits, emb, aligner, normalize_used, adata = self._forward(adata, layer, gene_symbols, batch_size, normalize)
         probs = self._probabilities(logits, calibrated)
-        obs, probs_df, scores_df = prediction_frame(probs, self.hierarchy, adata.obs_names, key_added, coarse_threshold)
+        empty = empty_rows(get_matrix(adata, layer_used), adata.n_obs, aligner.query_columns())
+        obs, probs_df, scores_df = prediction_frame(
+            probs, self.hierarchy, adata.obs_names, key_added, coarse_threshold, empty
+        )
         if inplace:
             from schce import __version__
 
@@ -1179,7 +1192,7 @@ class HCEClassifier(BaseModelClass):
             }
             obsm = {f"{key_added}_probabilities": probs_df, f"{key_added}_hierarchical_scores": scores_df}
             obsm[f"X_{key_added}"] = emb
-            write_outputs(adata, obs, obsm, uns, key_added)
+            write_outputs(adata, obs, obsm, uns, key_added, overwrite)
             if mdata is not None:  # our columns only, as mdata.obs["rna:schce_prediction"], ...
                 mod = next(name for name, m in mdata.mod.items() if m is adata)
                 with warnings.catch_warnings():  # pandas' copy warning raised inside mudata 0.3's pull_obs

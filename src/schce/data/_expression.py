@@ -50,6 +50,19 @@ def iter_row_chunks(X, n_rows: int, chunk: int = CHUNK_ROWS):
         yield start, stop, X[start:stop]
 
 
+def empty_rows(X, n_rows: int, columns: np.ndarray) -> np.ndarray:
+    """Rows with no non-zero value in ``columns`` (e.g. the query columns of the model's genes), in row chunks."""
+    out = np.zeros(n_rows, dtype=bool)
+    columns = np.asarray(columns, dtype=np.int64)
+    for start, stop, block in iter_row_chunks(X, n_rows):
+        if sp.issparse(block):
+            sub = sp.csr_matrix(block)[:, columns]
+            out[start:stop] = np.asarray((sub != 0).sum(axis=1)).ravel() == 0
+        else:
+            out[start:stop] = ~(np.asarray(block)[:, columns] != 0).any(axis=1)
+    return out
+
+
 @dataclass(frozen=True)
 class ExpressionSummary:
     """What :func:`check_expression` found."""

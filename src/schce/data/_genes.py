@@ -85,6 +85,10 @@ class GeneAligner:
         out[:, found] = block[:, self.index[found]]
         return out
 
+    def query_columns(self) -> np.ndarray:
+        """The query columns that hold model genes."""
+        return self.index[self.index >= 0]
+
     def summary(self) -> dict:
         """JSON-able overlap record (stored in ``uns``)."""
         return {"n_model_genes": self.n_model, "n_found": self.n_found, "fraction": round(self.overlap, 6)}
