@@ -207,8 +207,9 @@ class HCEClassifier(BaseModelClass):
         ontology
             :class:`~schce.ontology.CellOntology`, OBO path or URL; default: the embedded CL release.
         normalize
-            ``"auto"``: normalise (size factor to 1e4, log1p) when the data are integer counts; ``True`` /
-            ``False`` to force.
+            ``"auto"``: normalise (size factor to 1e4, log1p) raw counts and count-like values (normalised without
+            log, or counts times a factor), use log1p-normalised values as they are, refuse scaled (negative)
+            values; what was seen is logged (see :doc:`/checks`). ``True`` / ``False`` to force.
         **kwargs
             Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
         """
@@ -341,7 +342,8 @@ class HCEClassifier(BaseModelClass):
                 f"obs[{labels_key!r}] has a single cell type ({label_ids[0]}); a classifier needs at least two."
             )
         where = f"adata.layers[{layer!r}]" if layer else "adata.X"
-        normalize_used = resolve_normalize(normalize, check_expression(X, adata.n_obs, where), where)
+        summary = check_expression(X, adata.n_obs, where)
+        normalize_used = resolve_normalize(normalize, summary, where)
         genes = strip_ensembl_version(adata.var_names)
         return {
             "label_map": {str(k): v for k, v in label_map.items()},
@@ -349,6 +351,7 @@ class HCEClassifier(BaseModelClass):
             "genes": [str(g) for g in genes],
             "gene_id_type": gene_id_type(genes),
             "normalize": bool(normalize_used),
+            "expression": summary.kind,  # what the training values looked like; predict prepares queries alike
             "ontology_source": onto.source,
         }
 
@@ -1084,7 +1087,9 @@ class HCEClassifier(BaseModelClass):
         aligner = GeneAligner(self.genes, query_genes, where=where)
         X = get_matrix(adata, layer)
         where_x = f"adata.layers[{layer!r}]" if layer else "adata.X"
-        normalize_used = resolve_normalize(normalize, check_expression(X, adata.n_obs, where_x), where_x)
+        summary = check_expression(X, adata.n_obs, where_x)
+        normalize_used = resolve_normalize(normalize, summary, where_x, self.registry_[_SETUP_KEY])
+        self._query_expression = summary.kind  # recorded in uns by predict
         return adata, X, aligner, normalize_used
 
     def _forward(
@@ -1146,7 +1151,8 @@ class HCEClassifier(BaseModelClass):
         coarse_threshold
             Subtree probability needed for the coarse prediction.
         normalize
-            ``"auto"`` normalises integer counts and leaves non-integer data as it is.
+            ``"auto"`` normalises counts and count-like values and leaves log-normalised data as it is; a model
+            trained on counts with ``normalize=False`` gets its queries as given, as it was trained.
         batch_size
             Cells per forward pass.
         inplace
@@ -1189,6 +1195,7 @@ class HCEClassifier(BaseModelClass):
                 "temperature": float(self.temperature_ if calibrated else 1.0),
                 "gene_overlap": aligner.summary(),
                 "normalized": bool(normalize_used),
+                "expression": self._query_expression,
             }
             obsm = {f"{key_added}_probabilities": probs_df, f"{key_added}_hierarchical_scores": scores_df}
             obsm[f"X_{key_added}"] = emb
@@ -1469,6 +1476,7 @@ class HCEClassifier(BaseModelClass):
         cls.setup_anndata(placeholder, labels_key="label", ontology=onto, normalize=normalize)
         registry = cls._get_most_recent_anndata_manager(placeholder, required=True).registry
         registry[_SETUP_KEY]["hierarchy"] = hierarchy.to_dict()
+        registry[_SETUP_KEY].pop("expression", None)  # the empty placeholder cells tell nothing of the real values
         return registry
 
     @classmethod
