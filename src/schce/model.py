@@ -36,7 +36,7 @@ from schce._checks import check_checkpoint_file
 from schce._memory import release_free_memory
 from schce._output import check_key_added, check_output_keys, prediction_frame, write_outputs
 from schce.data._expression import check_expression, empty_rows, get_matrix, resolve_normalize
-from schce.data._genes import GeneAligner, gene_id_type, strip_ensembl_version
+from schce.data._genes import GeneAligner, gene_id_type, model_genes
 from schce.data._loader import make_loader, split_cells
 from schce.evaluation import DEFAULT_GROUPBY, EvaluationResult, evaluate_predictions
 from schce.hierarchy import LABEL_SEMANTICS, Hierarchy
@@ -344,7 +344,7 @@ class HCEClassifier(BaseModelClass):
         where = f"adata.layers[{layer!r}]" if layer else "adata.X"
         summary = check_expression(X, adata.n_obs, where)
         normalize_used = resolve_normalize(normalize, summary, where)
-        genes = strip_ensembl_version(adata.var_names)
+        genes = model_genes(adata.var_names)  # duplicated genes are refused, listed
         return {
             "label_map": {str(k): v for k, v in label_map.items()},
             "hierarchy": Hierarchy.from_ontology(label_ids, onto).to_dict(),
