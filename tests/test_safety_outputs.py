@@ -100,3 +100,13 @@ def test_cells_expressing_only_genes_the_model_lacks_are_unassigned(trained, pbm
     )
     df = trained.predict(adata, inplace=False)
     assert df["schce_prediction"].iloc[0] == UNASSIGNED and (df["schce_prediction"].iloc[1:] != UNASSIGNED).all()
+
+
+def test_evaluate_names_a_missing_groupby_column(trained, pbmc):
+    adata = pbmc.copy()
+    with pytest.raises(KeyError, match=r"groupby column\(s\) \['tisue'\] are not in adata.obs; available: \["):
+        trained.evaluate(adata, "cell_type_ontology_term_id", groupby=["tisue"])
+    result = trained.evaluate(adata, "cell_type_ontology_term_id")  # default columns: absent ones are skipped
+    assert result.per_group == {} or all(k in adata.obs for k in result.per_group)
+    grouped = trained.evaluate(adata, "cell_type_ontology_term_id", groupby=["phase"])
+    assert set(grouped.per_group) == {"phase"}

@@ -31,3 +31,24 @@ def check_checkpoint_file(path: str | os.PathLike | None, what: str = "ckpt_path
         raise ValueError(f"{what}={str(path)!r} is damaged and cannot be read ({err}). {fix}") from err
     if bad is not None:
         raise ValueError(f"{what}={str(path)!r} is damaged (entry {bad!r} fails its checksum). {fix}")
+
+
+def check_groupby(columns, groupby, default) -> None:
+    """Refuse ``groupby`` columns the user named that ``obs`` lacks (the defaults are optional and skipped).
+
+    Raises
+    ------
+    KeyError
+        Naming the missing columns and those available.
+    """
+    if groupby is default:
+        return
+    if isinstance(groupby, str):
+        groupby = [groupby]
+    missing = [c for c in groupby if c not in columns]
+    if missing:
+        raise KeyError(
+            f"groupby column(s) {missing} are not in adata.obs; available: {list(columns)}. Pass existing columns, "
+            "or leave groupby out for the default (those of assay, dataset_id, disease, tissue, tissue_general "
+            "that exist)."
+        )

@@ -32,7 +32,7 @@ from scvi.model.base import BaseModelClass
 from tqdm.auto import tqdm
 
 from schce import _io, _model_file
-from schce._checks import check_checkpoint_file
+from schce._checks import check_checkpoint_file, check_groupby
 from schce._memory import release_free_memory
 from schce._output import check_key_added, check_output_keys, prediction_frame, write_outputs
 from schce.data._expression import check_expression, empty_rows, get_matrix, resolve_normalize
@@ -1242,7 +1242,8 @@ class HCEClassifier(BaseModelClass):
         labels_key
             ``obs`` column with the true labels.
         groupby
-            ``obs`` columns to break the metrics down by (those absent are skipped).
+            ``obs`` columns to break the metrics down by. A column you name must exist (else ``KeyError``); of the
+            default columns, those absent are skipped.
         output_dir
             When given, write the tables there (see :meth:`EvaluationResult.write`).
         layer, gene_symbols, normalize, batch_size, calibrated
@@ -1276,6 +1277,7 @@ class HCEClassifier(BaseModelClass):
         if adata is None or labels_key is None:
             raise TypeError("Pass the labelled AnnData and its labels_key, or datamodule= to score a store's split.")
         raw = self._labels(adata, labels_key)
+        check_groupby(self._rna(adata).obs.columns, groupby, DEFAULT_GROUPBY)  # a typo fails here, named
         onto = load_cell_ontology(ontology if ontology is not None else self.registry_["setup_args"].get("ontology"))
         mapping = onto.map_labels(raw.astype(str).unique())
         true_terms = raw.astype(str).map(mapping).to_numpy()
