@@ -32,7 +32,13 @@ from scvi.model.base import BaseModelClass
 from tqdm.auto import tqdm
 
 from schce import _io, _model_file
-from schce._checks import check_checkpoint_file, check_groupby
+from schce._checks import (
+    check_checkpoint_file,
+    check_groupby,
+    check_registration_current,
+    check_setup_obs,
+    obs_restored_on_error,
+)
 from schce._memory import release_free_memory
 from schce._output import check_key_added, check_output_keys, prediction_frame, write_outputs
 from schce.data._expression import check_expression, empty_rows, get_matrix, resolve_normalize
@@ -218,6 +224,7 @@ class HCEClassifier(BaseModelClass):
                 raise KeyError(
                     f"{what}={key!r} is not a column of adata.obs. Available columns: {list(adata.obs.columns)}."
                 )
+        check_setup_obs(adata, batch_key)  # missing batches, a user's _scvi_labels column: before any change
         state = cls._setup_state(adata, adata.obs[labels_key], labels_key, layer, ontology, normalize)
 
         setup_method_args = cls._get_setup_method_args(**locals())
@@ -235,7 +242,8 @@ class HCEClassifier(BaseModelClass):
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
         ]
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        manager.register_fields(adata, **kwargs)
+        with obs_restored_on_error(adata):
+            manager.register_fields(adata, **kwargs)
         manager.registry[_SETUP_KEY] = state
         cls.register_manager(manager)
 
@@ -483,6 +491,8 @@ class HCEClassifier(BaseModelClass):
             raise RuntimeError(
                 "This model has no registered AnnData to train on (it was loaded from disk); pass datamodule=."
             )
+        if datamodule is None:
+            check_registration_current(self)  # a later setup_anndata or edited labels would mislabel the outputs
         if datamodule is not None and self.loss == "hce-aware":
             raise ValueError(
                 "loss='hce-aware' reads label meanings from the training cells, which datamodule= training does not "
