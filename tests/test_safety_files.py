@@ -201,3 +201,18 @@ def test_an_empty_or_truncated_resume_checkpoint_is_named(pbmc, tmp_path, conten
     with pytest.raises(ValueError, match=f"ckpt_path='.*last.ckpt' .*{expected}"):
         model.train(max_epochs=1, ckpt_path=ckpt, enable_progress_bar=False)
     assert not model.is_trained_
+
+
+def test_a_failed_save_leaves_the_old_model_intact(trained, tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    trained.save(target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        trained.save(target, overwrite=True)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary directory left behind
