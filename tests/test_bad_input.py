@@ -133,7 +133,7 @@ def test_loading_files_that_are_not_models(tmp_path, trained):
     trained.save(good)
     weights = (good / "model.pt").read_bytes()
     (good / "model.pt").write_bytes(weights[: len(weights) // 2])
-    with pytest.raises(ValueError, match="model.pt is corrupt"):
+    with pytest.raises(ValueError, match="model.pt does not match the checksum"):
         schce.HCEClassifier.load(good)
 
     trained.save(good, overwrite=True)

@@ -19,6 +19,7 @@ CONTRACT_OBS = [
     "schce_confidence",
     "schce_prediction_coarse",
     "schce_prediction_coarse_ontology_term_id",
+    "schce_unassigned_reason",
 ]
 
 

@@ -6,16 +6,18 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
 
 FORMAT = "schce-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums of the weights and of the label, gene and hierarchy lists
 META_FILE = "schce.json"
 WEIGHTS_FILE = "model.pt"
 ADATA_FILE = "adata.h5ad"
+# Everything HCEClassifier.save writes; overwrite=True replaces a directory holding only these.
+MODEL_FILES = (META_FILE, WEIGHTS_FILE, ADATA_FILE)
 
 
 def _encode(obj):
@@ -63,19 +65,55 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[str], None])
     return path
 
 
-def write_dir_atomically(dir_path: str | os.PathLike, overwrite: bool, write: Callable[[Path], None]) -> None:
-    """Fill a temporary sibling directory with ``write(tmp)``, then move it to ``dir_path``.
+def check_save_target(dir_path: str | os.PathLike, overwrite: bool, own: Collection[str] | None = MODEL_FILES) -> None:
+    """Refuse a save path whose replacement would lose something schce did not write.
 
-    A failure leaves ``dir_path`` as it was: no half-written model can appear there.
+    An existing path needs ``overwrite=True``; even then only a directory holding nothing but names in ``own``
+    (default: the files :meth:`~schce.HCEClassifier.save` writes), or nothing at all, may be replaced. ``own=None``
+    checks only that the path is a directory (the caller checks its contents once it knows what it writes).
     """
     target = Path(dir_path)
-    if target.exists() and not overwrite:
+    if not target.exists() and not target.is_symlink():
+        return
+    if not overwrite:
         raise FileExistsError(f"{target} already exists. Pass overwrite=True to replace it, or choose another path.")
+    if target.is_symlink() or not target.is_dir():
+        raise FileExistsError(
+            f"{target} exists and is not a directory (a file or a link); saving there would replace it with a "
+            "directory. Remove it yourself or choose another path."
+        )
+    if own is None:
+        return
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in target.iterdir() if p.name not in own)
+    if foreign:
+        shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+        raise FileExistsError(
+            f"{target} holds files that schce did not write ({shown}); overwrite=True only replaces a directory "
+            f"schce wrote ({', '.join(sorted(own))}). Choose another path, or move those files away first."
+        )
+
+
+def write_dir_atomically(
+    dir_path: str | os.PathLike,
+    overwrite: bool,
+    write: Callable[[Path], None],
+    own: Collection[str] | None = None,
+) -> None:
+    """Fill a temporary sibling directory with ``write(tmp)``, then move it to ``dir_path``.
+
+    A failure leaves ``dir_path`` as it was: no half-written output can appear there. An existing ``dir_path`` is
+    replaced only when every entry in it has a name in ``own`` or among the entries ``write`` produced, so a user's
+    own files are never deleted (see :func:`check_save_target`).
+    """
+    target = Path(dir_path)
+    check_save_target(target, overwrite, own)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write(tmp)
         if target.exists():
+            # Checked again with what was written: the directory may have changed while we wrote.
+            check_save_target(target, overwrite, {*(own or ()), *(p.name for p in tmp.iterdir())})
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / "replaced")
             os.replace(tmp, target)

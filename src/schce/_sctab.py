@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -26,24 +27,65 @@ _TABNET_DEFAULTS = {
 }
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """The checkpoint dict, tensors on the CPU; a clear error for anything else."""
+def _allowed_hyperparameter_types() -> list:
+    """What published scTab checkpoints pickle beside tensors and builtins.
+
+    scTab's Lightning module saves its constructor arguments: the optimizer and scheduler *classes*
+    (``torch.optim.AdamW``, ``torch.optim.lr_scheduler.StepLR``) and sizes that may be numpy integers.
+    """
+    import numpy as np
+
+    scalar = getattr(np, "_core", np.core).multiarray.scalar
+    dtypes = [type(np.dtype(t)) for t in ("int32", "int64", "float32", "float64", "bool")]
+    optim, sched = torch.optim, torch.optim.lr_scheduler
+    classes = [optim.AdamW, optim.Adam, optim.SGD, sched.StepLR, sched.MultiStepLR, sched.ExponentialLR]
+    return [*classes, scalar, np.dtype, *dtypes]
+
+
+def load_checkpoint(path: str | os.PathLike, trusted: bool = False) -> dict:
+    """The checkpoint dict, tensors on the CPU; a clear error for anything else.
+
+    Only tensors, builtins and the hyperparameter types of :func:`_allowed_hyperparameter_types` are unpickled,
+    so a downloaded file cannot run code. ``trusted=True`` unpickles anything (for a file you made or trust).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): the checkpoint was not completely written or downloaded.")
+    if trusted:
+        logger.info("Loading %s with full unpickling (trusted=True).", path)
+    else:
+        unsafe = _unsafe_globals(path)
+        if unsafe:
+            raise ValueError(
+                f"{path} holds Python objects other than tensors and scTab's hyperparameter types ({', '.join(unsafe)})"
+                "; unpickling them could run arbitrary code, so schce refuses. If you trust this file (you wrote it, "
+                "or trust who did), pass trusted=True."
+            )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # hyperparameters may hold objects the safe loader refuses
-        logger.warning(
-            "%s holds more than tensors; loading it with full unpickling (only do this for files you trust).", path
-        )
-        try:
+        if trusted:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+        else:
+            with torch.serialization.safe_globals(_allowed_hyperparameter_types()):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        hint = "" if trusted else " If it is an older (non-zip) checkpoint that you trust, pass trusted=True."
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {str(err).splitlines()[0]}{hint}") from err
+    except Exception as err:  # torch raises several types for damaged files
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or damaged?): {err}") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict').")
     return ckpt
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """Globals a (zip) checkpoint would unpickle beyond the allowed ones; empty when it cannot tell."""
+    try:
+        allowed = {f"{t.__module__}.{t.__qualname__}" for t in _allowed_hyperparameter_types()}
+        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
+    except Exception:  # a legacy or damaged file: the safe loader below still refuses what it cannot vet
+        return []
 
 
 def _flat_hparams(ckpt: dict) -> dict:

@@ -243,6 +243,9 @@ def train(
     """
     _existing_file(input_path, "Input")
     _check_output(out_dir, overwrite)
+    from schce._io import check_save_target
+
+    check_save_target(out_dir, overwrite)  # --overwrite never deletes files schce did not write
     arch = {k: v for k, v in {"n_hidden": n_hidden, "n_layers": n_layers}.items() if v is not None}
     if arch and backbone != "mlp":
         raise click.ClickException(f"--n-hidden / --n-layers apply to --backbone mlp only, not {backbone}.")

@@ -31,11 +31,18 @@ from scvi.data.fields import (
 from scvi.model.base import BaseModelClass
 from tqdm.auto import tqdm
 
-from schce import _io
+from schce import _io, _model_file
+from schce._checks import (
+    check_checkpoint_file,
+    check_groupby,
+    check_registration_current,
+    check_setup_obs,
+    obs_restored_on_error,
+)
 from schce._memory import release_free_memory
-from schce._output import prediction_frame, write_outputs
-from schce.data._expression import check_expression, get_matrix, resolve_normalize
-from schce.data._genes import GeneAligner, gene_id_type, strip_ensembl_version
+from schce._output import check_key_added, check_output_keys, prediction_frame, write_outputs
+from schce.data._expression import check_expression, empty_rows, get_matrix, resolve_normalize
+from schce.data._genes import GeneAligner, gene_id_type, model_genes
 from schce.data._loader import make_loader, split_cells
 from schce.evaluation import DEFAULT_GROUPBY, EvaluationResult, evaluate_predictions
 from schce.hierarchy import LABEL_SEMANTICS, Hierarchy
@@ -206,8 +213,9 @@ class HCEClassifier(BaseModelClass):
         ontology
             :class:`~schce.ontology.CellOntology`, OBO path or URL; default: the embedded CL release.
         normalize
-            ``"auto"``: normalise (size factor to 1e4, log1p) when the data are integer counts; ``True`` /
-            ``False`` to force.
+            ``"auto"``: normalise (size factor to 1e4, log1p) raw counts and count-like values (normalised without
+            log, or counts times a factor), use log1p-normalised values as they are, refuse scaled (negative)
+            values; what was seen is logged (see :doc:`/checks`). ``True`` / ``False`` to force.
         **kwargs
             Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
         """
@@ -216,6 +224,7 @@ class HCEClassifier(BaseModelClass):
                 raise KeyError(
                     f"{what}={key!r} is not a column of adata.obs. Available columns: {list(adata.obs.columns)}."
                 )
+        check_setup_obs(adata, batch_key)  # missing batches, a user's _scvi_labels column: before any change
         state = cls._setup_state(adata, adata.obs[labels_key], labels_key, layer, ontology, normalize)
 
         setup_method_args = cls._get_setup_method_args(**locals())
@@ -233,7 +242,8 @@ class HCEClassifier(BaseModelClass):
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
         ]
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        manager.register_fields(adata, **kwargs)
+        with obs_restored_on_error(adata):
+            manager.register_fields(adata, **kwargs)
         manager.registry[_SETUP_KEY] = state
         cls.register_manager(manager)
 
@@ -340,14 +350,16 @@ class HCEClassifier(BaseModelClass):
                 f"obs[{labels_key!r}] has a single cell type ({label_ids[0]}); a classifier needs at least two."
             )
         where = f"adata.layers[{layer!r}]" if layer else "adata.X"
-        normalize_used = resolve_normalize(normalize, check_expression(X, adata.n_obs, where), where)
-        genes = strip_ensembl_version(adata.var_names)
+        summary = check_expression(X, adata.n_obs, where)
+        normalize_used = resolve_normalize(normalize, summary, where)
+        genes = model_genes(adata.var_names)  # duplicated genes are refused, listed
         return {
             "label_map": {str(k): v for k, v in label_map.items()},
             "hierarchy": Hierarchy.from_ontology(label_ids, onto).to_dict(),
             "genes": [str(g) for g in genes],
             "gene_id_type": gene_id_type(genes),
             "normalize": bool(normalize_used),
+            "expression": summary.kind,  # what the training values looked like; predict prepares queries alike
             "ontology_source": onto.source,
         }
 
@@ -479,6 +491,8 @@ class HCEClassifier(BaseModelClass):
             raise RuntimeError(
                 "This model has no registered AnnData to train on (it was loaded from disk); pass datamodule=."
             )
+        if datamodule is None:
+            check_registration_current(self)  # a later setup_anndata or edited labels would mislabel the outputs
         if datamodule is not None and self.loss == "hce-aware":
             raise ValueError(
                 "loss='hce-aware' reads label meanings from the training cells, which datamodule= training does not "
@@ -510,6 +524,7 @@ class HCEClassifier(BaseModelClass):
         weight_decay = default_wd if weight_decay is None else weight_decay
         lr_gamma = (recipe.lr_gamma if recipe else 0.98) if lr_gamma is None else lr_gamma
         checkpoint_dir, resume_from = check_checkpoint_args(checkpoint_dir, ckpt_path, checkpoint_every_n_steps)
+        check_checkpoint_file(resume_from)  # an empty or truncated file fails here, naming it
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}.")
         if weight_decay < 0:
@@ -1082,7 +1097,9 @@ class HCEClassifier(BaseModelClass):
         aligner = GeneAligner(self.genes, query_genes, where=where)
         X = get_matrix(adata, layer)
         where_x = f"adata.layers[{layer!r}]" if layer else "adata.X"
-        normalize_used = resolve_normalize(normalize, check_expression(X, adata.n_obs, where_x), where_x)
+        summary = check_expression(X, adata.n_obs, where_x)
+        normalize_used = resolve_normalize(normalize, summary, where_x, self.registry_[_SETUP_KEY])
+        self._query_expression = summary.kind  # recorded in uns by predict
         return adata, X, aligner, normalize_used
 
     def _forward(
@@ -1111,6 +1128,7 @@ class HCEClassifier(BaseModelClass):
         batch_size: int = 1024,
         inplace: bool = True,
         calibrated: bool = True,
+        overwrite: bool = False,
     ) -> pd.DataFrame:
         """Predict cell types and write them into ``adata``.
 
@@ -1123,9 +1141,12 @@ class HCEClassifier(BaseModelClass):
         - ``obsm["{key}_probabilities"]`` (cells × labels), ``obsm["{key}_hierarchical_scores"]`` (cells ×
           labels and their ancestors: the summed probability of each term's subtree), ``obsm["X_{key}"]`` (the
           penultimate-layer embedding);
-        - ``uns["{key}"]``: model, ontology version, threshold, gene overlap.
+        - ``obs["{key}_unassigned_reason"]``: why a cell is ``"unassigned"`` (no expression in the model's genes:
+          confidence 0), else missing;
+        - ``uns["{key}"]``: model, ontology version, threshold, gene overlap, and the keys written.
 
-        Nothing else in ``adata`` changes.
+        Nothing else in ``adata`` changes: an entry of the same name that schce did not write is an error (before
+        any work) unless ``overwrite=True``; schce's own entries from an earlier run are replaced.
 
         Parameters
         ----------
@@ -1140,7 +1161,8 @@ class HCEClassifier(BaseModelClass):
         coarse_threshold
             Subtree probability needed for the coarse prediction.
         normalize
-            ``"auto"`` normalises integer counts and leaves non-integer data as it is.
+            ``"auto"`` normalises counts and count-like values and leaves log-normalised data as it is; a model
+            trained on counts with ``normalize=False`` gets its queries as given, as it was trained.
         batch_size
             Cells per forward pass.
         inplace
@@ -1148,6 +1170,8 @@ class HCEClassifier(BaseModelClass):
         calibrated
             Divide the logits by the temperature fitted after training (probabilities, confidence and the coarse
             call change; the argmax label does not).
+        overwrite
+            Replace entries of the output names that schce did not write (refused by default).
 
         Returns
         -------
@@ -1155,11 +1179,18 @@ class HCEClassifier(BaseModelClass):
         """
         if not 0 < coarse_threshold <= 1:
             raise ValueError(f"coarse_threshold must be in (0, 1], got {coarse_threshold}.")
+        check_key_added(key_added)
         mdata = adata if adata is not None else self.adata
+        if inplace and isinstance(target := self._rna(mdata) if mdata is not None else None, AnnData):
+            check_output_keys(target, key_added, overwrite)  # before any work
+        layer_used = self._registered_layer() if adata is None and layer is None else layer
         mdata = mdata if isinstance(mdata, MuData) else None
         logits, emb, aligner, normalize_used, adata = self._forward(adata, layer, gene_symbols, batch_size, normalize)
         probs = self._probabilities(logits, calibrated)
-        obs, probs_df, scores_df = prediction_frame(probs, self.hierarchy, adata.obs_names, key_added, coarse_threshold)
+        empty = empty_rows(get_matrix(adata, layer_used), adata.n_obs, aligner.query_columns())
+        obs, probs_df, scores_df = prediction_frame(
+            probs, self.hierarchy, adata.obs_names, key_added, coarse_threshold, empty
+        )
         if inplace:
             from schce import __version__
 
@@ -1174,10 +1205,11 @@ class HCEClassifier(BaseModelClass):
                 "temperature": float(self.temperature_ if calibrated else 1.0),
                 "gene_overlap": aligner.summary(),
                 "normalized": bool(normalize_used),
+                "expression": self._query_expression,
             }
             obsm = {f"{key_added}_probabilities": probs_df, f"{key_added}_hierarchical_scores": scores_df}
             obsm[f"X_{key_added}"] = emb
-            write_outputs(adata, obs, obsm, uns, key_added)
+            write_outputs(adata, obs, obsm, uns, key_added, overwrite)
             if mdata is not None:  # our columns only, as mdata.obs["rna:schce_prediction"], ...
                 mod = next(name for name, m in mdata.mod.items() if m is adata)
                 with warnings.catch_warnings():  # pandas' copy warning raised inside mudata 0.3's pull_obs
@@ -1220,7 +1252,8 @@ class HCEClassifier(BaseModelClass):
         labels_key
             ``obs`` column with the true labels.
         groupby
-            ``obs`` columns to break the metrics down by (those absent are skipped).
+            ``obs`` columns to break the metrics down by. A column you name must exist (else ``KeyError``); of the
+            default columns, those absent are skipped.
         output_dir
             When given, write the tables there (see :meth:`EvaluationResult.write`).
         layer, gene_symbols, normalize, batch_size, calibrated
@@ -1254,6 +1287,7 @@ class HCEClassifier(BaseModelClass):
         if adata is None or labels_key is None:
             raise TypeError("Pass the labelled AnnData and its labels_key, or datamodule= to score a store's split.")
         raw = self._labels(adata, labels_key)
+        check_groupby(self._rna(adata).obs.columns, groupby, DEFAULT_GROUPBY)  # a typo fails here, named
         onto = load_cell_ontology(ontology if ontology is not None else self.registry_["setup_args"].get("ontology"))
         mapping = onto.map_labels(raw.astype(str).unique())
         true_terms = raw.astype(str).map(mapping).to_numpy()
@@ -1345,16 +1379,8 @@ class HCEClassifier(BaseModelClass):
             else np.asarray(self.validation_indices_).tolist(),
             "test_indices": None if self.test_indices_ is None else np.asarray(self.test_indices_).tolist(),
         }
-        text = _io.dumps(meta)
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-
-        def write(tmp: Path) -> None:
-            torch.save(state, tmp / _io.WEIGHTS_FILE)
-            (tmp / _io.META_FILE).write_text(text)
-            if save_anndata and self.adata is not None:
-                self.adata.write_h5ad(tmp / _io.ADATA_FILE)
-
-        _io.write_dir_atomically(dir_path, overwrite, write)
+        _model_file.write_model(dir_path, overwrite, meta, state, self.adata if save_anndata else None)
         logger.info("Saved the model to %s.", dir_path)
 
     @classmethod
@@ -1368,13 +1394,7 @@ class HCEClassifier(BaseModelClass):
         accelerator, device
             Where to put the weights (``"auto"``: a GPU when there is one).
         """
-        meta = _io.read_meta(dir_path)
-        if meta.get("model_class") != cls.__name__:
-            raise ValueError(f"{dir_path} holds a {meta.get('model_class')}, not a {cls.__name__}.")
-        try:
-            state = torch.load(Path(dir_path) / _io.WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises several types for damaged files
-            raise ValueError(f"{Path(dir_path) / _io.WEIGHTS_FILE} is corrupt and cannot be read: {err}") from err
+        meta, state = _model_file.read_model(dir_path, cls.__name__)
         params = meta["init_params"]
         model = cls(None, meta["registry"], **params["non_kwargs"], **params["kwargs"].get("backbone_kwargs", {}))
         if "input_mean" in state:
@@ -1409,6 +1429,7 @@ class HCEClassifier(BaseModelClass):
         var_path: str | os.PathLike,
         cell_type_path: str | os.PathLike,
         ontology=None,
+        trusted: bool = False,
     ) -> HCEClassifier:
         """Load a published scTab or HCE-paper Lightning checkpoint as a trained classifier.
 
@@ -1427,10 +1448,13 @@ class HCEClassifier(BaseModelClass):
             The store's ``categorical_lookup/cell_type.parquet``: the output labels (CL names, mapped to CL IDs).
         ontology
             Ontology for the name mapping and the hierarchy; default: the embedded CL release.
+        trusted
+            ``False`` (default): unpickle only tensors and the hyperparameter types scTab's checkpoints hold, and
+            refuse anything else, since unpickling can run code. ``True``: unpickle everything (files you trust).
         """
         from schce import _sctab
 
-        ckpt = _sctab.load_checkpoint(ckpt_path)
+        ckpt = _sctab.load_checkpoint(ckpt_path, trusted=trusted)
         backbone, arch, state, loss = _sctab.classifier_from_checkpoint(ckpt)
         genes = _sctab.read_genes(var_path)
         names = _sctab.read_labels(cell_type_path)
@@ -1464,6 +1488,7 @@ class HCEClassifier(BaseModelClass):
         cls.setup_anndata(placeholder, labels_key="label", ontology=onto, normalize=normalize)
         registry = cls._get_most_recent_anndata_manager(placeholder, required=True).registry
         registry[_SETUP_KEY]["hierarchy"] = hierarchy.to_dict()
+        registry[_SETUP_KEY].pop("expression", None)  # the empty placeholder cells tell nothing of the real values
         return registry
 
     @classmethod

@@ -23,6 +23,38 @@ def strip_ensembl_version(names: Sequence[str]) -> np.ndarray:
     return out
 
 
+def _duplicates(stripped: np.ndarray, original: Sequence[str]) -> dict[str, list[str]]:
+    """Every name that occurs more than once after stripping, with the original names behind it."""
+    groups: dict[str, list[str]] = {}
+    for key, name in zip(stripped, original, strict=True):
+        groups.setdefault(key, []).append(str(name))
+    return {k: v for k, v in groups.items() if len(v) > 1}
+
+
+def model_genes(var_names: Sequence[str], where: str = "adata.var_names") -> list[str]:
+    """The model's genes from a training set's ``var_names``: Ensembl versions stripped, each gene once.
+
+    Raises
+    ------
+    ValueError
+        On duplicated names, or Ensembl IDs that collide once their version is stripped, listing them.
+    """
+    original = [str(n) for n in var_names]
+    genes = strip_ensembl_version(original)
+    dup = _duplicates(genes, original)
+    if dup:
+        shown = "; ".join(
+            f"{k} ({', '.join(v)})" if len(set(v)) > 1 else f"{k} ×{len(v)}" for k, v in list(dup.items())[:10]
+        )
+        more = f" and {len(dup) - 10} more" if len(dup) > 10 else ""
+        raise ValueError(
+            f"{where} has {len(dup)} duplicated gene(s) (Ensembl version suffixes ignored): {shown}{more}. A model "
+            "needs each gene once: aggregate or drop the copies (e.g. adata = adata[:, ~adata.var_names.duplicated()]"
+            " after stripping versions), or call adata.var_names_make_unique() if they are different genes."
+        )
+    return [str(g) for g in genes]
+
+
 def gene_id_type(names: Sequence[str]) -> str:
     """``"Ensembl IDs"`` when most names are Ensembl gene IDs, else ``"gene symbols"``."""
     names = list(names)[:2000]
@@ -59,6 +91,18 @@ class GeneAligner:
         for i, name in enumerate(query):
             first.setdefault(name, i)  # duplicated query names: the first occurrence wins
         self.index = np.array([first.get(g, -1) for g in model], dtype=np.int64)
+        model_set = set(model)
+        dup = {k: v for k, v in _duplicates(query, query_genes).items() if k in model_set}
+        if dup:
+            shown = "; ".join(f"{k}: {', '.join(v)} (column {first[k]} used)" for k, v in list(dup.items())[:10])
+            logger.warning(
+                "%d model gene(s) occur more than once in the query %s (Ensembl versions ignored); the first copy of "
+                "each is used: %s%s.",
+                len(dup),
+                where,
+                shown,
+                f" and {len(dup) - 10} more" if len(dup) > 10 else "",
+            )
         self.n_found = int((self.index >= 0).sum())
         self.n_model = len(model)
         self.overlap = self.n_found / max(self.n_model, 1)
@@ -84,6 +128,10 @@ class GeneAligner:
         found = self.index >= 0
         out[:, found] = block[:, self.index[found]]
         return out
+
+    def query_columns(self) -> np.ndarray:
+        """The query columns that hold model genes."""
+        return self.index[self.index >= 0]
 
     def summary(self) -> dict:
         """JSON-able overlap record (stored in ``uns``)."""

@@ -1,0 +1,198 @@
+"""Saved models: checksums of the weights and of the label and gene lists, and a check of every metadata field.
+
+A model directory holds ``model.pt`` (weights) and ``schce.json`` (metadata, see :mod:`schce._io`). Since format 2
+the metadata carries the sha256 of ``model.pt`` and of the label, gene and hierarchy lists, so a damaged, swapped or
+edited file is refused on load, naming what differs, instead of predicting garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from numbers import Integral, Real
+from pathlib import Path
+
+import torch
+from anndata import AnnData
+
+from schce import _io
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def json_sha256(value) -> str:
+    """Hex sha256 of a JSON-able value (keys sorted), so the same list in another order differs."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _content_checksums(meta: dict) -> dict[str, str]:
+    setup = meta["registry"]["schce"]
+    hierarchy = setup["hierarchy"]
+    return {
+        "labels": json_sha256([str(x) for x in hierarchy["labels"]]),
+        "genes": json_sha256([str(g) for g in setup["genes"]]),
+        "hierarchy": json_sha256([[str(a), str(b)] for a, b in hierarchy["edges"]]),
+    }
+
+
+def write_model(
+    dir_path: str | os.PathLike, overwrite: bool, meta: dict, state: dict, adata: AnnData | None = None
+) -> None:
+    """Write ``model.pt`` and ``schce.json`` (with checksums), and ``adata.h5ad`` when given, atomically.
+
+    Only a new path, or with ``overwrite=True`` a directory holding nothing but schce's model files, is written;
+    this is checked before anything is written.
+    """
+    _io.check_save_target(dir_path, overwrite)
+    meta = {**meta, "format": _io.FORMAT, "format_version": _io.FORMAT_VERSION}
+    validate_meta(meta, Path(dir_path) / _io.META_FILE, check_sums=False)
+
+    def write(tmp: Path) -> None:
+        torch.save(state, tmp / _io.WEIGHTS_FILE)
+        checksums = {"weights": file_sha256(tmp / _io.WEIGHTS_FILE), **_content_checksums(meta)}
+        (tmp / _io.META_FILE).write_text(_io.dumps({**meta, "checksums": checksums}))
+        if adata is not None:
+            adata.write_h5ad(tmp / _io.ADATA_FILE)
+
+    _io.write_dir_atomically(dir_path, overwrite, write, own=_io.MODEL_FILES)
+
+
+def read_model(dir_path: str | os.PathLike, model_class: str) -> tuple[dict, dict]:
+    """The checked metadata and the weights of a model directory.
+
+    Raises
+    ------
+    ValueError
+        When a file is not a schce model, is damaged, or does not match its checksum; the message names the file
+        or the metadata field.
+    """
+    path = Path(dir_path)
+    meta = _io.read_meta(path)
+    meta_file, weights_file = path / _io.META_FILE, path / _io.WEIGHTS_FILE
+    if meta.get("model_class") != model_class:
+        raise ValueError(f"{path} holds a {meta.get('model_class')}, not a {model_class}.")
+    validate_meta(meta, meta_file, check_sums=meta.get("format_version", 1) >= 2)
+    if "checksums" in meta:
+        expected = meta["checksums"]
+        if file_sha256(weights_file) != expected["weights"]:
+            raise ValueError(
+                f"{weights_file} does not match the checksum recorded in {meta_file}: the weights were damaged or "
+                "replaced by another model's. Save the model again, or restore both files from the same save."
+            )
+        found = _content_checksums(meta)
+        edited = [k for k in ("labels", "genes", "hierarchy") if found[k] != expected[k]]
+        if edited:
+            raise ValueError(
+                f"The {' and '.join(edited)} in {meta_file} differ from those the model was saved with (checksum "
+                "mismatch): the file was edited or damaged. Restore it from the same save as model.pt."
+            )
+    else:
+        logger.warning("%s was written before schce stored checksums; its files cannot be verified.", meta_file)
+    try:
+        state = torch.load(weights_file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for damaged files
+        raise ValueError(f"{weights_file} is corrupt and cannot be read: {err}") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{weights_file} does not hold a state dict of tensors; save the model again.")
+    return meta, state
+
+
+def _fail(meta_file: Path, field: str, expected: str, value) -> None:
+    shown = repr(value) if len(repr(value)) <= 80 else f"a {type(value).__name__}"
+    raise ValueError(f"{meta_file}: {field} must be {expected}, got {shown}. The file is damaged or was edited.")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _check_strings(meta_file: Path, field: str, values, allow_empty: bool = False) -> None:
+    if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
+        _fail(meta_file, field, "a list of strings", values)
+    if not values and not allow_empty:
+        _fail(meta_file, field, "a non-empty list", values)
+    if len(set(values)) != len(values):
+        seen: set[str] = set()
+        dup = sorted({v for v in values if v in seen or seen.add(v)})[:5]
+        raise ValueError(f"{meta_file}: {field} has duplicates ({', '.join(dup)}). The file is damaged or was edited.")
+
+
+def _check_indices(meta_file: Path, field: str, value) -> None:
+    if value is None:
+        return
+    if not isinstance(value, list) or not all(_is_int(i) and i >= 0 for i in value):
+        _fail(meta_file, field, "null or a list of non-negative integers", value)
+
+
+def _check_registry(meta_file: Path, registry) -> None:
+    if not isinstance(registry, dict):
+        _fail(meta_file, "registry", "an object", registry)
+    for key in ("schce", "setup_args"):
+        if not isinstance(registry.get(key), dict):
+            _fail(meta_file, f"registry.{key}", "an object", registry.get(key))
+    setup = registry["schce"]
+    hierarchy = setup.get("hierarchy")
+    if not isinstance(hierarchy, dict):
+        _fail(meta_file, "registry.schce.hierarchy", "an object", hierarchy)
+    _check_strings(meta_file, "registry.schce.hierarchy.labels", hierarchy.get("labels"))
+    edges = hierarchy.get("edges")
+    if not isinstance(edges, list) or not all(isinstance(e, list | tuple) and len(e) == 2 for e in edges):
+        _fail(meta_file, "registry.schce.hierarchy.edges", "a list of [child, parent] pairs", edges)
+    _check_strings(meta_file, "registry.schce.genes", setup.get("genes"))
+    if not isinstance(setup.get("normalize"), bool):
+        _fail(meta_file, "registry.schce.normalize", "true or false", setup.get("normalize"))
+
+
+def validate_meta(meta: dict, meta_file: Path, check_sums: bool = True) -> None:
+    """Check the type and range of every field of a model's metadata; a ``ValueError`` names the first bad one."""
+    required = ("model_class", "init_params", "registry", "is_trained", "temperature", "history", "train_indices")
+    missing = [k for k in (*required, "validation_indices") if k not in meta]
+    if missing:
+        raise ValueError(
+            f"{meta_file} lacks the required field(s) {', '.join(missing)}. The file is damaged or was edited; "
+            "save the model again."
+        )
+    params = meta["init_params"]
+    if not isinstance(params, dict) or not all(isinstance(params.get(k), dict) for k in ("non_kwargs", "kwargs")):
+        _fail(meta_file, "init_params", "an object with 'non_kwargs' and 'kwargs' objects", params)
+    _check_registry(meta_file, meta["registry"])
+    if not isinstance(meta["is_trained"], bool):
+        _fail(meta_file, "is_trained", "true or false", meta["is_trained"])
+    t = meta["temperature"]
+    if not isinstance(t, Real) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
+        _fail(meta_file, "temperature", "a positive finite number", t)
+    if meta.get("optimizer") is not None and not isinstance(meta["optimizer"], str):
+        _fail(meta_file, "optimizer", "null or a string", meta["optimizer"])
+    best = meta.get("best_epoch")
+    if best is not None and not (_is_int(best) and best >= -1):
+        _fail(meta_file, "best_epoch", "null or an epoch number", best)
+    history = meta["history"]
+    if not isinstance(history, dict) or not all(
+        isinstance(h, dict)
+        and isinstance(h.get("epoch"), list)
+        and isinstance(h.get("value"), list)
+        and len(h["epoch"]) == len(h["value"])
+        for h in history.values()
+    ):
+        _fail(meta_file, "history", "an object of {epoch: [...], value: [...]} of equal lengths", history)
+    for field in ("train_indices", "validation_indices", "test_indices"):
+        _check_indices(meta_file, field, meta.get(field))
+    if check_sums:
+        sums = meta.get("checksums")
+        keys = ("weights", "labels", "genes", "hierarchy")
+        if not isinstance(sums, dict) or not all(isinstance(sums.get(k), str) and len(sums[k]) == 64 for k in keys):
+            _fail(meta_file, "checksums", f"an object of sha256 hex digests ({', '.join(keys)})", sums)
