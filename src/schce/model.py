@@ -1415,7 +1415,11 @@ class HCEClassifier(BaseModelClass):
         Weights are read from the ``classifier.`` entries (the buffers ``class_weights``, ``child_lookup``,
         ``child_lookup_transposed`` and ``augmentations`` are not weights); the backbone (linear, MLP or TabNet)
         and its sizes from the weights' shapes; the loss is HCE when the checkpoint holds
-        ``child_lookup_transposed``. The model then predicts on any AnnData with the usual gene alignment.
+        ``child_lookup_transposed``. The model keeps the checkpoint's own hierarchy (its ``child_lookup``) for loss
+        and evaluation; where today's CL differs between its labels is logged and kept in
+        ``model.hierarchy_differences_`` (see :func:`schce.data.compare_hierarchy`). Label names renamed in CL since
+        2023 resolve through their former names. The model then predicts on any AnnData with the usual gene
+        alignment.
 
         Parameters
         ----------
@@ -1439,9 +1443,11 @@ class HCEClassifier(BaseModelClass):
         labels = [mapping[n] for n in names]
         if len(set(labels)) != len(labels):
             raise ValueError(f"Several labels of {cell_type_path} map to the same CL term; cannot keep their order.")
-        registry = cls._registry_without_data(genes, labels, onto, Hierarchy.from_ontology(labels, onto), True)
+        hierarchy, differences = _sctab.checkpoint_hierarchy(ckpt, labels, onto)  # the published child_lookup
+        registry = cls._registry_without_data(genes, labels, onto, hierarchy, True)
         # scTab's models read the log-normalised values as they are.
         model = cls(None, registry, backbone=backbone, loss=loss, standardize=False, **arch)
+        model.hierarchy_differences_ = differences
         try:
             model.module.classifier.load_state_dict(state)
         except RuntimeError as err:

@@ -66,9 +66,8 @@ def store_setup(path: str | os.PathLike, ontology=None, hierarchy: str = "store"
     elif hierarchy == "store":
         raise FileNotFoundError(f"{child_file} is missing; pass hierarchy='ontology' to use the ontology's.")
     if hierarchy == "store":
-        child = np.asarray(np.load(child_file)) != 0
-        edges = [(labels[i], labels[j]) for i, j in zip(*np.nonzero(child), strict=True) if i != j]
-        hier = Hierarchy(labels, edges, names={t: onto.name(t) for t in labels}, version=f"{onto.version} (store)")
+        names = {t: onto.name(t) for t in labels}
+        hier = Hierarchy.from_child_matrix(labels, np.load(child_file), names, version=f"{onto.version} (store)")
     else:
         hier = Hierarchy.from_ontology(labels, onto)
     if normalize == "auto":
