@@ -294,3 +294,27 @@ def test_checkpoint_and_store_with_the_164_published_labels_load(tmp_path):
     setup = store_setup(tmp_path, normalize=False)
     assert setup["labels"] == labels
     np.testing.assert_array_equal(setup["hierarchy"].R, child != 0)
+
+
+def test_checkpoint_scored_in_the_papers_convention(tmp_path, pbmc):
+    from sklearn.metrics import f1_score
+
+    sd, child, labels = write_checkpoint(tmp_path, pbmc, "mlp")
+    model = _load(tmp_path)
+    query = pbmc.copy()
+    query.obs["truth"] = query.obs["cell_type"].astype(str)
+    query.obs.loc[query.obs_names[:20], "truth"] = "T cell"  # not a model label: the paper drops these cells
+    x = normalize_counts(torch.as_tensor(pbmc.X.toarray(), dtype=torch.float32))
+    pred = published_logits("mlp", sd, x, {}).argmax(1).numpy()
+    mapping = load_cell_ontology().map_labels(query.obs["truth"])
+    true = pd.Index(labels).get_indexer(query.obs["truth"].map(mapping))
+    keep = true >= 0
+    t, p = true[keep], pred[keep]
+    corrected = np.where(child[t, p] > 0, t, p)  # the published correct_labels
+    for convention, label_set in (("paper", np.union1d(t, corrected)), ("paper_ood", np.unique(t))):
+        result = model.evaluate(query, labels_key="truth", convention=convention)
+        assert result["n_dropped"] == 20 and result["n_scored"] == pbmc.n_obs - 20
+        expected = f1_score(t, corrected, labels=label_set, average="macro", zero_division=0)
+        assert result["macro_f1"] == pytest.approx(expected, abs=1e-12)
+    ours = model.evaluate(query, labels_key="truth", groupby=())
+    assert ours["n_cells"] == pbmc.n_obs  # schce's own evaluation keeps every cell

@@ -1204,6 +1204,7 @@ class HCEClassifier(BaseModelClass):
         ontology=None,
         datamodule: pl.LightningDataModule | None = None,
         split: Literal["test", "val", "train"] = "test",
+        convention: Literal["schce", "paper", "paper_ood"] = "schce",
     ) -> EvaluationResult:
         """Score the model on labelled cells: exact and hierarchy-corrected metrics, per class and per group.
 
@@ -1234,6 +1235,11 @@ class HCEClassifier(BaseModelClass):
             Instead of ``adata``: stream a datamodule's ``split`` loader (e.g. the test split of an
             :class:`~schce.data.SCTabStoreDataModule`); true labels are its ``y`` codes, and the groups come from
             its ``read_obs(split)`` when it has one. Memory: the probabilities, cells × labels.
+        convention
+            ``"schce"``: the evaluation described above. ``"paper"`` / ``"paper_ood"``: the numbers as the HCE
+            paper's evaluation code computes them (cells outside the model's labels dropped, macro F1 of the
+            corrected predictions over true ∪ predicted labels, resp. over the true labels); see
+            :func:`schce.evaluation.paper_evaluation`.
 
         Returns
         -------
@@ -1246,7 +1252,7 @@ class HCEClassifier(BaseModelClass):
             true_terms, logits, obs = datamodule_predictions(self, datamodule, split)
             probs = self._probabilities(logits, calibrated)
             result = evaluate_predictions(
-                true_terms, probs, self.hierarchy, onto.ancestors, obs, groupby, coarse_threshold, obs.index
+                true_terms, probs, self.hierarchy, onto.ancestors, obs, groupby, coarse_threshold, obs.index, convention
             )
             if output_dir is not None:
                 result.write(output_dir)
@@ -1267,6 +1273,7 @@ class HCEClassifier(BaseModelClass):
             groupby=groupby,
             coarse_threshold=coarse_threshold,
             obs_names=adata.obs_names,
+            convention=convention,
         )
         if output_dir is not None:
             result.write(output_dir)
