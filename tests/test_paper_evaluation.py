@@ -86,3 +86,19 @@ def test_paper_evaluation_drops_cells_outside_the_labels():
     with pytest.raises(ValueError, match="convention"):
         paper_evaluation(true_terms, probs, hierarchy, "schce")
     assert isinstance(result.per_class, pd.DataFrame)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_union_macro_f1_is_torchmetrics_macro_f1(seed):
+    # The paper selects epochs on torchmetrics' MulticlassF1Score(average="macro") of the corrected predictions.
+    import torch
+    from torchmetrics.classification import MulticlassF1Score
+
+    rng = np.random.default_rng(seed)
+    true = rng.choice([0, 1, 2, 3], size=300)
+    predicted = np.where(rng.random(300) < 0.5, true, rng.integers(0, 5, 300))
+    overall, _ = paper_report(true, predicted, CHILD, "union")
+    corrected = np.where(CHILD[true, predicted] > 0, true, predicted)
+    metric = MulticlassF1Score(num_classes=6, average="macro")
+    expected = float(metric(torch.as_tensor(corrected), torch.as_tensor(true)))
+    assert overall["macro_f1"] == pytest.approx(expected, abs=1e-6)
