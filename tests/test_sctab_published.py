@@ -237,7 +237,7 @@ def test_hierarchy_survives_save_and_load(tmp_path, pbmc):
     np.testing.assert_array_equal(loaded.hierarchy.R, child != 0)
 
 
-def test_checkpoint_labels_as_cl_ids_and_2023_names(tmp_path, pbmc):
+def test_checkpoint_lookup_with_cl_ids_is_read_through_them(tmp_path, pbmc):
     write_checkpoint(tmp_path, pbmc, "linear")
     lookup = tmp_path / "categorical_lookup" / "cell_type.parquet"
     df = pd.read_parquet(lookup)
