@@ -183,7 +183,8 @@ def test_resolve_names_and_synonyms(subset):
     # 'monocyte' is also a NARROW synonym of CL:0001054, but the label wins.
     assert subset.resolve("Monocyte") == "CL:0000576"
     assert subset.resolve("CD16 monocyte") is None
-    assert subset.resolve("obsolete native cell") is None  # names of obsolete terms are not matched
+    assert subset.resolve("obsolete native cell") is None  # the 'obsolete' prefix is not part of the name
+    assert subset.resolve("native cell") == ROOT  # the name of obsolete CL:0000003 leads to its replacement
     assert subset.resolve("") is None
     assert subset.resolve(None) is None  # type: ignore[arg-type]
 

@@ -388,24 +388,61 @@ def test_bernoulli_nll_validation():
         criterion_neg_log_bernoulli(torch.tensor([0.5, 0.5]), torch.ones(3), torch.ones(2))
 
 
+def _scgpt_ecs(emb: torch.Tensor, threshold: float) -> torch.Tensor:
+    """ECS as scGPT defines it, written out entry by entry: zeroed diagonal, mean over all N^2 entries."""
+    n = emb.shape[0]
+    rows = [emb[i] / torch.clamp(emb[i].norm(), min=1e-12) for i in range(n)]
+    total = emb.new_zeros(())
+    for i in range(n):
+        for j in range(n):
+            s = torch.clamp(rows[i] @ rows[j], min=0) if i != j else emb.new_zeros(())
+            total = total + 1 - (s - threshold) ** 2
+    return total / n**2
+
+
 def test_ecs_hand_example():
     # e1 = (1, 0), e2 = (1, 1), e3 = (-2, 0): cos(e1, e2) = 1/sqrt 2, cos(e1, e3) = -1, cos(e2, e3) = -1/sqrt 2.
     # relu: 0.7071, 0, 0. Terms with threshold 0.8: 1 - (0.7071 - 0.8)^2 = 0.99137..., 1 - 0.64 = 0.36 twice.
-    # The ordered off-diagonal pairs repeat each unordered pair twice, so the mean is (0.99137 + 0.36 + 0.36) / 3.
+    # The ordered off-diagonal pairs repeat each unordered pair twice, so their mean is (0.99137 + 0.36 + 0.36) / 3.
     emb = torch.tensor([[1.0, 0.0], [1.0, 1.0], [-2.0, 0.0]], requires_grad=True)
-    expected = (1 - (1 / math.sqrt(2) - 0.8) ** 2 + 0.36 + 0.36) / 3
-    loss = elastic_cell_similarity_loss(emb, ecs_threshold=0.8)
-    assert loss.item() == pytest.approx(expected, abs=ATOL)
-    assert expected == pytest.approx(0.57045695, abs=1e-7)
+    off_diagonal = (1 - (1 / math.sqrt(2) - 0.8) ** 2 + 0.36 + 0.36) / 3
+    loss = elastic_cell_similarity_loss(emb, ecs_threshold=0.8, pairs="off_diagonal")
+    assert loss.item() == pytest.approx(off_diagonal, abs=ATOL)
+    assert off_diagonal == pytest.approx(0.57045695, abs=1e-7)
     loss.backward()
     assert _finite_nonzero(emb.grad)
+    # scGPT's default: the 3 zeroed diagonal entries add 1 - 0.8^2 = 0.36 each, over 9 entries.
+    expected = (6 * off_diagonal + 3 * 0.36) / 9
+    assert elastic_cell_similarity_loss(emb, ecs_threshold=0.8).item() == pytest.approx(expected, abs=ATOL)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.8, 1.0])
+def test_ecs_default_is_scgpts_definition(threshold):
+    gen = torch.Generator().manual_seed(3)
+    emb = torch.randn(9, 5, generator=gen, dtype=torch.float64)
+    emb[4] = 0.0  # a zero row: cosine 0 with everything
+    a = emb.clone().requires_grad_(True)
+    b = emb.clone().requires_grad_(True)
+    got, expected = elastic_cell_similarity_loss(a, threshold), _scgpt_ecs(b, threshold)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    got.backward()
+    expected.backward()
+    # The zero row's own gradient depends on how the norm's kink is handled (1/eps or 0); the others do not.
+    keep = torch.arange(emb.shape[0]) != 4
+    torch.testing.assert_close(a.grad[keep], b.grad[keep], rtol=1e-10, atol=1e-12)
+    # The off-diagonal variant is the same sum over N (N - 1) pairs instead of N^2 entries.
+    n = emb.shape[0]
+    off = elastic_cell_similarity_loss(emb, threshold, pairs="off_diagonal")
+    torch.testing.assert_close(
+        off, (expected.detach() * n**2 - n * (1 - threshold**2)) / (n * (n - 1)), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_ecs_zero_rows_and_validation():
     # A zero row has cosine 0 with everything: pairs with it give 1 - 0.8^2 = 0.36. With rows (0,0) and (1,0):
     # both ordered pairs are 0.36.
     emb = torch.tensor([[0.0, 0.0], [1.0, 0.0]], requires_grad=True)
-    loss = elastic_cell_similarity_loss(emb)
+    loss = elastic_cell_similarity_loss(emb, pairs="off_diagonal")
     loss.backward()
     assert loss.item() == pytest.approx(0.36, abs=ATOL)
     assert torch.isfinite(emb.grad).all()
@@ -415,6 +452,8 @@ def test_ecs_zero_rows_and_validation():
         elastic_cell_similarity_loss(torch.ones(4))
     with pytest.raises(ValueError, match="ecs_threshold"):
         elastic_cell_similarity_loss(torch.ones(2, 2), ecs_threshold=1.5)
+    with pytest.raises(ValueError, match="pairs must be 'all'"):
+        elastic_cell_similarity_loss(torch.ones(2, 2), pairs="upper")
 
 
 # --------------------------------------------------------------------------------------------------------------------

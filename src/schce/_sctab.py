@@ -8,6 +8,7 @@ import pickle
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -88,17 +89,25 @@ def _unsafe_globals(path: Path) -> list[str]:
         return []
 
 
+# Nested hyperparameter groups that configure training, not the network: their keys (a StepLR ``gamma``, an
+# optimizer ``eps``) must never stand in for the network's own settings of the same name (TabNet's ``gamma``).
+_NOT_NETWORK = re.compile(r"sched|optim", re.IGNORECASE)
+
+
 def _flat_hparams(ckpt: dict) -> dict:
+    """Hyperparameters as one flat dict: shallower keys win over nested ones, training groups are skipped."""
     out: dict = {}
-
-    def walk(d):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v)
-            else:
-                out.setdefault(str(k), v)
-
-    walk(dict(ckpt.get("hyper_parameters", {}) or {}))
+    level = [dict(ckpt.get("hyper_parameters", {}) or {})]
+    while level:
+        nested = []
+        for d in level:
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    if not _NOT_NETWORK.search(str(k)):
+                        nested.append(v)
+                else:
+                    out.setdefault(str(k), v)
+        level = nested
     return out
 
 
@@ -156,10 +165,76 @@ def read_genes(var_path: str | os.PathLike) -> list[str]:
 
 
 def read_labels(cell_type_path: str | os.PathLike) -> list[str]:
-    """Output labels, in output order, from ``categorical_lookup/cell_type.parquet`` (an integer index, ``label``)."""
+    """Output labels, in output order, from ``categorical_lookup/cell_type.parquet`` (an integer index, ``label``).
+
+    When the lookup also has a column of CL IDs (every value ``CL:nnnnnnn``, e.g. ``ontology_term_id``), those are
+    returned instead of the names: IDs survive CL's renaming of terms, names do not.
+    """
     lookup = pd.read_parquet(cell_type_path)
     if "label" not in lookup.columns:
         raise ValueError(f"{cell_type_path} has no 'label' column (columns: {list(lookup.columns)}).")
     codes = [c for c in lookup.columns if c != "label" and pd.api.types.is_integer_dtype(lookup[c])]
     order = lookup[codes[0]] if codes else pd.Series(lookup.index, index=lookup.index)
-    return lookup.assign(_order=order.to_numpy()).sort_values("_order")["label"].astype(str).tolist()
+    lookup = lookup.assign(_order=order.to_numpy()).sort_values("_order")
+    id_columns = [
+        c
+        for c in lookup.columns
+        if c not in ("label", "_order")
+        and not pd.api.types.is_numeric_dtype(lookup[c])
+        and lookup[c].astype(str).str.fullmatch(r"CL:\d{7}").all()
+    ]
+    if id_columns:
+        logger.info("Reading the labels of %s as CL IDs from its %r column.", cell_type_path, id_columns[0])
+        return lookup[id_columns[0]].astype(str).tolist()
+    return lookup["label"].astype(str).tolist()
+
+
+def checkpoint_hierarchy(ckpt: dict, labels: list[str], ontology) -> tuple:
+    """The hierarchy a checkpoint was trained with (its ``child_lookup`` buffer) and where today's CL differs.
+
+    Returns ``(hierarchy, differences)``: a :class:`~schce.Hierarchy` whose ``R`` is the checkpoint's
+    ``child_lookup`` over ``labels`` (CL IDs in output order), and the table of
+    :func:`schce.data.compare_hierarchy` (one row per ancestor/descendant pair of labels on which the checkpoint and
+    ``ontology`` disagree; empty when they agree). A checkpoint without ``child_lookup`` gets the ontology's
+    hierarchy (with a warning) and ``differences=None``.
+    """
+    from schce.data._store import compare_hierarchy
+    from schce.hierarchy import Hierarchy
+
+    state = ckpt["state_dict"]
+    names = {t: ontology.name(t) for t in labels}
+    if "child_lookup" not in state:
+        logger.warning("The checkpoint has no child_lookup buffer; using the hierarchy of CL %s.", ontology.version)
+        return Hierarchy.from_ontology(labels, ontology), None
+    child = state["child_lookup"].detach().cpu().numpy()
+    transposed = state.get("child_lookup_transposed")
+    if transposed is not None and not np.array_equal(transposed.detach().cpu().numpy().T != 0, child != 0):
+        logger.warning(
+            "The checkpoint's child_lookup_transposed is not the transpose of child_lookup; using the latter."
+        )
+    hierarchy = Hierarchy.from_child_matrix(labels, child, names=names, version="checkpoint child_lookup")
+    differences = compare_hierarchy(child, labels, ontology)
+    log_hierarchy_differences(differences, ontology.version, "checkpoint's child_lookup")
+    return hierarchy, differences
+
+
+def log_hierarchy_differences(differences: pd.DataFrame, version: str, source: str) -> None:
+    """One log line saying how a published hierarchy and today's Cell Ontology differ (relations between labels)."""
+    if not len(differences):
+        logger.info("The %s agrees with the Cell Ontology %s.", source, version)
+        return
+    logger.warning(
+        "The %s and the Cell Ontology %s disagree on %d relation(s) between its labels (%d only in the %s, "
+        "%d only in the ontology), e.g. %s. The model keeps the published hierarchy for its loss and evaluation; "
+        "the full list is in model.hierarchy_differences_.",
+        source,
+        version,
+        len(differences),
+        int(differences["in_store"].sum()),
+        source,
+        int(differences["in_ontology"].sum()),
+        "; ".join(
+            f"{r.ancestor_name} > {r.descendant_name} ({'published' if r.in_store else 'ontology'} only)"
+            for r in differences.head(3).itertuples()
+        ),
+    )

@@ -13,11 +13,15 @@ import pandas as pd
 
 from schce._io import write_file_atomically
 from schce.hierarchy import Hierarchy
-from schce.metrics import expected_calibration_error, f1, per_class_table
+from schce.metrics import expected_calibration_error, f1, paper_report, per_class_table
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_GROUPBY = ("assay", "dataset_id", "disease", "tissue", "tissue_general")
+#: ``"schce"``: schce's own evaluation (every cell counted, finer and coarser truths placed); ``"paper"``: the HCE
+#: paper's in-distribution scores (macro F1 over true ∪ predicted labels); ``"paper_ood"``: its out-of-distribution
+#: scores (macro F1 over the true labels). Both paper conventions drop cells whose truth is not a model label.
+CONVENTIONS = ("schce", "paper", "paper_ood")
 # How each cell's true label relates to the model's labels.
 LABEL, COARSER, FINER, NOT_SCORABLE = "label", "coarser", "finer", "not_scorable"
 
@@ -136,6 +140,7 @@ def evaluate_predictions(
     groupby: Sequence[str] = DEFAULT_GROUPBY,
     coarse_threshold: float = 0.5,
     obs_names: Sequence[str] | None = None,
+    convention: str = "schce",
 ) -> EvaluationResult:
     """Score per-label probabilities against true terms.
 
@@ -157,7 +162,13 @@ def evaluate_predictions(
         Subtree probability for the coarse back-off call.
     obs_names
         Cell names for the detailed table.
+    convention
+        One of :data:`CONVENTIONS`; the paper conventions return :func:`paper_evaluation`.
     """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}.")
+    if convention != "schce":
+        return paper_evaluation(true_terms, probabilities, hierarchy, convention, obs_names)
     true_terms = np.asarray(true_terms, dtype=object)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     if probabilities.shape != (len(true_terms), hierarchy.n_labels):
@@ -258,3 +269,60 @@ def evaluate_predictions(
     probs = pd.DataFrame(probabilities, index=index, columns=[f"p:{label}" for label in hierarchy.labels])
     detailed = pd.concat([detailed, probs], axis=1)
     return EvaluationResult(overall_df, per_class, per_group, detailed, hierarchy)
+
+
+def paper_evaluation(
+    true_terms: Sequence[str],
+    probabilities: np.ndarray,
+    hierarchy: Hierarchy,
+    convention: str = "paper",
+    obs_names: Sequence[str] | None = None,
+) -> EvaluationResult:
+    """The numbers of the HCE paper's evaluation code, to put beside its tables.
+
+    As microsoft/hce-classification scores a model: cells whose true label is not one of the model's labels are
+    dropped (counted in ``n_dropped``); the prediction is the arg-max label; it counts as the truth when the
+    hierarchy's ``R`` accepts it (the truth or a descendant; for a model from
+    :meth:`~schce.HCEClassifier.from_sctab_checkpoint` that is the checkpoint's ``child_lookup``); then
+    :func:`schce.metrics.paper_report` with the label set of the convention: ``"paper"`` (in-distribution test
+    split) true ∪ predicted labels, ``"paper_ood"`` the true labels.
+    All F1 values are of the corrected predictions. ``per_group`` is empty.
+    """
+    if convention not in ("paper", "paper_ood"):
+        raise ValueError(f"convention must be 'paper' or 'paper_ood', got {convention!r}.")
+    true_terms = np.asarray(true_terms, dtype=object)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if probabilities.shape != (len(true_terms), hierarchy.n_labels):
+        raise ValueError(
+            f"probabilities must be (n_cells, n_labels) = ({len(true_terms)}, {hierarchy.n_labels}), "
+            f"got {probabilities.shape}."
+        )
+    codes = pd.Index(hierarchy.labels).get_indexer(true_terms.astype(str))
+    kept = codes >= 0
+    if not kept.all():
+        logger.info("Paper convention: dropping %d cell(s) whose label is not a model label.", int((~kept).sum()))
+    predicted = probabilities.argmax(1)
+    label_set = "union" if convention == "paper" else "true"
+    report, per_class = paper_report(codes[kept], predicted[kept], hierarchy.R, label_set)
+    report.pop("n_cells")
+    overall = {"n_cells": len(true_terms), "n_dropped": int((~kept).sum()), "n_scored": int(kept.sum()), **report}
+    overall_df = pd.DataFrame({"value": pd.Series(overall, dtype=np.float64)})
+    overall_df.index.name = "metric"
+    labels = np.asarray(hierarchy.labels, dtype=object)
+    per_class.index = pd.Index(labels[per_class.index.to_numpy()], name="label")
+    per_class.insert(0, "name", [hierarchy.name(t) for t in per_class.index])
+    index = pd.Index(obs_names if obs_names is not None else np.arange(len(true_terms)).astype(str), name="cell")
+    corrected = np.where(kept, predicted, -1)
+    ok = kept & hierarchy.R[np.where(kept, codes, 0), predicted]
+    corrected[ok] = codes[ok]
+    detailed = pd.DataFrame(
+        {
+            "true": true_terms.astype(str),
+            "kept": kept,
+            "predicted": labels[predicted].astype(str),
+            "corrected_prediction": np.where(kept, labels[np.maximum(corrected, 0)], "").astype(str),
+            "correct": ok,
+        },
+        index=index,
+    )
+    return EvaluationResult(overall_df, per_class, {}, detailed, hierarchy)

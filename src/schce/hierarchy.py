@@ -172,6 +172,55 @@ class Hierarchy:
         names = {t: onto.name(t) for t in terms}
         return cls(labels, edges, names=names, version=onto.version)
 
+    @classmethod
+    def from_child_matrix(
+        cls,
+        labels: Sequence[str],
+        matrix,
+        names: dict[str, str] | None = None,
+        version: str = "child matrix",
+    ) -> Hierarchy:
+        """Build the hierarchy a published model was trained with, from its label-by-label matrix.
+
+        scTab's ``cell_type_hierarchy/child_matrix.npy`` and the ``child_lookup`` buffer of scTab / HCE-paper
+        checkpoints hold ``matrix[i, j] != 0`` iff label ``j`` is label ``i`` or one of its descendants. The
+        hierarchy keeps exactly these relations between the labels (no other ontology terms), so its :attr:`R`
+        equals the matrix.
+
+        Parameters
+        ----------
+        labels
+            The labels (CL IDs), in the matrix's order.
+        matrix
+            ``(n_labels, n_labels)`` array or tensor.
+        names, version
+            Display names and a version string.
+
+        Raises
+        ------
+        ValueError
+            If the shape does not fit the labels, or the matrix is not a partial order (not reflexive or not
+            transitive); :class:`~schce.HierarchyCycleError` if two labels are descendants of each other.
+        """
+        R = np.asarray(matrix.detach().cpu().numpy() if hasattr(matrix, "detach") else matrix) != 0
+        labels = [str(label) for label in labels]
+        if R.shape != (len(labels), len(labels)):
+            raise ValueError(f"The child matrix has shape {R.shape}; expected {(len(labels),) * 2} for the labels.")
+        try:
+            validate_reachability(R)
+        except HierarchyCycleError:
+            raise
+        except ValueError as err:
+            raise ValueError(
+                f"The child matrix is not a label hierarchy: {err} Pass the matrix the model was trained with "
+                "(scTab's child_matrix.npy / the checkpoint's child_lookup buffer)."
+            ) from err
+        # Keep only direct edges (the transitive reduction); the closure gives R back.
+        strict = R & ~np.eye(len(labels), dtype=bool)
+        direct = strict & ~((strict.astype(np.int64) @ strict.astype(np.int64)) > 0)
+        edges = [(labels[i], labels[j]) for i, j in zip(*np.nonzero(direct), strict=True)]
+        return cls(labels, edges, names=names, version=version)
+
     # ------------------------------------------------------------------ queries
     @property
     def n_labels(self) -> int:

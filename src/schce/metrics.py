@@ -186,3 +186,73 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bi
         in_bin = bins == b
         total += in_bin.sum() * abs(confidence[in_bin].mean() - correct[in_bin].mean())
     return float(total / len(confidence))
+
+
+#: Label sets of the HCE paper's evaluation scripts: ``"union"`` (in-distribution test split: scikit-learn's
+#: ``classification_report`` without ``labels``, i.e. true ∪ predicted, as torchmetrics' macro F1 also counts them)
+#: and ``"true"`` (out-of-distribution datasets: ``labels=np.unique(y_true)``).
+PAPER_LABEL_SETS = ("union", "true")
+
+
+def paper_report(
+    true: np.ndarray, predicted: np.ndarray, child_matrix: np.ndarray, label_set: str = "union"
+) -> tuple[dict[str, float], pd.DataFrame]:
+    """Scores computed as the HCE paper's evaluation code computes them, on label codes.
+
+    Every prediction that the published rule accepts (``child_matrix[true, predicted] != 0``: the truth or one of
+    its descendants) is replaced by the truth; precision, recall and F1 per label then follow scikit-learn's
+    ``classification_report`` (0 where a denominator is 0) over the labels of ``label_set`` (see
+    :data:`PAPER_LABEL_SETS`). ``micro_f1`` is the corrected accuracy when the label set holds every true and
+    predicted label, else the micro average over the label set, as scikit-learn reports it.
+
+    Parameters
+    ----------
+    true, predicted
+        Label codes (row / column indices of ``child_matrix``), one per cell.
+    child_matrix
+        ``(n_labels, n_labels)``, ``[i, j] != 0`` iff label ``j`` is label ``i`` or a descendant (scTab's
+        ``child_matrix.npy``, a checkpoint's ``child_lookup``); used as given.
+    label_set
+        ``"union"`` (in-distribution) or ``"true"`` (out-of-distribution).
+
+    Returns
+    -------
+    ``(overall, per_class)``: ``overall`` has ``n_cells``, ``n_labels_scored``, ``accuracy`` (corrected),
+    ``macro_f1``, ``micro_f1`` and ``weighted_f1``; ``per_class`` is indexed by code with ``precision``, ``recall``,
+    ``f1`` and ``support``.
+    """
+    if label_set not in PAPER_LABEL_SETS:
+        raise ValueError(f"label_set must be one of {PAPER_LABEL_SETS}, got {label_set!r}.")
+    true, predicted = np.asarray(true, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
+    if true.shape != predicted.shape:
+        raise ValueError(f"true and predicted differ in length: {true.shape} vs {predicted.shape}.")
+    child = np.asarray(child_matrix) != 0
+    if len(true) and (min(true.min(), predicted.min()) < 0 or max(true.max(), predicted.max()) >= len(child)):
+        raise ValueError(f"Label codes must lie in [0, {len(child)}) to index the child matrix.")
+    corrected = np.where(child[true, predicted], true, predicted)
+    labels = np.union1d(true, corrected) if label_set == "union" else np.unique(true)
+    k = len(child)
+    tp = np.bincount(true[true == corrected], minlength=k)[labels]
+    fp = np.bincount(corrected[true != corrected], minlength=k)[labels]
+    fn = np.bincount(true[true != corrected], minlength=k)[labels]
+    precision = np.divide(tp, tp + fp, out=np.zeros(len(labels)), where=tp + fp > 0)
+    recall = np.divide(tp, tp + fn, out=np.zeros(len(labels)), where=tp + fn > 0)
+    f1s = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros(len(labels)), where=2 * tp + fp + fn > 0)
+    support = tp + fn
+    if set(labels.tolist()) >= set(np.union1d(true, corrected).tolist()):
+        micro = float(np.mean(true == corrected)) if len(true) else float("nan")
+    else:
+        denom = 2 * tp.sum() + fp.sum() + fn.sum()
+        micro = float(2 * tp.sum() / denom) if denom else 0.0
+    overall = {
+        "n_cells": float(len(true)),
+        "n_labels_scored": float(len(labels)),
+        "accuracy": float(np.mean(true == corrected)) if len(true) else float("nan"),
+        "macro_f1": float(f1s.mean()) if len(labels) else float("nan"),
+        "micro_f1": micro,
+        "weighted_f1": float(np.average(f1s, weights=support)) if support.sum() else 0.0,
+    }
+    per_class = pd.DataFrame(
+        {"precision": precision, "recall": recall, "f1": f1s, "support": support}, index=pd.Index(labels, name="code")
+    )
+    return overall, per_class

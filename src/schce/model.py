@@ -1236,6 +1236,7 @@ class HCEClassifier(BaseModelClass):
         ontology=None,
         datamodule: pl.LightningDataModule | None = None,
         split: Literal["test", "val", "train"] = "test",
+        convention: Literal["schce", "paper", "paper_ood"] = "schce",
     ) -> EvaluationResult:
         """Score the model on labelled cells: exact and hierarchy-corrected metrics, per class and per group.
 
@@ -1267,6 +1268,11 @@ class HCEClassifier(BaseModelClass):
             Instead of ``adata``: stream a datamodule's ``split`` loader (e.g. the test split of an
             :class:`~schce.data.SCTabStoreDataModule`); true labels are its ``y`` codes, and the groups come from
             its ``read_obs(split)`` when it has one. Memory: the probabilities, cells × labels.
+        convention
+            ``"schce"``: the evaluation described above. ``"paper"`` / ``"paper_ood"``: the numbers as the HCE
+            paper's evaluation code computes them (cells outside the model's labels dropped, macro F1 of the
+            corrected predictions over true ∪ predicted labels, resp. over the true labels); see
+            :func:`schce.evaluation.paper_evaluation`.
 
         Returns
         -------
@@ -1279,7 +1285,7 @@ class HCEClassifier(BaseModelClass):
             true_terms, logits, obs = datamodule_predictions(self, datamodule, split)
             probs = self._probabilities(logits, calibrated)
             result = evaluate_predictions(
-                true_terms, probs, self.hierarchy, onto.ancestors, obs, groupby, coarse_threshold, obs.index
+                true_terms, probs, self.hierarchy, onto.ancestors, obs, groupby, coarse_threshold, obs.index, convention
             )
             if output_dir is not None:
                 result.write(output_dir)
@@ -1301,6 +1307,7 @@ class HCEClassifier(BaseModelClass):
             groupby=groupby,
             coarse_threshold=coarse_threshold,
             obs_names=adata.obs_names,
+            convention=convention,
         )
         if output_dir is not None:
             result.write(output_dir)
@@ -1436,7 +1443,11 @@ class HCEClassifier(BaseModelClass):
         Weights are read from the ``classifier.`` entries (the buffers ``class_weights``, ``child_lookup``,
         ``child_lookup_transposed`` and ``augmentations`` are not weights); the backbone (linear, MLP or TabNet)
         and its sizes from the weights' shapes; the loss is HCE when the checkpoint holds
-        ``child_lookup_transposed``. The model then predicts on any AnnData with the usual gene alignment.
+        ``child_lookup_transposed``. The model keeps the checkpoint's own hierarchy (its ``child_lookup``) for loss
+        and evaluation; where today's CL differs between its labels is logged and kept in
+        ``model.hierarchy_differences_`` (see :func:`schce.data.compare_hierarchy`). Label names renamed in CL since
+        2023 resolve through their former names. The model then predicts on any AnnData with the usual gene
+        alignment.
 
         Parameters
         ----------
@@ -1463,9 +1474,11 @@ class HCEClassifier(BaseModelClass):
         labels = [mapping[n] for n in names]
         if len(set(labels)) != len(labels):
             raise ValueError(f"Several labels of {cell_type_path} map to the same CL term; cannot keep their order.")
-        registry = cls._registry_without_data(genes, labels, onto, Hierarchy.from_ontology(labels, onto), True)
+        hierarchy, differences = _sctab.checkpoint_hierarchy(ckpt, labels, onto)  # the published child_lookup
+        registry = cls._registry_without_data(genes, labels, onto, hierarchy, True)
         # scTab's models read the log-normalised values as they are.
         model = cls(None, registry, backbone=backbone, loss=loss, standardize=False, **arch)
+        model.hierarchy_differences_ = differences
         try:
             model.module.classifier.load_state_dict(state)
         except RuntimeError as err:

@@ -133,9 +133,12 @@ class CellOntology:
         synonyms: Mapping[str, Iterable[tuple[str, str]]] | None = None,
         obsolete: Mapping[str, str | None] | None = None,
         alt_ids: Mapping[str, str] | None = None,
+        consider: Mapping[str, Iterable[str]] | None = None,
         version: str = "unknown",
         source: str = "",
     ):
+        # Obsolete terms without a replacement may name terms to 'consider' instead; one live candidate is followed.
+        self._consider = {str(t): tuple(str(c) for c in cs) for t, cs in (consider or {}).items() if cs}
         self._names = {str(term): str(name) for term, name in names.items()}
         self._obsolete = {str(term): (None if repl is None else str(repl)) for term, repl in (obsolete or {}).items()}
         self._terms = tuple(sorted(term for term in self._names if term not in self._obsolete))
@@ -344,21 +347,41 @@ class CellOntology:
 
     # ------------------------------------------------------------------ label mapping
 
-    def _resolve_id(self, term_id: str) -> str | None:
-        seen = [term_id]
+    def _follow(self, term_id: str, seen: list[str] | None = None) -> str | None:
+        """The live term an ID leads to through alternative IDs, ``replaced_by`` and a single ``consider``."""
+        seen = [term_id] if seen is None else seen
         current: str | None = term_id
         # Follow alternative IDs and replacement chains (a replacement may itself have been obsoleted later).
         while current is not None and current not in self._live:
             if current in self._alt_ids:
                 current = self._alt_ids[current]
-            elif current in self._obsolete:
+            elif self._obsolete.get(current) is not None:
                 current = self._obsolete[current]
+            elif current in self._obsolete:
+                options = self._consider_options(current, seen)
+                current = options[0] if len(options) == 1 else None
             else:
                 current = None
             if current in seen:
                 current = None
             elif current is not None:
                 seen.append(current)
+        return current
+
+    def _consider_options(self, term_id: str, seen: list[str] | None = None) -> list[str]:
+        """Distinct live terms that the ``consider`` entries of an obsolete term without replacement lead to."""
+        found = []
+        for raw in self._consider.get(term_id, ()):
+            match = re.search(r"CL[:_](\d{7})$", raw)
+            if match and (f"CL:{match.group(1)}" not in (seen or [])):
+                live = self._follow(f"CL:{match.group(1)}", [*(seen or [term_id])])
+                if live is not None and live not in found:
+                    found.append(live)
+        return found
+
+    def _resolve_id(self, term_id: str) -> str | None:
+        seen = [term_id]
+        current = self._follow(term_id, seen)
         if current is None:
             logger.debug("%s does not lead to a live term of CL %s", term_id, self._version)
             return None
@@ -392,10 +415,14 @@ class CellOntology:
         """Map one label to a live CL term ID, or None when it cannot be mapped unambiguously.
 
         Accepted, in this order: a live ID (also written ``CL_0000084`` or as a PURL); an alternative ID (-> its
-        primary term); an obsolete ID with a live CL replacement (logged once as a warning); a name, compared
-        case-insensitively with whitespace collapsed, first against live term names, then EXACT synonyms, then
-        synonyms of any scope. A name or synonym shared by several live terms is ambiguous and gives None; names of
-        obsolete terms are not matched.
+        primary term); an obsolete ID with a live CL replacement (``replaced_by``, or a ``consider`` list that
+        leads to exactly one live term; logged once as a warning); a name, compared case-insensitively with
+        whitespace collapsed, first against live term names, then EXACT synonyms, then synonyms of any scope, then
+        names of obsolete terms (-> their replacement), then names the term had in earlier CL releases (the releases
+        shipped with cellxgene-ontology-guide, and :data:`schce._cl_history.FORMER_NAMES`), e.g. scTab's
+        "lamp5 GABAergic cortical interneuron" -> CL:4023011. The last two are logged once as warnings. A name that
+        leads to several live terms in the first tier where it matches is ambiguous and gives None (the error of
+        :meth:`map_labels` lists the candidates).
 
         Parameters
         ----------
@@ -416,16 +443,55 @@ class CellOntology:
         match = _ID_RE.match(text)
         if match:
             return self._resolve_id(f"CL:{match.group(1)}")
+        found = self._name_candidates(text)
+        if found is None:
+            return None
+        tier, hits = found
+        if len(hits) != 1:
+            logger.debug("%r is ambiguous: %s of %s", value, tier, hits)
+            return None
+        if tier in ("obsolete name", "former name") and (text, hits[0]) not in self._warned:
+            self._warned.add((text, hits[0]))
+            logger.warning(
+                "%r is not a current Cell Ontology name; as %s it was mapped to %s (%s).",
+                text,
+                "the name of an obsolete term" if tier == "obsolete name" else "a name in an earlier CL release",
+                hits[0],
+                self._names[hits[0]],
+            )
+        return hits[0]
+
+    def _name_candidates(self, text: str) -> tuple[str, list[str]] | None:
+        """The first tier in which a name matches, with the live terms it leads to there (several = ambiguous).
+
+        Tiers: live names, EXACT synonyms, any synonyms (this release); names of obsolete terms (-> replacement);
+        former names, i.e. labels and synonyms in earlier CL releases (:mod:`schce._cl_history`), followed by ID.
+        """
         key = _normalise(text)
         for tier, index in zip(("name", "EXACT synonym", "synonym"), self._names_by_tier(), strict=True):
-            hits = index.get(key)
-            if not hits:
-                continue
-            if len(hits) == 1:
-                return next(iter(hits))
-            logger.debug("%r is ambiguous: %s of %s", value, tier, sorted(hits))
-            return None
+            if index.get(key):
+                return tier, sorted(index[key])
+        obsolete = [
+            t
+            for t in self._obsolete
+            if self._names.get(t) and _normalise(self._names[t].removeprefix("obsolete ")) == key
+        ]
+        if obsolete:
+            return "obsolete name", self._live_targets(obsolete)
+        from schce._cl_history import former_name_index
+
+        former = former_name_index().get(key)
+        if former:
+            return "former name", self._live_targets(former)
         return None
+
+    def _live_targets(self, term_ids: Iterable[str]) -> list[str]:
+        """Live terms the IDs lead to; an obsolete term with several ``consider`` candidates adds all of them."""
+        out: set[str] = set()
+        for term in term_ids:
+            live = self._follow(term)
+            out.update([live] if live is not None else self._consider_options(term))
+        return sorted(out)
 
     def _close_matches(self, value: str) -> list[str]:
         if self._close_names is None:
@@ -441,15 +507,27 @@ class CellOntology:
         found = difflib.get_close_matches(query, list(self._close_names), n=3, cutoff=0.6)
         return [f"{self._names[self._close_names[name]]!r} ({self._close_names[name]})" for name in found]
 
+    def _listing(self, terms: Iterable[str]) -> str:
+        return ", ".join(f"{self._names[t]!r} ({t})" for t in terms)
+
     def _describe_unmapped(self, value: str) -> str:
         match = _ID_RE.match(value.strip())
         note = ""
         if match:
             term = f"CL:{match.group(1)}"
+            options = self._consider_options(term) if term in self._obsolete else []
+            if len(options) > 1:
+                return (
+                    f"  - {value!r} (obsolete; CL says to consider several terms): candidates {self._listing(options)}"
+                )
             if term in self._obsolete:
                 note = " (obsolete, with no live CL replacement)"
             elif term not in self._names:
                 note = f" (no such ID in CL {self._version})"
+        else:
+            found = self._name_candidates(value.strip())
+            if found is not None and len(found[1]) > 1:
+                return f"  - {value!r} (ambiguous {found[0]}): candidates {self._listing(found[1])}"
         close = self._close_matches(value)
         suggestion = "close CL names: " + ", ".join(close) if close else "no close CL names"
         return f"  - {value!r}{note}: {suggestion}"
@@ -541,6 +619,7 @@ class CellOntology:
             "synonyms": {term: [list(pair) for pair in syns] for term, syns in sorted(self._synonyms.items())},
             "obsolete": dict(sorted(self._obsolete.items())),
             "alt_ids": dict(sorted(self._alt_ids.items())),
+            "consider": {term: list(cs) for term, cs in sorted(self._consider.items())},
         }
 
     @classmethod
@@ -566,6 +645,7 @@ class CellOntology:
             synonyms={term: [tuple(pair) for pair in syns] for term, syns in data.get("synonyms", {}).items()},
             obsolete=data.get("obsolete", {}),
             alt_ids=data.get("alt_ids", {}),
+            consider=data.get("consider", {}),
             version=data.get("version", "unknown"),
             source=data.get("source", ""),
         )
@@ -618,6 +698,7 @@ def _load_obo(source: str, display: str) -> CellOntology:
     obsolete: dict[str, str | None] = {}
     synonyms: dict[str, list[tuple[str, str]]] = {}
     alt_primary: dict[str, str] = {}
+    consider: dict[str, list[str]] = {}
     for node, data in graph.nodes(data=True):
         # Nodes without data are edge targets that have no stanza in this file (e.g. outside a subset).
         if not node.startswith("CL:") or not data:
@@ -626,6 +707,8 @@ def _load_obo(source: str, display: str) -> CellOntology:
         if str(data.get("is_obsolete", "false")).lower() == "true":
             # Non-CL replacements (CLO, PO, GO, ...) cannot stand in for a cell type.
             obsolete[node] = next((r for r in data.get("replaced_by", []) if r.startswith("CL:")), None)
+            if obsolete[node] is None and data.get("consider"):
+                consider[node] = list(data["consider"])
         parsed = [_parse_synonym(raw) for raw in data.get("synonym", [])]
         if any(parsed):
             synonyms[node] = [pair for pair in parsed if pair is not None]
@@ -660,6 +743,7 @@ def _load_obo(source: str, display: str) -> CellOntology:
             synonyms=synonyms,
             obsolete=obsolete,
             alt_ids=alt_ids,
+            consider=consider,
             version=_obo_version(graph.graph),
             source=display,
         )
@@ -692,6 +776,7 @@ def _load_embedded() -> CellOntology:
     names: dict[str, str] = {}
     obsolete: dict[str, str | None] = {}
     alt_ids: dict[str, str] = {}
+    consider: dict[str, list[str]] = {}
     synonyms: dict[str, list[tuple[str, str]]] = {}
     for term, info in data.items():
         repl = info.get("replaced_by")
@@ -702,6 +787,8 @@ def _load_embedded() -> CellOntology:
                 alt_ids[term] = cl_repl
                 continue
             obsolete[term] = cl_repl
+            if cl_repl is None and info.get("consider"):
+                consider[term] = list(info["consider"])
         names[term] = info.get("label") or term
         if info.get("synonyms"):
             # The guide keeps exactly the EXACT synonyms of the OBO release (checked for all live terms of 2026-03-26).
@@ -731,6 +818,7 @@ def _load_embedded() -> CellOntology:
         synonyms=synonyms,
         obsolete=obsolete,
         alt_ids=alt_ids,
+        consider=consider,
         version=raw_version.removeprefix("v"),
         source=f"cellxgene-ontology-guide {guide_version} (CL {raw_version})",
     )

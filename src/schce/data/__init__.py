@@ -1,6 +1,6 @@
 """Data access: expression checks, gene alignment, AnnData loaders and scTab atlas stores."""
 
-from schce.data._augmentation import augmentation_matrix
+from schce.data._augmentation import augmentation_matrix, published_augmentation_matrix
 from schce.data._datamodule import SCTabStoreDataModule, StoreDataset
 from schce.data._expression import ExpressionSummary, check_expression, get_matrix
 from schce.data._genes import GeneAligner, strip_ensembl_version
@@ -22,6 +22,7 @@ __all__ = [
     "compare_hierarchy",
     "convert_sctab_store",
     "get_matrix",
+    "published_augmentation_matrix",
     "read_part_metadata",
     "read_sctab_store",
     "strip_ensembl_version",

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+import pandas as pd
 import torch
 
 from schce.data._expression import get_matrix, read_rows
 from schce.nn._module import normalize_counts
+
+logger = logging.getLogger(__name__)
 
 _CHUNK = 4096
 CLAMP = (0.0, 9.0)  # range of log1p(1e4-normalised) values scTab clamps augmented inputs to
@@ -113,3 +118,136 @@ def augment(x: torch.Tensor, augmentations: torch.Tensor, generator: torch.Gener
     rows = torch.randint(0, augmentations.shape[0], (n,), device=x.device, generator=generator)
     sign = torch.randint(0, 2, (n, 1), device=x.device, generator=generator, dtype=x.dtype) * 2 - 1
     return torch.clamp(x + sign * augmentations[rows], *CLAMP)
+
+
+def _label_group_means(X, labels, groups, rows: np.ndarray, normalize: bool) -> dict:
+    """``label -> (n_groups, n_genes)`` mean expression of each group's cells of that label, among ``rows``."""
+    out = {}
+    for label in sorted(set(labels[rows].tolist()), key=str):
+        in_label = rows[labels[rows] == label]
+        means = []
+        for group in sorted(set(groups[in_label].tolist()), key=str):
+            idx = np.sort(in_label[groups[in_label] == group])
+            total = np.zeros(X.shape[1])
+            for start in range(0, len(idx), _CHUNK):
+                x = torch.from_numpy(read_rows(X, idx[start : start + _CHUNK]))
+                total += (normalize_counts(x) if normalize else x).double().sum(0).numpy()
+            means.append(total / len(idx))
+        out[label] = np.stack(means)
+    return out
+
+
+def published_augmentation_candidates(
+    X, labels, groups, n_cells: int = 500_000, max_per_label: int = 300, normalize: bool = False, seed: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows scTab's augmentation notebook computes before its KMeans selection, and the label of each row.
+
+    ``X`` is cells × genes (dense, sparse, or an AnnData whose ``obs`` column names may be given as ``labels`` /
+    ``groups``).
+
+    Steps, as theislab/scTab ``notebooks/data_augmentation/data_augmentation.ipynb`` takes them: draw ``n_cells``
+    cells without replacement with probability inversely proportional to their label's frequency (all cells when
+    there are fewer); per label, the mean of each group's (scTab: ``tech_sample``) cells; per label with ``n`` groups
+    ``min(n (n - 1) / 2 - 1, max_per_label)`` distinct pairs ``(j < k)`` drawn at random, each giving the row
+    ``mean_j - mean_k`` (so a label in 2 groups gives none: the published count is one less than the pairs); entries
+    with ``|value| <= 0.25`` set to 0, the rest clipped to ``[-1.5, 1.5]``.
+    """
+    from anndata import AnnData
+
+    if isinstance(X, AnnData):  # then labels and groups may be obs column names
+        labels = X.obs[labels].to_numpy() if isinstance(labels, str) else labels
+        groups = X.obs[groups].to_numpy() if isinstance(groups, str) else groups
+        X = get_matrix(X, None)
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    n = X.shape[0]
+    if len(labels) != n or len(groups) != n:
+        raise ValueError(f"labels ({len(labels)}) and groups ({len(groups)}) need one entry per cell of X ({n}).")
+    if n_cells < 1 or max_per_label < 1:
+        raise ValueError("n_cells and max_per_label must be ≥ 1.")
+    rng = np.random.default_rng(seed)
+    if n_cells < n:
+        counts = pd.Series(labels).map(pd.Series(labels).value_counts()).to_numpy(dtype=np.float64)
+        p = (1.0 / counts) / (1.0 / counts).sum()
+        rows = np.sort(rng.choice(n, size=n_cells, replace=False, p=p))
+    else:
+        rows = np.arange(n)
+    out, row_labels = [], []
+    for label, means in _label_group_means(X, labels, groups, rows, normalize).items():
+        k = len(means)
+        n_rows = min(k * (k - 1) // 2 - 1, max_per_label)
+        if n_rows <= 0:
+            continue
+        pairs = np.array([(i, j) for i in range(k) for j in range(i + 1, k)])
+        chosen = pairs[rng.choice(len(pairs), size=n_rows, replace=False)]
+        out.append(means[chosen[:, 0]] - means[chosen[:, 1]])
+        row_labels += [label] * n_rows
+    if not out:
+        raise ValueError("No label has cells in more than two groups; scTab's construction yields no rows.")
+    rows_out = np.concatenate(out)
+    rows_out[np.abs(rows_out) <= 0.25] = 0.0
+    return np.clip(rows_out, -1.5, 1.5).astype(np.float32), np.asarray(row_labels)
+
+
+def published_augmentation_matrix(
+    X,
+    labels,
+    groups,
+    n_cells: int = 500_000,
+    max_per_label: int = 300,
+    n_clusters: int = 50,
+    min_cluster_size: int = 2000,
+    n_rows: int = 5000,
+    normalize: bool = False,
+    seed: int = 1,
+) -> np.ndarray:
+    """The matrix of scTab's ``augmentations.npy``, built the way its notebook builds it.
+
+    The candidate rows of :func:`published_augmentation_candidates` are clustered with KMeans
+    (``n_clusters``, scikit-learn's ``n_init="auto"``); rows of clusters with more than ``min_cluster_size`` rows are
+    kept, and ``n_rows`` of them drawn uniformly without replacement. The published values: 500,000 cells,
+    300 pairs per label, 50 clusters, clusters above 2,000 rows, 5,000 rows, on log1p-normalised data
+    (``normalize=False``; ``True`` normalises counts first), grouped by ``tech_sample``. scTab seeds its draws with
+    ``default_rng(1)`` but its pair choice and KMeans are unseeded, so the exact published matrix cannot be
+    regenerated; here every draw follows ``seed``.
+
+    Parameters
+    ----------
+    X, labels, groups, n_cells, max_per_label, normalize, seed
+        As in :func:`published_augmentation_candidates`.
+    n_clusters, min_cluster_size, n_rows
+        KMeans clusters, the size a cluster must exceed to be used, and the rows drawn.
+
+    Returns
+    -------
+    ``(n_rows, n_genes)`` float32 matrix, for ``HCEClassifier.train(augment=...)``.
+
+    Raises
+    ------
+    ValueError
+        If the kept clusters hold fewer than ``n_rows`` rows (the message gives the counts), or an input is bad.
+    """
+    from sklearn.cluster import KMeans
+
+    if n_clusters < 1 or min_cluster_size < 0 or n_rows < 1:
+        raise ValueError("n_clusters and n_rows must be ≥ 1 and min_cluster_size ≥ 0.")
+    candidates, _ = published_augmentation_candidates(X, labels, groups, n_cells, max_per_label, normalize, seed)
+    if len(candidates) < n_clusters:
+        raise ValueError(f"{len(candidates)} candidate rows cannot form {n_clusters} clusters; lower n_clusters.")
+    clusters = KMeans(n_clusters=n_clusters, n_init="auto", random_state=seed).fit(candidates).labels_
+    sizes = np.bincount(clusters, minlength=n_clusters)
+    usable = candidates[sizes[clusters] > min_cluster_size]
+    if len(usable) < n_rows:
+        raise ValueError(
+            f"Clusters with more than {min_cluster_size} rows hold {len(usable)} of {len(candidates)} candidate rows, "
+            f"fewer than n_rows={n_rows}; lower min_cluster_size or n_rows (scTab: 2000 and 5000 on 15M cells)."
+        )
+    pick = np.random.default_rng(seed).choice(len(usable), size=n_rows, replace=False)
+    logger.info(
+        "Augmentation matrix: %d of %d candidate rows in %d of %d clusters; drew %d.",
+        len(usable),
+        len(candidates),
+        int((sizes > min_cluster_size).sum()),
+        n_clusters,
+        n_rows,
+    )
+    return usable[pick]

@@ -26,7 +26,6 @@ def store_setup(path: str | os.PathLike, ontology=None, hierarchy: str = "store"
     ``"differences"``). ``hierarchy="store"`` trains on the store's relations between labels, ``"ontology"`` on the
     ontology's (with the labels' non-label ancestors, for coarse back-off calls).
     """
-    from schce.data._datamodule import _read_block
     from schce.hierarchy import Hierarchy
     from schce.ontology import load_cell_ontology
 
@@ -34,7 +33,7 @@ def store_setup(path: str | os.PathLike, ontology=None, hierarchy: str = "store"
         raise ValueError(f"hierarchy must be 'store' or 'ontology', got {hierarchy!r}.")
     if normalize not in ("auto", True, False):
         raise ValueError(f"normalize must be 'auto', True or False, got {normalize!r}.")
-    layout = store_layout(path)
+    store_layout(path)  # a clear error when path is not a store
     var = read_var(path)
     genes = (var["feature_id"] if "feature_id" in var.columns else var["feature_name"]).astype(str).tolist()
     names = read_lookup(path, "cell_type")
@@ -66,20 +65,12 @@ def store_setup(path: str | os.PathLike, ontology=None, hierarchy: str = "store"
     elif hierarchy == "store":
         raise FileNotFoundError(f"{child_file} is missing; pass hierarchy='ontology' to use the ontology's.")
     if hierarchy == "store":
-        child = np.asarray(np.load(child_file)) != 0
-        edges = [(labels[i], labels[j]) for i, j in zip(*np.nonzero(child), strict=True) if i != j]
-        hier = Hierarchy(labels, edges, names={t: onto.name(t) for t in labels}, version=f"{onto.version} (store)")
+        names = {t: onto.name(t) for t in labels}
+        hier = Hierarchy.from_child_matrix(labels, np.load(child_file), names, version=f"{onto.version} (store)")
     else:
         hier = Hierarchy.from_ontology(labels, onto)
     if normalize == "auto":
-        # The published store holds log1p-normalised values, our synthetic stores raw counts: look at the data.
-        part = split_parts(path, "train")[0]
-        block = _read_block(pq.ParquetFile(part), 0, layout, len(genes), columns=[])
-        sample = block.to_csr(len(block)).data
-        normalize = bool(len(sample)) and bool(np.all(sample == np.round(sample)) and sample.min() >= 0)
-        logger.info(
-            "The store holds %s.", "raw counts; the model normalises them" if normalize else "normalised values"
-        )
+        normalize = store_holds_counts(path)
     return {
         "genes": genes,
         "labels": labels,
@@ -88,6 +79,18 @@ def store_setup(path: str | os.PathLike, ontology=None, hierarchy: str = "store"
         "normalize": bool(normalize),
         "ontology": onto,
     }
+
+
+def store_holds_counts(path: str | os.PathLike, split: str = "train") -> bool:
+    """Whether a store holds raw counts (our synthetic stores) rather than log1p-normalised values (scTab's)."""
+    from schce.data._datamodule import _read_block
+
+    part = split_parts(path, split)[0]
+    block = _read_block(pq.ParquetFile(part), 0, store_layout(path), len(read_var(path)), columns=[])
+    sample = block.to_csr(len(block)).data
+    counts = bool(len(sample)) and bool(np.all(sample == np.round(sample)) and sample.min() >= 0)
+    logger.info("The store holds %s.", "raw counts; the model normalises them" if counts else "normalised values")
+    return counts
 
 
 def check_datamodule(datamodule, genes: list[str], n_labels: int) -> None:
@@ -189,7 +192,11 @@ def datamodule_predictions(model, datamodule, split: str) -> tuple[np.ndarray, n
     from schce.model import _SETUP_KEY
 
     loader = getattr(datamodule, names[split])()
-    out = loader_outputs(model.module, loader, model.registry_[_SETUP_KEY]["normalize"], desc=f"Scoring {split}")
+    normalize = model.registry_[_SETUP_KEY]["normalize"]
+    if getattr(datamodule, "path", None) and "sctab_store" not in model.registry_[_SETUP_KEY]:
+        # A model not built on this store (e.g. a published checkpoint) reads what the store holds.
+        normalize = store_holds_counts(datamodule.path, split)
+    out = loader_outputs(model.module, loader, normalize, desc=f"Scoring {split}")
     if "y" not in out or len(out["y"]) == 0:
         raise ValueError(f"The datamodule's {split} split yielded no labelled cells.")
     true_terms = np.asarray(model.hierarchy.labels, dtype=object)[out["y"]]

@@ -23,7 +23,7 @@ Invalid shapes or dtypes raise :class:`ValueError` naming the argument, the shap
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -558,17 +558,21 @@ def criterion_neg_log_bernoulli(probs: Tensor, target: Tensor, mask: Tensor, *, 
     return -torch.where(mask, log_lik, torch.zeros_like(log_lik)).sum() / mask.sum()
 
 
-def elastic_cell_similarity_loss(cell_emb: Tensor, ecs_threshold: float = 0.8) -> Tensor:
-    """Elastic cell similarity (ECS) objective of scGPT over distinct cell pairs.
+def elastic_cell_similarity_loss(
+    cell_emb: Tensor, ecs_threshold: float = 0.8, pairs: Literal["all", "off_diagonal"] = "all"
+) -> Tensor:
+    """Elastic cell similarity (ECS) objective of scGPT.
 
-    With ``s_ij = relu(cos(e_i, e_j))`` from L2-normalised embeddings::
+    With ``s_ij = relu(cos(e_i, e_j))`` from L2-normalised embeddings and the diagonal set to ``s_ii = 0``::
 
-        loss = mean over i != j of (1 - (s_ij - ecs_threshold)^2)
+        loss = mean over all N^2 entries (i, j) of (1 - (s_ij - ecs_threshold)^2)      # pairs="all" (default)
+        loss = mean over the N (N - 1) pairs i != j of the same terms                  # pairs="off_diagonal"
 
-    Minimising it pushes similarities above the threshold up and those below it down (towards 0). Unlike scGPT's
-    reference code, which zeroes the diagonal and averages over all ``N^2`` entries (adding a constant
-    ``1 - ecs_threshold^2`` per cell), the mean here runs over the ``N (N - 1)`` off-diagonal pairs only. Rows are
-    normalised with ``eps = 1e-12``, so an all-zero embedding has cosine 0 with everything and finite gradients.
+    ``"all"`` is scGPT's definition: its code zeroes the diagonal of the similarity matrix and averages over every
+    entry, so each cell adds the constant ``1 - ecs_threshold^2`` and the gradient is ``(N - 1) / N`` times that of
+    ``"off_diagonal"``. ``"off_diagonal"`` averages over distinct pairs only (schce's earlier default). Minimising
+    either pushes similarities above the threshold up and those below it down (towards 0). Rows are normalised with
+    ``eps = 1e-12``, so an all-zero embedding has cosine 0 with everything and finite gradients.
 
     Parameters
     ----------
@@ -576,6 +580,8 @@ def elastic_cell_similarity_loss(cell_emb: Tensor, ecs_threshold: float = 0.8) -
         Cell embeddings, shape ``(N, D)``, floating, ``N >= 2``.
     ecs_threshold
         Similarity threshold, in ``[0, 1]``.
+    pairs
+        ``"all"`` (scGPT) or ``"off_diagonal"``, see above.
 
     Returns
     -------
@@ -585,7 +591,8 @@ def elastic_cell_similarity_loss(cell_emb: Tensor, ecs_threshold: float = 0.8) -
     Raises
     ------
     ValueError
-        If ``cell_emb`` is not a floating ``(N, D)`` tensor with ``N >= 2`` or the threshold is outside ``[0, 1]``.
+        If ``cell_emb`` is not a floating ``(N, D)`` tensor with ``N >= 2``, the threshold is outside ``[0, 1]`` or
+        ``pairs`` is neither value.
 
     """
     _check_float("cell_emb", cell_emb, 2, "(N, D)")
@@ -594,10 +601,13 @@ def elastic_cell_similarity_loss(cell_emb: Tensor, ecs_threshold: float = 0.8) -
         raise ValueError(f"cell_emb must have shape (N, D) with N >= 2 to form pairs, got {tuple(cell_emb.shape)}")
     if not 0 <= ecs_threshold <= 1:
         raise ValueError(f"ecs_threshold must lie in [0, 1], got {ecs_threshold!r}")
+    if pairs not in ("all", "off_diagonal"):
+        raise ValueError(f"pairs must be 'all' (scGPT's ECS) or 'off_diagonal', got {pairs!r}")
     normed = F.normalize(cell_emb, p=2, dim=1, eps=1e-12)
-    similarity = F.relu(normed @ normed.T)
-    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=cell_emb.device)
-    return (1 - (similarity[off_diagonal] - ecs_threshold).square()).mean()
+    diagonal = torch.eye(n, dtype=torch.bool, device=cell_emb.device)
+    similarity = F.relu((normed @ normed.T).masked_fill(diagonal, 0.0))
+    terms = 1 - (similarity - ecs_threshold).square()
+    return terms.mean() if pairs == "all" else terms[~diagonal].mean()
 
 
 # --------------------------------------------------------------------------------------------------------------------
