@@ -22,4 +22,7 @@ def ready() -> bool:
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # One line per figure: the library's progress messages stay out (CellTypist turns root logging on at INFO).
+    for name in ("schce", "celltypist", "scvi"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return True

@@ -1,9 +1,13 @@
-"""Real-data benchmark: schce HCE and CE with each backbone, and a logistic-regression floor.
+"""Real-data benchmark: schce HCE and CE with each backbone, a logistic-regression floor and the peers.
 
 Methods are ``<loss>-<backbone>`` (losses ``hce-aware``, ``hce``, ``ce``; backbones ``mlp``, ``linear``,
-``tabnet``) and ``lr``. Tasks (data in ../shared/data/real; the script says so and exits when it is absent):
+``tabnet``), ``lr``, and the peers ``celltypist`` (CellTypist 1.7, defaults, majority voting off) and ``scanvi``
+(scvi-tools: scVI then scANVI on the reference, the query mapped with ``load_query_data``); the peers need
+``pip install -e ".[benchmark]"``. Tasks (data in ../shared/data/real; the script says so and exits when it is absent):
 
-- symphony leave-one-batch-out (three 10x PBMC runs), and the same with mixed-granularity training labels;
+- symphony leave-one-batch-out (three 10x PBMC runs), the same with mixed-granularity training labels (the larger
+  training batch calls CD4/CD8 T cells "T cell" and CD14/CD16 monocytes "monocyte"), and ``symphony-within``: half
+  of those cells in every training batch coarsened (one source annotating the same kind at two depths);
 - pancreas Wang → Xin and Xin → Wang on their shared genes (inputs already log-normalised);
 - pbmc68k 5-fold stratified.
 
@@ -33,20 +37,22 @@ import anndata as ad
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._peers import PEERS
 from benchmarks._tasks import LABELS, SHARED_REAL, SYMPHONY, leave_one_batch_out, ready
 
 from schce._benchmarking import per_label_summary
 
-TASKS = ("symphony", "symphony-mixed", "pancreas", "pbmc68k")
+TASKS = ("symphony", "symphony-mixed", "symphony-within", "pancreas", "pbmc68k")
 LOSSES = ("hce-aware", "hce", "ce")
-METHODS = tuple(f"{loss}-{backbone}" for backbone in ("mlp", "linear", "tabnet") for loss in LOSSES) + ("lr",)
+METHODS = tuple(f"{loss}-{backbone}" for backbone in ("mlp", "linear", "tabnet") for loss in LOSSES) + ("lr", *PEERS)
 
 
 def folds(task: str, seed: int) -> Iterator[tuple[ad.AnnData, ad.AnnData]]:
     """``(train, test)`` pairs; ``train.obs["training_label"]`` holds the training labels."""
-    if task in ("symphony", "symphony-mixed"):
+    if task in ("symphony", "symphony-mixed", "symphony-within"):
         adata = ad.read_h5ad(SYMPHONY)
-        for _, train, test in leave_one_batch_out(adata, mixed=task == "symphony-mixed"):
+        within = 0.5 if task == "symphony-within" else 0.0
+        for _, train, test in leave_one_batch_out(adata, task == "symphony-mixed", within_source=within, seed=seed):
             yield train, test
     elif task == "pancreas":
         wang = ad.read_h5ad(SHARED_REAL / "scClassify_pancreas_wang_lognorm_CL.h5ad")
@@ -78,6 +84,10 @@ def predict_labels(
     # The batch is the annotation source that loss="hce-aware" reads label meanings from.
     batch_key = "batch" if "batch" in train.obs else None
     schce.HCEClassifier.setup_anndata(train, labels_key="training_label", batch_key=batch_key)
+    if method in PEERS:
+        from benchmarks._peers import PREDICT
+
+        return PREDICT[method](train, test, seed), schce.HCEClassifier(train).hierarchy
     if method == "lr":
         import torch
         from sklearn.linear_model import LogisticRegression

@@ -23,13 +23,20 @@ COARSEN = {
 
 
 def leave_one_batch_out(
-    adata: AnnData, mixed: bool = False, batch_key: str = "batch", labels_key: str = LABELS
+    adata: AnnData,
+    mixed: bool = False,
+    batch_key: str = "batch",
+    labels_key: str = LABELS,
+    within_source: float = 0.0,
+    seed: int = 0,
 ) -> Iterator[tuple[str, AnnData, AnnData]]:
     """Yield ``(held-out batch, train, test)`` for every ``obs[batch_key]`` value.
 
     ``train.obs["training_label"]`` holds the training labels: the true CL IDs, or with ``mixed=True`` the CL IDs
     with CD4/CD8 T and CD14/CD16 monocytes coarsened (:data:`COARSEN`) to T cell / monocyte in the larger training
-    batch. The test cells keep their fine labels in ``obs[labels_key]``.
+    batch. With ``within_source=f`` instead, a random share ``f`` of those cells in *every* training batch is
+    coarsened (one source annotating some cells finely and others of the same kind coarsely). The test cells keep
+    their fine labels in ``obs[labels_key]``.
     """
     for test_batch in sorted(adata.obs[batch_key].unique()):
         train = adata[adata.obs[batch_key] != test_batch].copy()
@@ -39,6 +46,9 @@ def leave_one_batch_out(
             larger = train.obs[batch_key].value_counts().idxmax()
             in_larger = (train.obs[batch_key] == larger).to_numpy()
             labels[in_larger] = labels[in_larger].replace(COARSEN)
+        if within_source:
+            pick = np.random.default_rng([seed, len(train)]).random(len(train)) < within_source
+            labels[pick] = labels[pick].replace(COARSEN)
         train.obs["training_label"] = labels.to_numpy()
         yield test_batch, train, test
 
