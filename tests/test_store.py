@@ -414,7 +414,7 @@ def test_train_evaluate_predict_on_a_store(stores, atlas, tmp_path):
 
 
 def test_store_class_weights_are_used(stores):
-    from schce.data._store_model import datamodule_class_weights
+    from schce.model._store import datamodule_class_weights
 
     dm = SCTabStoreDataModule(stores["dense"], num_workers=0)
     n = len(dm.labels)

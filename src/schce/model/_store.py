@@ -186,10 +186,10 @@ def datamodule_predictions(model, datamodule, split: str) -> tuple[np.ndarray, n
     names = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_dataloader"}
     if split not in names:
         raise ValueError(f"split must be one of {list(names)}, got {split!r}.")
-    from schce.model import _SETUP_KEY
+    from schce._constants import SETUP_KEY
 
     loader = getattr(datamodule, names[split])()
-    out = loader_outputs(model.module, loader, model.registry_[_SETUP_KEY]["normalize"], desc=f"Scoring {split}")
+    out = loader_outputs(model.module, loader, model.registry_[SETUP_KEY]["normalize"], desc=f"Scoring {split}")
     if "y" not in out or len(out["y"]) == 0:
         raise ValueError(f"The datamodule's {split} split yielded no labelled cells.")
     true_terms = np.asarray(model.hierarchy.labels, dtype=object)[out["y"]]

@@ -1,0 +1,177 @@
+"""Fine-tuning a trained model on new labelled cells: :meth:`~schce.HCEClassifier.fine_tune`."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Literal
+
+import lightning.pytorch as pl
+from anndata import AnnData
+from mudata import MuData
+
+from schce._constants import SETUP_KEY
+from schce.data._loader import split_cells
+from schce.hierarchy import Hierarchy
+from schce.nn import extend_head, output_layer
+from schce.ontology import load_cell_ontology
+from schce.train import FrozenModules
+from schce.train._config import DEFAULT_OPTIMIZER
+
+logger = logging.getLogger(__name__)
+
+
+class FineTuneMixin:
+    """Continued training from the current weights."""
+
+    def fine_tune(
+        self,
+        adata: AnnData | MuData,
+        labels_key: str,
+        max_epochs: int = 50,
+        freeze_encoder: bool = False,
+        new_labels: Literal["add", "error"] = "add",
+        layer: str | None = None,
+        gene_symbols: str | None = None,
+        normalize: bool | Literal["auto"] = "auto",
+        ontology=None,
+        validation_size: float = 0.1,
+        batch_size: int | None = None,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        lr_gamma: float = 0.98,
+        early_stopping: bool = True,
+        early_stopping_patience: int = 10,
+        class_weights: Literal["balanced"] | None = "balanced",
+        accelerator: str = "auto",
+        devices: int | str = 1,
+        seed: int = 0,
+        num_workers: int = 0,
+        enable_progress_bar: bool = True,
+        calibrate: bool = True,
+        **trainer_kwargs,
+    ) -> list[str]:
+        """Continue training from the current weights on new labelled cells.
+
+        Works on any trained model: one trained here, one from :meth:`load`, or a published checkpoint from
+        :meth:`from_sctab_checkpoint`. The cells' genes are aligned to the model's (missing genes zero-filled, as in
+        :meth:`predict`). Labels the model does not have are added as new outputs after the existing ones, and the
+        hierarchy gains them (with their ontology ancestors); the existing labels keep their output indices and,
+        until training moves them, their weights. Training then runs as in :meth:`train` (stratified validation
+        split, early stopping on the validation hierarchy-corrected macro F1, best epoch kept, temperature
+        re-fitted). Everything is checked first: on bad input the model is unchanged.
+
+        The cells here are all the model sees while fine-tuning, so labels absent from them can be forgotten; add
+        some of the original training cells to keep them.
+
+        Parameters
+        ----------
+        adata
+            Labelled cells (AnnData, or MuData whose RNA modality is used); not modified.
+        labels_key
+            ``obs`` column with the labels (CL IDs or names).
+        max_epochs
+            Maximum number of passes over the cells.
+        freeze_encoder
+            Train only the output layer (the rest of the network, BatchNorm statistics included, stays as it is).
+            Not available for the linear backbone, which has no encoder.
+        new_labels
+            ``"add"``: labels the model lacks become new outputs; ``"error"``: raise, naming them.
+        layer, gene_symbols, normalize
+            As in :meth:`predict`.
+        ontology
+            Ontology to map labels and place new ones; default: the one the model was set up with when it was a path
+            or URL, else the embedded CL release.
+        validation_size, batch_size, lr, weight_decay, lr_gamma, early_stopping, early_stopping_patience
+            As in :meth:`train`.
+        class_weights, accelerator, devices, seed, num_workers, enable_progress_bar, calibrate, **trainer_kwargs
+            As in :meth:`train`.
+
+        Returns
+        -------
+        The CL IDs of the labels added (empty when there were none).
+        """
+        if not self.is_trained_:
+            raise RuntimeError("fine_tune continues training a trained model: call train() first, or load a model.")
+        if new_labels not in ("add", "error"):
+            raise ValueError(f"new_labels must be 'add' or 'error', got {new_labels!r}.")
+        if max_epochs < 1:
+            raise ValueError(f"max_epochs must be at least 1, got {max_epochs}.")
+        if batch_size is not None and batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2 (BatchNorm needs two cells), got {batch_size}.")
+        if class_weights not in ("balanced", None):
+            raise ValueError(f"class_weights must be 'balanced' or None, got {class_weights!r}.")
+        default_lr, default_wd = DEFAULT_OPTIMIZER.get(self.backbone, DEFAULT_OPTIMIZER["mlp"])
+        lr = default_lr if lr is None else lr
+        weight_decay = default_wd if weight_decay is None else weight_decay
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}.")
+        if freeze_encoder and output_layer(self.module.classifier) is self.module.classifier:
+            raise ValueError(f"The {self.backbone} backbone has no encoder to freeze; use freeze_encoder=False.")
+        raw = self._labels(adata, labels_key)
+        onto = load_cell_ontology(ontology if ontology is not None else self.registry_["setup_args"].get("ontology"))
+        terms = raw.astype(str).map(onto.map_labels(raw.astype(str).unique())).to_numpy()
+        added = sorted(set(terms) - set(self.hierarchy.labels))
+        if added and new_labels == "error":
+            raise ValueError(
+                f"{len(added)} label(s) of obs[{labels_key!r}] are not outputs of the model: "
+                f"{[f'{t} ({onto.name(t)})' for t in added]}. Pass new_labels='add' to add them, or drop those cells."
+            )
+        hierarchy = Hierarchy.from_ontology([*self.hierarchy.labels, *added], onto) if added else self.hierarchy
+        data, X, aligner, normalize_used = self._prepare(adata, layer, gene_symbols, normalize)
+        codes = hierarchy.label_index(terms)
+        train_idx, val_idx, _ = split_cells(codes, validation_size, 0.0, seed)
+
+        pl.seed_everything(seed, workers=True, verbose=False)
+        # Train a copy, so an interrupted or failed run leaves the model as it was.
+        saved = (self.module, self.hierarchy, self.temperature_, self.history_, self.best_epoch_, self.optimizer_)
+        self.module = copy.deepcopy(self.module).train()
+        self.hierarchy = hierarchy
+        extend_head(self.module.classifier, len(added))
+        head = output_layer(self.module.classifier)
+        frozen = [m for m in self.module.classifier.children() if m is not head] if freeze_encoder else []
+        for m in frozen:
+            m.requires_grad_(False)
+        if added:
+            logger.info("Added %d label(s) to the model: %s.", len(added), ", ".join(hierarchy.names(added)))
+        try:
+            self._fit(
+                X,
+                codes,
+                train_idx,
+                val_idx,
+                normalize=normalize_used,
+                aligner=aligner,
+                callbacks=[FrozenModules(frozen)] if frozen else [],
+                max_epochs=max_epochs,
+                batch_size=batch_size,
+                lr=lr,
+                weight_decay=weight_decay,
+                lr_gamma=lr_gamma,
+                early_stopping=early_stopping,
+                early_stopping_patience=early_stopping_patience,
+                class_weights=class_weights,
+                accelerator=accelerator,
+                devices=devices,
+                seed=seed,
+                num_workers=num_workers,
+                enable_progress_bar=enable_progress_bar,
+                calibrate=calibrate,
+                **trainer_kwargs,
+            )
+        except BaseException:
+            self.module, self.hierarchy, self.temperature_, self.history_, self.best_epoch_, self.optimizer_ = saved
+            raise
+        finally:
+            for m in frozen:
+                m.requires_grad_(True)
+        setup = self.registry_[SETUP_KEY]
+        setup["hierarchy"] = hierarchy.to_dict()
+        setup.setdefault("fine_tuning", []).append(
+            {"n_cells": int(data.n_obs), "labels_added": added, "freeze_encoder": bool(freeze_encoder)}
+        )
+        n_old = len(saved[1].labels)
+        self._model_summary_string = self._model_summary_string.replace(
+            f"{n_old} labels", f"{hierarchy.n_labels} labels", 1
+        )
+        return added

@@ -1,0 +1,229 @@
+"""Persistence: :meth:`~schce.HCEClassifier.save`, ``load`` and the constructors from scTab files."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from schce import _io
+from schce._constants import SETUP_KEY
+from schce.hierarchy import Hierarchy
+from schce.ontology import load_cell_ontology
+
+if TYPE_CHECKING:
+    from schce.model._classifier import HCEClassifier
+
+logger = logging.getLogger(__name__)
+
+
+class PersistMixin:
+    """Saving, loading and building models from published files."""
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, dir_path: str | os.PathLike, overwrite: bool = False, save_anndata: bool = False) -> None:
+        """Save the model to a directory, atomically.
+
+        Writes ``model.pt`` (weights only) and ``schce.json`` (labels, hierarchy, genes, setup, history).
+
+        Parameters
+        ----------
+        dir_path
+            Target directory.
+        overwrite
+            Replace an existing directory.
+        save_anndata
+            Also write the registered AnnData as ``adata.h5ad``.
+
+        Under distributed training (``strategy="ddp"``) only rank 0 writes; the other ranks return.
+        """
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        from schce import __version__
+
+        if getattr(rank_zero_only, "rank", 0) != 0:
+            return
+
+        meta = {
+            "format": _io.FORMAT,
+            "format_version": _io.FORMAT_VERSION,
+            "schce_version": __version__,
+            "model_class": type(self).__name__,
+            "init_params": self.init_params_,
+            "registry": {k: v for k, v in self.registry_.items()},
+            "is_trained": bool(self.is_trained_),
+            "temperature": float(self.temperature_),
+            "optimizer": self.optimizer_,
+            "best_epoch": None if self.best_epoch_ is None else int(self.best_epoch_),
+            "history": {
+                k: {"epoch": df.index.tolist(), "value": df.iloc[:, 0].tolist()}
+                for k, df in (self.history_ or {}).items()
+            },
+            "train_indices": None if self.train_indices_ is None else np.asarray(self.train_indices_).tolist(),
+            "validation_indices": None
+            if self.validation_indices_ is None
+            else np.asarray(self.validation_indices_).tolist(),
+            "test_indices": None if self.test_indices_ is None else np.asarray(self.test_indices_).tolist(),
+        }
+        text = _io.dumps(meta)
+        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+        def write(tmp: Path) -> None:
+            torch.save(state, tmp / _io.WEIGHTS_FILE)
+            (tmp / _io.META_FILE).write_text(text)
+            if save_anndata and self.adata is not None:
+                self.adata.write_h5ad(tmp / _io.ADATA_FILE)
+
+        _io.write_dir_atomically(dir_path, overwrite, write)
+        logger.info("Saved the model to %s.", dir_path)
+
+    @classmethod
+    def load(cls, dir_path: str | os.PathLike, accelerator: str = "auto", device: int | str = "auto") -> HCEClassifier:
+        """Load a model written by :meth:`save`; predict on any AnnData with :meth:`predict`.
+
+        Parameters
+        ----------
+        dir_path
+            Directory written by :meth:`save`.
+        accelerator, device
+            Where to put the weights (``"auto"``: a GPU when there is one).
+        """
+        meta = _io.read_meta(dir_path)
+        if meta.get("model_class") != cls.__name__:
+            raise ValueError(f"{dir_path} holds a {meta.get('model_class')}, not a {cls.__name__}.")
+        try:
+            state = torch.load(Path(dir_path) / _io.WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for damaged files
+            raise ValueError(f"{Path(dir_path) / _io.WEIGHTS_FILE} is corrupt and cannot be read: {err}") from err
+        params = meta["init_params"]
+        model = cls(None, meta["registry"], **params["non_kwargs"], **params["kwargs"].get("backbone_kwargs", {}))
+        if "input_mean" in state:
+            model.module.set_input_scaling(state["input_mean"], state["input_scale"])
+        try:
+            model.module.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"The weights in {dir_path} do not match the model described there: {err}") from err
+        model.is_trained_ = meta["is_trained"]
+        model.temperature_ = float(meta.get("temperature", 1.0))
+        model.optimizer_, model.best_epoch_ = meta.get("optimizer"), meta.get("best_epoch")  # None in older files
+        model.history_ = {
+            k: pd.DataFrame({k: h["value"]}, index=pd.Index(h["epoch"], name="epoch"))
+            for k, h in meta["history"].items()
+        }
+        model.train_indices_ = None if meta["train_indices"] is None else np.asarray(meta["train_indices"])
+        model.validation_indices_ = (
+            None if meta["validation_indices"] is None else np.asarray(meta["validation_indices"])
+        )
+        model.test_indices_ = None if meta.get("test_indices") is None else np.asarray(meta["test_indices"])
+        from scvi.model._utils import parse_device_args
+
+        _, _, torch_device = parse_device_args(accelerator, device, return_device="torch", validate_single_device=True)
+        model.module.to(torch_device)
+        model.module.eval()
+        return model
+
+    @classmethod
+    def from_sctab_checkpoint(
+        cls,
+        ckpt_path: str | os.PathLike,
+        var_path: str | os.PathLike,
+        cell_type_path: str | os.PathLike,
+        ontology=None,
+    ) -> HCEClassifier:
+        """Load a published scTab or HCE-paper Lightning checkpoint as a trained classifier.
+
+        Weights are read from the ``classifier.`` entries (the buffers ``class_weights``, ``child_lookup``,
+        ``child_lookup_transposed`` and ``augmentations`` are not weights); the backbone (linear, MLP or TabNet)
+        and its sizes from the weights' shapes; the loss is HCE when the checkpoint holds
+        ``child_lookup_transposed``. The model then predicts on any AnnData with the usual gene alignment.
+
+        Parameters
+        ----------
+        ckpt_path
+            The ``.ckpt`` file.
+        var_path
+            The store's ``var.parquet`` (``feature_id`` Ensembl IDs, ``feature_name`` symbols): the input genes.
+        cell_type_path
+            The store's ``categorical_lookup/cell_type.parquet``: the output labels (CL names, mapped to CL IDs).
+        ontology
+            Ontology for the name mapping and the hierarchy; default: the embedded CL release.
+        """
+        from schce import _sctab
+
+        ckpt = _sctab.load_checkpoint(ckpt_path)
+        backbone, arch, state, loss = _sctab.classifier_from_checkpoint(ckpt)
+        genes = _sctab.read_genes(var_path)
+        names = _sctab.read_labels(cell_type_path)
+        onto = load_cell_ontology(ontology)
+        mapping = onto.map_labels(names)
+        labels = [mapping[n] for n in names]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"Several labels of {cell_type_path} map to the same CL term; cannot keep their order.")
+        registry = cls._registry_without_data(genes, labels, onto, Hierarchy.from_ontology(labels, onto), True)
+        # scTab's models read the log-normalised values as they are.
+        model = cls(None, registry, backbone=backbone, loss=loss, standardize=False, **arch)
+        try:
+            model.module.classifier.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(
+                f"The weights in {ckpt_path} do not fit {len(genes)} genes × {len(labels)} labels: {err}"
+            ) from err
+        model.module.eval()
+        model.is_trained_ = True
+        logger.info("Loaded a %s %s classifier: %d genes, %d labels.", loss.upper(), backbone, len(genes), len(labels))
+        return model
+
+    @classmethod
+    def from_sctab_store(
+        cls,
+        path: str | os.PathLike,
+        backbone: Literal["mlp", "linear", "tabnet"] = "mlp",
+        loss: Literal["hce", "ce"] = "hce",
+        hierarchy: Literal["store", "ontology"] = "store",
+        normalize: bool | Literal["auto"] = "auto",
+        ontology=None,
+        **backbone_kwargs,
+    ) -> HCEClassifier:
+        """An untrained classifier for a scTab store (either layout); train it with ``model.train(datamodule=...)``.
+
+        Genes come from ``var.parquet`` (``feature_id``), labels from ``categorical_lookup/cell_type.parquet`` mapped
+        to CL IDs (in code order, so the store's ``cell_type`` codes are the model's label codes), the hierarchy from
+        ``cell_type_hierarchy/child_matrix.npy``, checked against the ontology: differences are logged and kept in
+        ``model.hierarchy_differences_`` (see :func:`schce.data.compare_hierarchy`).
+
+        Parameters
+        ----------
+        path
+            Store directory.
+        backbone, loss, **backbone_kwargs
+            As in :class:`HCEClassifier`.
+        hierarchy
+            ``"store"``: the relations of ``child_matrix.npy``; ``"ontology"``: the ontology's.
+        normalize
+            ``"auto"`` normalises in the model when the store holds integer counts (our synthetic stores) and not
+            when it holds normalised values (scTab's published store).
+        ontology
+            Ontology for the label mapping and the check; default: the embedded CL release.
+
+        Examples
+        --------
+        >>> dm = schce.data.SCTabStoreDataModule("merlin_cxg_2023_05_15_sf-log1p", batch_size=2048, num_workers=8)
+        >>> model = schce.HCEClassifier.from_sctab_store(dm.path, backbone="mlp")
+        >>> model.train(datamodule=dm, max_epochs=20)
+        >>> model.evaluate(datamodule=dm).overall
+        """
+        from schce.model._store import store_setup
+
+        setup = store_setup(path, ontology, hierarchy, normalize)
+        registry = cls._registry_without_data(
+            setup["genes"], setup["labels"], setup["ontology"], setup["hierarchy"], setup["normalize"]
+        )
+        registry[SETUP_KEY]["sctab_store"] = os.fspath(path)
+        model = cls(None, registry, backbone=backbone, loss=loss, **backbone_kwargs)
+        model.hierarchy_differences_ = setup["differences"]
+        return model
