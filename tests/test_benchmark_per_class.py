@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.real_data import per_class_lines
+from _private import per_class_lines
 
 
 def test_per_class_lines_average_folds_then_seeds():

@@ -223,7 +223,7 @@ def test_census_datamodule_batches(census_paths, census_source, census_model):
         )
     n_kept = int((src.obs["case"] == "kept").sum())
     assert dm.n_train + dm.n_validation == n_kept
-    assert dm.label_counts.sum() == dm.n_train
+    assert dm.label_counts("train").sum() == dm.n_train
     dm.setup("fit")
     labels = census_model.hierarchy.labels
     want_codes = pd.Index(labels).get_indexer(src.obs["cell_type_ontology_term_id"].astype(str))
@@ -280,9 +280,9 @@ def test_streaming_training(census_paths, census_source, census_model):
     """HCETrainingPlan fitted by a Lightning Trainer on the datamodule: the loss falls and the weights move."""
     import lightning.pytorch as pl
     import torch
+    from _private import HistoryRecorder
 
     from schce.train import HCETrainingPlan
-    from schce.train._callbacks import HistoryRecorder
 
     pl.seed_everything(0, workers=True, verbose=False)
     with tiledbsoma.open(census_paths["new"]) as census:

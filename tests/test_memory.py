@@ -5,8 +5,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-
-from schce._memory import release_free_memory
+from _private import release_free_memory
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS accounting of freed pages is Linux-specific")

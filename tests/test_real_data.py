@@ -11,7 +11,7 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pytest
-from benchmarks._tasks import LABELS, leave_one_batch_out
+from _private import LABELS, leave_one_batch_out
 from conftest import shared_file
 
 import schce

@@ -6,14 +6,13 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from _private import augment, matmul_precision
 from conftest import SMALL_MLP
 
 import schce
 from schce.data import augmentation_matrix
-from schce.data._augmentation import augment
 from schce.nn import normalize_counts
-from schce.train import HCETrainingPlan
-from schce.train._recipe import RECIPES, matmul_precision
+from schce.train import RECIPES, HCETrainingPlan
 
 
 def test_augmentation_matrix_values():

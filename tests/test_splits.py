@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _private import group_split, split_cells
 from conftest import SMALL_MLP
 
 import schce
-from schce.data._loader import group_split, split_cells
 
 
 def test_group_split_keeps_groups_whole_and_reaches_the_sizes():

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _private import CLIP, gene_moments
 from conftest import SMALL_MLP
 
 import schce
 from schce.nn import HCEModule, Linear, normalize_counts
-from schce.nn._module import CLIP, gene_moments
 
 
 def _dense(adata) -> np.ndarray:

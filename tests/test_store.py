@@ -12,6 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 import torch
+from _private import (
+    _dense_values,
+    read_part_metadata,
+    split_parts,
+    store_layout,
+    varint_decode,
+    varint_encode,
+)
 from torch.utils.data import DataLoader
 
 import schce
@@ -22,14 +30,6 @@ from schce.data import (
     convert_sctab_store,
     read_sctab_store,
     write_sctab_store,
-)
-from schce.data._store import (
-    _dense_values,
-    read_part_metadata,
-    split_parts,
-    store_layout,
-    varint_decode,
-    varint_encode,
 )
 from schce.nn import normalize_counts
 
@@ -414,7 +414,7 @@ def test_train_evaluate_predict_on_a_store(stores, atlas, tmp_path):
 
 
 def test_store_class_weights_are_used(stores):
-    from schce.model._store import datamodule_class_weights
+    from _private import datamodule_class_weights
 
     dm = SCTabStoreDataModule(stores["dense"], num_workers=0)
     n = len(dm.labels)

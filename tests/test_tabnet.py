@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _private import BACKBONES, GhostBatchNorm, entmax15, sparsemax
 
 from schce.nn import MLP, HCEModule, Linear, TabNet, make_backbone
-from schce.nn._backbones import BACKBONES
-from schce.nn._tabnet import GhostBatchNorm, entmax15, sparsemax
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "sctab_checkpoint_keys.txt"
 N_GENES, N_LABELS = 19331, 164
@@ -417,8 +416,9 @@ def test_initial_bn_eps_is_a_variance_floor_that_keeps_the_state_dict():
 
 
 def test_package_default_tabnet_floors_the_input_variance(pbmc):
+    from _private import DEFAULT_BACKBONE_KWARGS
+
     import schce
-    from schce.model import DEFAULT_BACKBONE_KWARGS
 
     adata = pbmc.copy()
     schce.HCEClassifier.setup_anndata(adata, labels_key="cell_type_ontology_term_id")

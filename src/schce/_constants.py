@@ -13,3 +13,8 @@ KEY_ADDED = "schce"
 SCALING_SAMPLE = 200_000
 #: Cells per batch of validation, calibration and inference passes over in-memory data.
 EVAL_BATCH_SIZE = 4096
+#: Training losses: annotation-aware HCE (each cell's acceptable labels follow what its source's annotation can
+#: mean), plain HCE (a label's whole subtree is acceptable) and flat cross-entropy.
+LOSSES = ("hce-aware", "hce", "ce")
+#: The loss :class:`~schce.HCEClassifier` trains with unless told otherwise.
+DEFAULT_LOSS = "hce-aware"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import lightning.pytorch as pl
 import numpy as np
@@ -31,12 +31,22 @@ from anndata import AnnData
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
+from schce._constants import SCALING_SAMPLE, SETUP_KEY
 from schce.data._genes import GeneAligner
-
-if TYPE_CHECKING:
-    from schce.model import HCEClassifier
+from schce.data._protocol import check_batch_size, check_split
 
 logger = logging.getLogger(__name__)
+
+
+class HCEClassifier(Protocol):
+    """What the census functions read of a :class:`~schce.HCEClassifier`: its genes, labels and set-up.
+
+    Declared here rather than imported, so the data layer never imports the model.
+    """
+
+    genes: list[str]
+    hierarchy: Any
+    registry_: dict
 
 __all__ = ["SCTAB_ASSAYS", "CensusDataModule", "get_query_anndata", "ood_datasets"]
 
@@ -124,7 +134,7 @@ def _gene_column(model: HCEClassifier, gene_column: str | None) -> str:
     """The census ``var`` column holding the model's gene identifiers."""
     if gene_column is not None:
         return gene_column
-    id_type = model.registry_["schce"].get("gene_id_type", "Ensembl IDs")
+    id_type = model.registry_[SETUP_KEY].get("gene_id_type", "Ensembl IDs")
     return "feature_id" if id_type == "Ensembl IDs" else "feature_name"
 
 
@@ -429,11 +439,17 @@ class CensusDataModule(pl.LightningDataModule):
 
     Attributes
     ----------
-    label_counts
-        Training cells per model label (for class weights).
     n_train, n_validation
         Selected cells in each split.
+
+    The module implements :class:`~schce.data.HCEDataModule`: :meth:`label_counts` gives the training cells per
+    model label (for class weights).
     """
+
+    #: Streamed: nothing is held in memory for full-batch training; no stored class weights; no batch codes.
+    n_values = None
+    class_weights = None
+    n_batches = 1
 
     def __init__(
         self,
@@ -459,8 +475,7 @@ class CensusDataModule(pl.LightningDataModule):
         tiledbsoma = _require_soma()
         ml = _require_soma_ml()
         _cache_soma_ml_kernels()
-        if batch_size < 2:
-            raise ValueError(f"batch_size must be at least 2 (BatchNorm needs two cells), got {batch_size}.")
+        check_batch_size(batch_size)
         if not 0 <= validation_size < 1:
             raise ValueError(f"validation_size must be in [0, 1), got {validation_size}.")
         if io_batch_size % shuffle_chunk_size:
@@ -505,7 +520,7 @@ class CensusDataModule(pl.LightningDataModule):
         train_ids = self._base_train.query_ids.obs_joinids
         in_train = obs["soma_joinid"].isin(train_ids).to_numpy()
         codes = pd.Index(self.labels).get_indexer(obs[LABEL_COLUMN].astype(str)[in_train])
-        self.label_counts = np.bincount(codes, minlength=len(self.labels))
+        self._train_counts = np.bincount(codes, minlength=len(self.labels))
         self.n_train = len(train_ids)
         self.n_validation = 0 if self._base_validation is None else len(self._base_validation.query_ids.obs_joinids)
         self.batch_size, self.io_batch_size, self.shuffle_chunk_size = batch_size, io_batch_size, shuffle_chunk_size
@@ -519,6 +534,46 @@ class CensusDataModule(pl.LightningDataModule):
             len(self.genes.positions),
             self.genes.n_model,
         )
+
+    @property
+    def n_genes(self) -> int:
+        """Genes per cell: the model's."""
+        return self.genes.n_model
+
+    def n_cells(self, split: str) -> int:
+        """Selected cells in a split (no test split: score held-out cells with :func:`get_query_anndata`)."""
+        check_split(split)
+        return {"train": self.n_train, "val": self.n_validation, "test": 0}[split]
+
+    def label_counts(self, split: str = "train") -> np.ndarray:
+        """Training cells per model label (other splits are not counted ahead of streaming)."""
+        if split != "train":
+            raise ValueError(f"The census module counts the training labels only, not {split!r}.")
+        return self._train_counts
+
+    def scaling_loader(self):
+        """The training loader; the runner stops after :data:`~schce._constants.SCALING_SAMPLE` cells."""
+        return self.train_dataloader(), SCALING_SAMPLE
+
+    def annotation_targets(self, hierarchy, label_semantics: str) -> np.ndarray:
+        """Not available: streamed cells are not read ahead of training to learn what each label means."""
+        raise ValueError(
+            "loss='hce-aware' reads label meanings from the training cells, which census training does not do yet; "
+            "build the model with loss='hce'."
+        )
+
+    def resumable_order(self) -> None:
+        """A resumed run restarts the interrupted epoch's order."""
+        return None
+
+    def read_obs(self, split: str) -> pd.DataFrame:
+        """No per-cell metadata is kept (batches are scored by position)."""
+        check_split(split)
+        return pd.DataFrame()
+
+    def test_dataloader(self) -> list:
+        """No test split (an empty list)."""
+        return []
 
     def _dataset(self, base, shuffle: bool) -> _LabelledBatches:
         from attrs import evolve

@@ -10,7 +10,7 @@ import rich.pretty  # scvi-tools' view_registry uses rich.pretty without importi
 from anndata import AnnData
 from scvi.model.base import BaseModelClass
 
-from schce._constants import SETUP_KEY
+from schce._constants import DEFAULT_LOSS, LOSSES, SETUP_KEY
 from schce.hierarchy import LABEL_SEMANTICS, Hierarchy
 from schce.model._finetune import FineTuneMixin
 from schce.model._inference import InferenceMixin
@@ -18,7 +18,6 @@ from schce.model._persist import PersistMixin
 from schce.model._setup import SetupMixin
 from schce.model._training import TrainingMixin
 from schce.nn import HCEModule, make_backbone
-from schce.train import LOSSES
 from schce.train._config import DEFAULT_BACKBONE_KWARGS, DEFAULT_STANDARDIZE
 from schce.train._recipe import get_recipe
 
@@ -77,7 +76,7 @@ class HCEClassifier(SetupMixin, TrainingMixin, FineTuneMixin, InferenceMixin, Pe
         adata: AnnData | None = None,
         registry: dict | None = None,
         backbone: Literal["mlp", "linear"] = "mlp",
-        loss: Literal["hce-aware", "hce", "ce"] = "hce-aware",
+        loss: Literal["hce-aware", "hce", "ce"] = DEFAULT_LOSS,
         label_semantics: Literal["auto", "inclusive", "exclusive"] = "auto",
         hce_form: Literal["log", "reference"] = "log",
         recipe: Literal["sctab"] | None = None,

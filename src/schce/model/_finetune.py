@@ -11,12 +11,13 @@ from anndata import AnnData
 from mudata import MuData
 
 from schce._constants import SETUP_KEY
+from schce.data._anndata import AnnDataModule
 from schce.data._loader import split_cells
 from schce.hierarchy import Hierarchy
 from schce.nn import extend_head, output_layer
 from schce.ontology import load_cell_ontology
 from schce.train import FrozenModules
-from schce.train._config import DEFAULT_OPTIMIZER
+from schce.train._config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -95,17 +96,24 @@ class FineTuneMixin:
             raise RuntimeError("fine_tune continues training a trained model: call train() first, or load a model.")
         if new_labels not in ("add", "error"):
             raise ValueError(f"new_labels must be 'add' or 'error', got {new_labels!r}.")
-        if max_epochs < 1:
-            raise ValueError(f"max_epochs must be at least 1, got {max_epochs}.")
-        if batch_size is not None and batch_size < 2:
-            raise ValueError(f"batch_size must be at least 2 (BatchNorm needs two cells), got {batch_size}.")
-        if class_weights not in ("balanced", None):
-            raise ValueError(f"class_weights must be 'balanced' or None, got {class_weights!r}.")
-        default_lr, default_wd = DEFAULT_OPTIMIZER.get(self.backbone, DEFAULT_OPTIMIZER["mlp"])
-        lr = default_lr if lr is None else lr
-        weight_decay = default_wd if weight_decay is None else weight_decay
-        if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}.")
+        # Fine-tuning continues with AdamW at the package defaults, whatever recipe trained the model.
+        config = TrainConfig(
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            lr_gamma=lr_gamma,
+            optimizer="adamw",
+            early_stopping=early_stopping,
+            early_stopping_patience=early_stopping_patience,
+            class_weights=class_weights,
+            accelerator=accelerator,
+            devices=devices,
+            seed=seed,
+            enable_progress_bar=enable_progress_bar,
+            calibrate=calibrate,
+            trainer_kwargs=trainer_kwargs,
+        ).resolve(self.backbone, None, None)
         if freeze_encoder and output_layer(self.module.classifier) is self.module.classifier:
             raise ValueError(f"The {self.backbone} backbone has no encoder to freeze; use freeze_encoder=False.")
         raw = self._labels(adata, labels_key)
@@ -121,6 +129,18 @@ class FineTuneMixin:
         data, X, aligner, normalize_used = self._prepare(adata, layer, gene_symbols, normalize)
         codes = hierarchy.label_index(terms)
         train_idx, val_idx, _ = split_cells(codes, validation_size, 0.0, seed)
+        datamodule = AnnDataModule(
+            X,
+            codes,
+            hierarchy.labels,
+            train_idx,
+            val_idx,
+            batch_size=config.batch_size_for(len(train_idx), None, self.backbone),
+            seed=seed,
+            num_workers=num_workers,
+            aligner=aligner,
+            obs=data.obs,
+        )
 
         pl.seed_everything(seed, workers=True, verbose=False)
         # Train a copy, so an interrupted or failed run leaves the model as it was.
@@ -135,30 +155,7 @@ class FineTuneMixin:
         if added:
             logger.info("Added %d label(s) to the model: %s.", len(added), ", ".join(hierarchy.names(added)))
         try:
-            self._fit(
-                X,
-                codes,
-                train_idx,
-                val_idx,
-                normalize=normalize_used,
-                aligner=aligner,
-                callbacks=[FrozenModules(frozen)] if frozen else [],
-                max_epochs=max_epochs,
-                batch_size=batch_size,
-                lr=lr,
-                weight_decay=weight_decay,
-                lr_gamma=lr_gamma,
-                early_stopping=early_stopping,
-                early_stopping_patience=early_stopping_patience,
-                class_weights=class_weights,
-                accelerator=accelerator,
-                devices=devices,
-                seed=seed,
-                num_workers=num_workers,
-                enable_progress_bar=enable_progress_bar,
-                calibrate=calibrate,
-                **trainer_kwargs,
-            )
+            self._run_fit(datamodule, config, normalize_used, callbacks=[FrozenModules(frozen)] if frozen else [])
         except BaseException:
             self.module, self.hierarchy, self.temperature_, self.history_, self.best_epoch_, self.optimizer_ = saved
             raise

@@ -20,6 +20,7 @@ from schce.data._genes import GeneAligner
 from schce.data._loader import make_loader
 from schce.evaluation import DEFAULT_GROUPBY, EvaluationResult, evaluate_predictions
 from schce.ontology import load_cell_ontology
+from schce.train._runner import loader_outputs
 
 
 class InferenceMixin:
@@ -30,8 +31,6 @@ class InferenceMixin:
         self, X, rows: np.ndarray, normalize: bool, aligner: GeneAligner | None, batch_size: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Logits and embeddings of ``rows`` of ``X`` (module in eval mode, no gradients)."""
-        from schce.model._store import loader_outputs
-
         out = loader_outputs(self.module, make_loader(X, rows, batch_size, aligner=aligner), normalize)
         return out["logits"], out["embeddings"]
 

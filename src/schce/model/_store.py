@@ -1,20 +1,19 @@
-"""What :class:`~schce.HCEClassifier` needs from a scTab store or a datamodule: setup, loaders, inference."""
+"""What :class:`~schce.HCEClassifier` needs from a scTab store or a data module: its set-up and a split's scores."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from schce._constants import SETUP_KEY
+from schce.data._protocol import check_datamodule, check_split
 from schce.data._store import compare_hierarchy, read_lookup, read_var, split_parts, store_layout
+from schce.train._runner import loader_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -90,113 +89,19 @@ def store_setup(path: str | os.PathLike, ontology=None, hierarchy: str = "store"
     }
 
 
-def check_datamodule(datamodule, genes: list[str], n_labels: int) -> None:
-    """A datamodule must feed the model's genes and labels; checked when it says what it holds."""
-    for name in ("train_dataloader", "val_dataloader"):
-        if not callable(getattr(datamodule, name, None)):
-            raise TypeError(f"datamodule must have a {name}() method (a LightningDataModule), got {type(datamodule)}.")
-    n_genes = getattr(datamodule, "n_genes", None)
-    if n_genes is not None and n_genes != len(genes):
-        raise ValueError(f"The datamodule yields {n_genes} genes; the model expects {len(genes)}.")
-    labels = getattr(datamodule, "labels", None)
-    if labels is not None and len(labels) != n_labels:
-        raise ValueError(
-            f"The datamodule's labels ({len(labels)}) are not the model's ({n_labels}): build the model from the same "
-            "store with HCEClassifier.from_sctab_store."
-        )
-
-
-def datamodule_class_weights(datamodule, class_weights, n_labels: int) -> np.ndarray | None:
-    """Training class weights: the store's ``class_weights.npy`` when it has one, else balanced label counts."""
-    if class_weights is None:
-        return None
-    stored = getattr(datamodule, "class_weights", None)
-    if stored is not None:
-        stored = np.asarray(stored, dtype=np.float64)
-        if stored.shape != (n_labels,):
-            raise ValueError(f"The store's class_weights.npy has shape {stored.shape}; expected ({n_labels},).")
-        return stored
-    counts = getattr(datamodule, "label_counts", None)  # a method (store) or an array (census datamodule)
-    if callable(counts):
-        counts = counts("train")
-    if counts is None:
-        logger.warning("The datamodule has neither class_weights nor label_counts; training without class weights.")
-        return None
-    counts = np.asarray(counts, dtype=np.float64)
-    weights = np.zeros(n_labels)
-    present = counts > 0
-    weights[present] = counts.sum() / (present.sum() * counts[present])
-    return weights
-
-
-def scaling_loader(datamodule) -> Iterable[dict]:
-    """Training batches to estimate the gene scaling from (the caller stops after enough cells).
-
-    A scTab store is read in this process, one shuffled row group at a time, in small batches: a pass through the
-    datamodule's worker loader left the training epoch 1.9 GiB higher (summed over its workers) on the
-    200,000-cell benchmark store. Other datamodules give their training loader.
-    """
-    from schce.data._datamodule import SCTabStoreDataModule, StoreDataset
-
-    if not isinstance(datamodule, SCTabStoreDataModule):
-        return datamodule.train_dataloader()
-    train = datamodule.dataset("train")
-    sample = StoreDataset(train.path, "train", 256, shuffle=True, seed=train.seed, buffer_size=1)
-    return DataLoader(sample, batch_size=None, num_workers=0)
-
-
-def loader_outputs(module, loader, normalize: bool, desc: str = "Predicting") -> dict[str, np.ndarray]:
-    """Logits and embeddings of every batch of ``loader`` (eval mode, no gradients), with ``y`` / ``idx`` if given."""
-    device = next(module.parameters()).device
-    module.eval()
-    out: dict[str, list] = {"logits": [], "embeddings": []}
-    try:
-        total = len(loader)
-    except TypeError:
-        total = None
-    with torch.inference_mode():
-        # A bar only when the pass is long enough to wait for.
-        for batch in tqdm(loader, desc=desc, unit="batch", total=total, disable=total is not None and total < 20):
-            logits, h = module(batch["x"].to(device), normalize=normalize)
-            out["logits"].append(logits.float().cpu())
-            out["embeddings"].append(h.float().cpu())
-            for key in ("y", "idx"):
-                if key in batch:
-                    out.setdefault(key, []).append(batch[key].cpu())
-    return {k: torch.cat(v).numpy() if v else np.empty((0, 0), np.float32) for k, v in out.items()}
-
-
-def datamodule_sizes(datamodule) -> tuple[int, int, int]:
-    """Training and validation cells and the batch size of a datamodule (``-1`` where it cannot tell)."""
-    n_cells = getattr(datamodule, "n_cells", None)
-    if callable(n_cells):
-        n_train, n_val = int(n_cells("train")), int(n_cells("val"))
-    elif hasattr(datamodule, "n_train") and hasattr(datamodule, "n_validation"):  # the census datamodule
-        n_train, n_val = int(datamodule.n_train), int(datamodule.n_validation)
-    else:
-        n_train, n_val = -1, int(datamodule.val_dataloader() is not None)
-    return n_train, n_val, int(getattr(datamodule, "batch_size", -1) or -1)
-
-
 def datamodule_predictions(model, datamodule, split: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """True CL IDs, logits and cell metadata (indexed by cell id) of one split of a datamodule."""
     if not model.is_trained_:
         raise RuntimeError("The model is not trained yet: call model.train() first, or HCEClassifier.load(...).")
-    check_datamodule(datamodule, model.genes, model.hierarchy.n_labels)
+    check_datamodule(datamodule, len(model.genes), model.hierarchy.n_labels)
+    check_split(split)
     names = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_dataloader"}
-    if split not in names:
-        raise ValueError(f"split must be one of {list(names)}, got {split!r}.")
-    from schce._constants import SETUP_KEY
-
     loader = getattr(datamodule, names[split])()
     out = loader_outputs(model.module, loader, model.registry_[SETUP_KEY]["normalize"], desc=f"Scoring {split}")
     if "y" not in out or len(out["y"]) == 0:
         raise ValueError(f"The datamodule's {split} split yielded no labelled cells.")
     true_terms = np.asarray(model.hierarchy.labels, dtype=object)[out["y"]]
     ids = out.get("idx", np.arange(len(out["y"])))
-    if callable(getattr(datamodule, "read_obs", None)):
-        obs = datamodule.read_obs(split).reindex(ids)
-    else:
-        obs = pd.DataFrame(index=ids)
+    obs = datamodule.read_obs(split).reindex(ids)
     obs.index = pd.Index(ids.astype(str))
     return true_terms, out["logits"], obs
