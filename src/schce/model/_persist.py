@@ -10,9 +10,12 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 import torch
+from anndata import AnnData
+from mudata import MuData
 
 from schce import _io
 from schce._constants import SETUP_KEY
+from schce.data._genes import strip_ensembl_version
 from schce.hierarchy import Hierarchy
 from schce.ontology import load_cell_ontology
 
@@ -20,6 +23,36 @@ if TYPE_CHECKING:
     from schce.model._classifier import HCEClassifier
 
 logger = logging.getLogger(__name__)
+
+
+def torch_device(accelerator: str = "auto", device: int | str = "auto") -> torch.device:
+    """The one torch device of ``accelerator`` / ``device`` (``"auto"``: the first GPU when there is one)."""
+    if accelerator not in ("auto", "cpu", "gpu", "cuda"):
+        raise ValueError(f"accelerator must be 'auto', 'cpu', 'gpu' or 'cuda', got {accelerator!r}.")
+    if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"accelerator={accelerator!r} needs a CUDA GPU, and none is available; pass 'cpu'.")
+    index = 0 if device == "auto" else int(device)
+    if not 0 <= index < torch.cuda.device_count():
+        raise ValueError(f"device={device!r} is not one of the {torch.cuda.device_count()} GPU(s).")
+    return torch.device("cuda", index)
+
+
+def _check_same_genes(adata, registry: dict, cls) -> None:
+    """``adata`` (its RNA modality for a MuData) must hold the saved model's genes in the model's order."""
+    rna = adata
+    if isinstance(adata, MuData):
+        rna = adata.mod[(registry["setup_args"].get("modalities") or {}).get("rna_layer", "rna")]
+    genes = [str(g) for g in strip_ensembl_version(rna.var_names)]
+    expected = list(registry[SETUP_KEY]["genes"])
+    if genes != expected:
+        shared = len(set(genes) & set(expected))
+        raise ValueError(
+            f"adata's genes are not the model's ({shared} of the model's {len(expected)} genes are among adata's "
+            f"{len(genes)}, or their order differs). Attach only data laid out as the training data; to predict on "
+            f"other data, load without adata and call model.predict(adata), which aligns genes."
+        )
 
 
 class PersistMixin:
@@ -83,17 +116,33 @@ class PersistMixin:
         logger.info("Saved the model to %s.", dir_path)
 
     @classmethod
-    def load(cls, dir_path: str | os.PathLike, accelerator: str = "auto", device: int | str = "auto") -> HCEClassifier:
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        adata: AnnData | MuData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+    ) -> HCEClassifier:
         """Load a model written by :meth:`save`; predict on any AnnData with :meth:`predict`.
+
+        The signature is scvi-tools' :meth:`~scvi.model.base.BaseModelClass.load`.
 
         Parameters
         ----------
         dir_path
             Directory written by :meth:`save`.
+        adata
+            Labelled data to attach, as scvi-tools does: its genes must be the model's, in the model's order (Ensembl
+            versions aside), and it is registered with the saved set-up arguments when it is not registered yet. It
+            becomes ``model.adata``, the default of :meth:`predict` and :meth:`evaluate`. ``None``: no data attached
+            (:meth:`predict` aligns any query's genes itself).
         accelerator, device
             Where to put the weights (``"auto"``: a GPU when there is one).
         """
+        target = torch_device(accelerator, device)
         meta = _io.read_meta(dir_path)
+        if adata is not None:
+            _check_same_genes(adata, meta["registry"], cls)
         if meta.get("model_class") != cls.__name__:
             raise ValueError(f"{dir_path} holds a {meta.get('model_class')}, not a {cls.__name__}.")
         try:
@@ -120,12 +169,17 @@ class PersistMixin:
             None if meta["validation_indices"] is None else np.asarray(meta["validation_indices"])
         )
         model.test_indices_ = None if meta.get("test_indices") is None else np.asarray(meta["test_indices"])
-        from scvi.model._utils import parse_device_args
-
-        _, _, torch_device = parse_device_args(accelerator, device, return_device="torch", validate_single_device=True)
-        model.module.to(torch_device)
+        model.module.to(target)
         model.module.eval()
+        if adata is not None:
+            model._attach(adata)
         return model
+
+    def _attach(self, adata: AnnData | MuData) -> None:
+        """Make ``adata`` the model's data; the model's own set-up (labels, hierarchy, genes) stays in the registry."""
+        own = self.registry_[SETUP_KEY]
+        self.adata = adata  # scvi-tools registers it with the saved set-up arguments when needed
+        self.registry_[SETUP_KEY] = own
 
     @classmethod
     def from_sctab_checkpoint(
