@@ -48,6 +48,7 @@ class HCEClassifier(Protocol):
     hierarchy: Any
     registry_: dict
 
+
 __all__ = ["SCTAB_ASSAYS", "CensusDataModule", "get_query_anndata", "ood_datasets"]
 
 #: The 10x protocols scTab kept when it built its training data from the census (release 2023-05-15).
