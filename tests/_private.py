@@ -7,7 +7,7 @@ from schce._memory import release_free_memory
 from schce.data._augmentation import augment
 from schce.data._loader import group_split, split_cells
 from schce.data._protocol import datamodule_class_weights
-from schce.data._store import (
+from schce.data.sctab._format import (
     _dense_values,
     read_part_metadata,
     split_parts,

@@ -2,11 +2,12 @@
 
 from schce.data._anndata import AnnDataModule
 from schce.data._augmentation import augmentation_matrix
-from schce.data._datamodule import SCTabStoreDataModule, StoreDataset
 from schce.data._expression import ExpressionSummary, check_expression, get_matrix
 from schce.data._genes import GeneAligner, strip_ensembl_version
 from schce.data._protocol import HCEDataModule, balanced_class_weights
-from schce.data._store import (
+from schce.data.sctab import (
+    SCTabStoreDataModule,
+    StoreDataset,
     compare_hierarchy,
     convert_sctab_store,
     read_part_metadata,

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 
 from schce._constants import SETUP_KEY
 from schce.data._protocol import check_datamodule, check_split
-from schce.data._store import compare_hierarchy, read_lookup, read_var, split_parts, store_layout
+from schce.data.sctab._format import compare_hierarchy, read_lookup, read_var, split_parts, store_layout
+from schce.data.sctab._read import _read_block
 from schce.train._runner import loader_outputs
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,6 @@ def store_setup(path: str | os.PathLike, ontology=None, hierarchy: str = "store"
     ``"differences"``). ``hierarchy="store"`` trains on the store's relations between labels, ``"ontology"`` on the
     ontology's (with the labels' non-label ancestors, for coarse back-off calls).
     """
-    from schce.data._datamodule import _read_block
     from schce.hierarchy import Hierarchy
     from schce.ontology import load_cell_ontology
 

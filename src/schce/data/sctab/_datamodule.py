@@ -16,77 +16,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from schce._constants import SCALING_SAMPLE
 from schce._memory import release_free_memory
 from schce.data._protocol import check_batch_size, check_split
-from schce.data._store import (
-    CODE_COLUMNS,
-    _dense_values,
-    read_compact_rows,
-    read_lookup,
-    read_var,
-    split_parts,
-    store_layout,
-)
+from schce.data.sctab._format import CODE_COLUMNS, read_lookup, read_var, split_parts, store_layout
+from schce.data.sctab._read import _Block, _read_block
 
 logger = logging.getLogger(__name__)
-
-
-class _Block:
-    """One row group in memory: expression as a dense array or as CSR parts, and its other columns."""
-
-    def __init__(self, table, n_genes: int, dense=None, offsets=None, indices=None, values=None):
-        self.table, self.n_genes = table, n_genes
-        self.dense, self.offsets, self.indices, self.values = dense, offsets, indices, values
-
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    def column(self, name: str) -> np.ndarray:
-        return self.table.column(name).to_numpy()
-
-    def _csr_positions(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        starts, ends = self.offsets[rows], self.offsets[rows + 1]
-        lens = ends - starts
-        total = int(lens.sum())
-        # Positions of each row's entries in indices/values, all rows at once.
-        pos = np.arange(total) + np.repeat(starts - (np.cumsum(lens) - lens), lens)
-        return pos, lens
-
-    def write_rows(self, rows: np.ndarray, out: np.ndarray, dest: np.ndarray) -> None:
-        """``out[dest] = X[rows]``; ``out`` rows at ``dest`` must be zero for the compact layout."""
-        if self.dense is not None:
-            out[dest] = self.dense[rows]
-            return
-        pos, lens = self._csr_positions(rows)
-        flat = np.repeat(dest.astype(np.int64) * self.n_genes, lens) + self.indices[pos]
-        out.reshape(-1)[flat] = self.values[pos]
-
-    def to_csr(self, n: int):
-        import scipy.sparse as sp
-
-        if self.dense is not None:
-            return sp.csr_matrix(self.dense[:n])
-        pos, lens = self._csr_positions(np.arange(n))
-        indptr = np.concatenate([[0], np.cumsum(lens)])
-        out = sp.csr_matrix(
-            (self.values[pos].astype(np.float32), self.indices[pos].astype(np.int32), indptr), shape=(n, self.n_genes)
-        )
-        out.sort_indices()  # compact parts hold each cell's genes in the part's gene order
-        return out
-
-
-def _read_block(pf: pq.ParquetFile, group: int, layout: str, n_genes: int, columns: list[str] | None) -> _Block:
-    """Row group ``group`` of a part; ``columns`` are the non-expression columns to keep (``None``: all)."""
-    names = [f.name for f in pf.schema_arrow]
-    expr = ["X"] if layout == "dense" else ["indices", "values"]
-    missing = [c for c in expr if c not in names]
-    if missing:
-        raise ValueError(f"A part of this {layout} store has no {missing} column (columns: {names}).")
-    keep = [c for c in names if c not in expr] if columns is None else list(columns)
-    table = pf.read_row_group(group, columns=expr + keep)
-    rest = table.select(keep)
-    if layout == "dense":
-        return _Block(rest, n_genes, dense=_dense_values(table, n_genes))
-    offsets, indices, values = read_compact_rows(pf, table)
-    return _Block(rest, n_genes, offsets=offsets, indices=indices, values=values)
 
 
 def _new_batch(n: int, n_genes: int) -> torch.Tensor:
