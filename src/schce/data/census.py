@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from schce._constants import SCALING_SAMPLE, SETUP_KEY
 from schce.data._genes import GeneAligner
+from schce.data._loader import EpochLoader
 from schce.data._protocol import check_batch_size, check_split
 
 logger = logging.getLogger(__name__)
@@ -379,21 +380,6 @@ class _LabelledBatches(IterableDataset):
         self.epoch += 1
 
 
-class _EpochLoader(DataLoader):
-    """A DataLoader that advances its dataset's epoch before every pass, so each epoch gets a new shuffle.
-
-    Lightning only calls ``set_epoch`` on samplers, which iterable datasets do not have; workers get a fresh copy of
-    the dataset per pass (no persistent workers), so setting it here in the main process reaches them.
-    """
-
-    def __init__(self, dataset: _LabelledBatches, **kwargs: Any):
-        super().__init__(dataset, batch_size=None, shuffle=False, **kwargs)
-
-    def __iter__(self):
-        self.dataset.next_epoch()
-        return super().__iter__()
-
-
 class CensusDataModule(pl.LightningDataModule):
     """Streams training batches from a census query with ``tiledbsoma_ml.ExperimentDataset``.
 
@@ -596,7 +582,7 @@ class CensusDataModule(pl.LightningDataModule):
         kwargs: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": torch.cuda.is_available()}
         if self.num_workers > 0:
             kwargs["multiprocessing_context"] = "spawn"
-        return _EpochLoader(ds, **kwargs)
+        return EpochLoader(ds, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches."""

@@ -7,6 +7,7 @@ import logging
 from typing import Literal
 
 import lightning.pytorch as pl
+import numpy as np
 from anndata import AnnData
 from mudata import MuData
 
@@ -15,7 +16,6 @@ from schce.data._anndata import AnnDataModule
 from schce.data._loader import split_cells
 from schce.hierarchy import Hierarchy
 from schce.nn import extend_head, output_layer
-from schce.ontology import load_cell_ontology
 from schce.train import FrozenModules
 from schce.train._config import TrainConfig
 
@@ -97,35 +97,10 @@ class FineTuneMixin:
         if new_labels not in ("add", "error"):
             raise ValueError(f"new_labels must be 'add' or 'error', got {new_labels!r}.")
         # Fine-tuning continues with AdamW at the package defaults, whatever recipe trained the model.
-        config = TrainConfig(
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            lr_gamma=lr_gamma,
-            optimizer="adamw",
-            early_stopping=early_stopping,
-            early_stopping_patience=early_stopping_patience,
-            class_weights=class_weights,
-            accelerator=accelerator,
-            devices=devices,
-            seed=seed,
-            enable_progress_bar=enable_progress_bar,
-            calibrate=calibrate,
-            trainer_kwargs=trainer_kwargs,
-        ).resolve(self.backbone, None, None)
+        config = TrainConfig.from_arguments(locals(), optimizer="adamw").resolve(self.backbone, None, None)
         if freeze_encoder and output_layer(self.module.classifier) is self.module.classifier:
             raise ValueError(f"The {self.backbone} backbone has no encoder to freeze; use freeze_encoder=False.")
-        raw = self._labels(adata, labels_key)
-        onto = load_cell_ontology(ontology if ontology is not None else self.registry_["setup_args"].get("ontology"))
-        terms = raw.astype(str).map(onto.map_labels(raw.astype(str).unique())).to_numpy()
-        added = sorted(set(terms) - set(self.hierarchy.labels))
-        if added and new_labels == "error":
-            raise ValueError(
-                f"{len(added)} label(s) of obs[{labels_key!r}] are not outputs of the model: "
-                f"{[f'{t} ({onto.name(t)})' for t in added]}. Pass new_labels='add' to add them, or drop those cells."
-            )
-        hierarchy = Hierarchy.from_ontology([*self.hierarchy.labels, *added], onto) if added else self.hierarchy
+        terms, added, hierarchy = self._fine_tune_labels(adata, labels_key, ontology, new_labels)
         data, X, aligner, normalize_used = self._prepare(adata, layer, gene_symbols, normalize)
         codes = hierarchy.label_index(terms)
         train_idx, val_idx, _ = split_cells(codes, validation_size, 0.0, seed)
@@ -172,3 +147,19 @@ class FineTuneMixin:
             f"{n_old} labels", f"{hierarchy.n_labels} labels", 1
         )
         return added
+
+    def _fine_tune_labels(
+        self, adata, labels_key: str, ontology, new_labels: str
+    ) -> tuple[np.ndarray, list, Hierarchy]:
+        """The cells' CL IDs, the labels the model lacks (refused with ``new_labels="error"``), the grown hierarchy."""
+        raw = self._labels(adata, labels_key)
+        onto = self._ontology(ontology)
+        terms = raw.astype(str).map(onto.map_labels(raw.astype(str).unique())).to_numpy()
+        added = sorted(set(terms) - set(self.hierarchy.labels))
+        if added and new_labels == "error":
+            raise ValueError(
+                f"{len(added)} label(s) of obs[{labels_key!r}] are not outputs of the model: "
+                f"{[f'{t} ({onto.name(t)})' for t in added]}. Pass new_labels='add' to add them, or drop those cells."
+            )
+        hierarchy = Hierarchy.from_ontology([*self.hierarchy.labels, *added], onto) if added else self.hierarchy
+        return terms, added, hierarchy

@@ -257,7 +257,7 @@ class InferenceMixin:
         if adata is None or labels_key is None:
             raise TypeError("Pass the labelled AnnData and its labels_key, or datamodule= to score a store's split.")
         raw = self._labels(adata, labels_key)
-        onto = load_cell_ontology(ontology if ontology is not None else self.registry_["setup_args"].get("ontology"))
+        onto = self._ontology(ontology)
         mapping = onto.map_labels(raw.astype(str).unique())
         true_terms = raw.astype(str).map(mapping).to_numpy()
         logits, _, _, _, adata = self._forward(adata, layer, gene_symbols, batch_size, normalize)

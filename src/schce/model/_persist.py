@@ -16,6 +16,7 @@ from mudata import MuData
 from schce import _io
 from schce._constants import SETUP_KEY
 from schce.data._genes import strip_ensembl_version
+from schce.data.sctab._format import cl_label_ids
 from schce.hierarchy import Hierarchy
 from schce.ontology import load_cell_ontology
 
@@ -214,10 +215,7 @@ class PersistMixin:
         genes = _sctab.read_genes(var_path)
         names = _sctab.read_labels(cell_type_path)
         onto = load_cell_ontology(ontology)
-        mapping = onto.map_labels(names)
-        labels = [mapping[n] for n in names]
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"Several labels of {cell_type_path} map to the same CL term; cannot keep their order.")
+        labels = cl_label_ids(names, onto, f"labels of {cell_type_path}", "cannot keep their order.")
         registry = cls._registry_without_data(genes, labels, onto, Hierarchy.from_ontology(labels, onto), True)
         # scTab's models read the log-normalised values as they are.
         model = cls(None, registry, backbone=backbone, loss=loss, standardize=False, **arch)

@@ -216,3 +216,7 @@ class SetupMixin:
         registry = cls._get_most_recent_anndata_manager(placeholder, required=True).registry
         registry[SETUP_KEY]["hierarchy"] = hierarchy.to_dict()
         return registry
+
+    def _ontology(self, ontology=None):
+        """``ontology`` loaded, else the one set up with (when it was a path or URL), else the embedded CL release."""
+        return load_cell_ontology(ontology if ontology is not None else self.registry_["setup_args"].get("ontology"))

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from schce._constants import SETUP_KEY
 from schce.data._protocol import check_datamodule, check_split
-from schce.data.sctab._format import compare_hierarchy, read_lookup, read_var, split_parts, store_layout
+from schce.data.sctab._format import cl_label_ids, compare_hierarchy, read_lookup, read_var, split_parts, store_layout
 from schce.data.sctab._read import _read_block
 from schce.train._runner import loader_outputs
 
@@ -38,10 +38,7 @@ def store_setup(path: str | os.PathLike, ontology=None, hierarchy: str = "store"
     genes = (var["feature_id"] if "feature_id" in var.columns else var["feature_name"]).astype(str).tolist()
     names = read_lookup(path, "cell_type")
     onto = load_cell_ontology(ontology)
-    mapping = onto.map_labels(names)
-    labels = [mapping[n] for n in names]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"Several cell_type labels of {path} map to the same CL term; the store cannot be used as is.")
+    labels = cl_label_ids(names, onto, f"cell_type labels of {path}", "the store cannot be used as is.")
     child_file = Path(path) / "cell_type_hierarchy" / "child_matrix.npy"
     differences = None
     if child_file.is_file():

@@ -156,28 +156,8 @@ class TrainingMixin:
                 "loss='hce-aware' reads label meanings from the training cells, which datamodule= training does not "
                 "do yet; build the model with loss='hce' (the default of HCEClassifier.from_sctab_store)."
             )
-        config = TrainConfig(
-            max_epochs=max_epochs,
-            batch_size=batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            lr_gamma=lr_gamma,
-            optimizer=optimizer,
-            early_stopping=early_stopping,
-            early_stopping_patience=early_stopping_patience,
-            class_weights=class_weights,
-            accelerator=accelerator,
-            devices=devices,
-            seed=seed,
-            enable_progress_bar=enable_progress_bar,
-            calibrate=calibrate,
-            auxiliary={"adversarial": adversarial_weight, "batch_mixing": batch_mixing_weight, "ecs": ecs_weight},
-            ecs_threshold=ecs_threshold,
-            checkpoint_dir=checkpoint_dir,
-            ckpt_path=ckpt_path,
-            checkpoint_every_n_steps=checkpoint_every_n_steps,
-            trainer_kwargs=trainer_kwargs,
-        )
+        auxiliary = {"adversarial": adversarial_weight, "batch_mixing": batch_mixing_weight, "ecs": ecs_weight}
+        config = TrainConfig.from_arguments(locals(), auxiliary=auxiliary)
         augment_on = augment is True or not isinstance(augment, bool)
         n_values = None if datamodule is not None else self.adata.n_obs * len(self.genes)
         config = config.resolve(self.backbone, getattr(self, "recipe", None), n_values, augment_on)

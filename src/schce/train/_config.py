@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,12 @@ class TrainConfig:
         self.checkpoint_dir, self.resume_from = check_checkpoint_args(
             self.checkpoint_dir, self.ckpt_path, self.checkpoint_every_n_steps
         )
+
+    @classmethod
+    def from_arguments(cls, arguments: dict[str, Any], **overrides) -> TrainConfig:
+        """A config from a method's arguments (``locals()``): the entries named as fields, then ``overrides``."""
+        names = {f.name for f in fields(cls) if f.init}
+        return cls(**{k: v for k, v in arguments.items() if k in names and k not in overrides}, **overrides)
 
     @property
     def stochastic(self) -> list[str]:

@@ -154,6 +154,27 @@ def _callbacks(config: TrainConfig, datamodule, has_val: bool, extra: Sequence[p
     return callbacks, history, best
 
 
+def _trainer(config: TrainConfig, callbacks: list[pl.Callback], n_train_batches: int) -> pl.Trainer:
+    """The Lightning Trainer of a run (quiet start-up; schce's own sampling, checkpoints only when asked)."""
+    trainer_kwargs = {k: v for k, v in config.trainer_kwargs.items() if k != "callbacks"}
+    with quiet_lightning_info():
+        return pl.Trainer(
+            max_epochs=config.max_epochs,
+            accelerator=config.accelerator,
+            devices=config.devices,
+            logger=False,
+            # Our samplers shard the training cells themselves (and keep their order resumable).
+            use_distributed_sampler=False,
+            enable_checkpointing=config.checkpoint_dir is not None,
+            enable_model_summary=False,
+            enable_progress_bar=config.enable_progress_bar,
+            num_sanity_val_steps=0,
+            callbacks=callbacks,
+            log_every_n_steps=max(1, min(50, n_train_batches)),
+            **trainer_kwargs,
+        )
+
+
 def fit(
     module,
     hierarchy,
@@ -196,23 +217,7 @@ def fit(
     )
     train_dl = datamodule.train_dataloader()
     all_callbacks, history, best = _callbacks(config, datamodule, n_val > 0, list(callbacks))
-    trainer_kwargs = {k: v for k, v in config.trainer_kwargs.items() if k != "callbacks"}
-    with quiet_lightning_info():
-        trainer = pl.Trainer(
-            max_epochs=config.max_epochs,
-            accelerator=config.accelerator,
-            devices=config.devices,
-            logger=False,
-            # Our samplers shard the training cells themselves (and keep their order resumable).
-            use_distributed_sampler=False,
-            enable_checkpointing=config.checkpoint_dir is not None,
-            enable_model_summary=False,
-            enable_progress_bar=config.enable_progress_bar,
-            num_sanity_val_steps=0,
-            callbacks=all_callbacks,
-            log_every_n_steps=max(1, min(50, len(train_dl))),
-            **trainer_kwargs,
-        )
+    trainer = _trainer(config, all_callbacks, len(train_dl))
     logger.info(
         "Training %s with %s on %d cells (%d for validation), batch size %d, up to %d epochs.",
         loss.upper(),

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from schce._constants import SCALING_SAMPLE
 from schce._memory import release_free_memory
+from schce.data._loader import EpochLoader
 from schce.data._protocol import check_batch_size, check_split
 from schce.data.sctab._format import CODE_COLUMNS, read_lookup, read_var, split_parts, store_layout
 from schce.data.sctab._read import _Block, _read_block
@@ -72,6 +73,7 @@ class StoreDataset(IterableDataset):
             self.units += [(str(part), g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
         self.unit_rows = np.array([u[2] for u in self.units], dtype=np.int64)
         self.epoch = 0
+        self._passes = 0  # passes begun; the next one is epoch self._passes
         self.rank: int | None = None  # None: from torch.distributed when initialised
         self.world_size: int | None = None
 
@@ -86,6 +88,10 @@ class StoreDataset(IterableDataset):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
+
+    def next_epoch(self) -> None:
+        """Start the next pass (called by the loader in the main process, before its workers copy the dataset)."""
+        self.epoch, self._passes = self._passes, self._passes + 1
 
     def epoch_units(self, epoch: int | None = None) -> np.ndarray:
         """Row-group indices of an epoch (default: the current one), in reading order, before sharding."""
@@ -192,18 +198,6 @@ class StoreDataset(IterableDataset):
         if self.batch_column is not None:
             batch["batch"] = torch.from_numpy(cols[self.batch_column])
         return batch
-
-
-class _EpochLoader(DataLoader):
-    """Tells the dataset which epoch starts (workers are re-created each epoch and receive it)."""
-
-    def __iter__(self):
-        it = super().__iter__()
-        self.dataset.epoch += 1
-        return it
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
 
 class SCTabStoreDataModule(pl.LightningDataModule):
@@ -360,7 +354,7 @@ class SCTabStoreDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             ds.rank, ds.world_size = trainer.global_rank, trainer.world_size
-        return _EpochLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return EpochLoader(ds, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches (row groups re-drawn every epoch)."""

@@ -115,6 +115,19 @@ def read_lookup(path: str | os.PathLike, column: str) -> list[str]:
     return read_labels(Path(path) / "categorical_lookup" / f"{column}.parquet")
 
 
+def cl_label_ids(names, onto, what: str, fix: str) -> list[str]:
+    """The CL IDs of a store's (or checkpoint's) label names, in their order; two names of one term are an error.
+
+    The order is the label codes', so it must stay one to one: ``what`` names the labels and ``fix`` the way out in
+    the error.
+    """
+    mapping = onto.map_labels(names)
+    ids = [mapping[n] for n in names]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"Several {what} map to the same CL term; {fix}")
+    return ids
+
+
 # ---------------------------------------------------------------------------------------------- hierarchy check
 def compare_hierarchy(child_matrix: np.ndarray, labels, ontology=None) -> pd.DataFrame:
     """Relations where a store's ``child_matrix`` and the Cell Ontology disagree.

@@ -33,6 +33,7 @@ from schce.data.sctab._format import (
     SPLITS,
     _dense_values,
     _value_coding,
+    cl_label_ids,
     encode_cells,
     read_var,
     split_parts,
@@ -146,12 +147,9 @@ def write_sctab_store(
     labels = labels.astype(str).to_numpy()
     onto = load_cell_ontology(ontology)
     label_names = sorted(set(labels))
-    mapping = onto.map_labels(label_names)
-    label_ids = [mapping[n] for n in label_names]
-    if len(set(label_ids)) != len(label_ids):
-        raise ValueError(
-            f"Several values of obs[{labels_key!r}] name the same CL term; harmonise them before writing a store."
-        )
+    label_ids = cl_label_ids(
+        label_names, onto, f"values of obs[{labels_key!r}]", "harmonise them before writing a store."
+    )
     assignment = _split_assignment(adata, split_key, labels, validation_size, test_size, seed)
 
     obs = adata.obs
