@@ -151,18 +151,15 @@ class TrainingMixin:
             raise RuntimeError(
                 "This model has no registered AnnData to train on (it was loaded from disk); pass datamodule=."
             )
-        if datamodule is not None and self.loss == "hce-aware":
-            raise ValueError(
-                "loss='hce-aware' reads label meanings from the training cells, which datamodule= training does not "
-                "do yet; build the model with loss='hce' (the default of HCEClassifier.from_sctab_store)."
-            )
         auxiliary = {"adversarial": adversarial_weight, "batch_mixing": batch_mixing_weight, "ecs": ecs_weight}
         config = TrainConfig.from_arguments(locals(), auxiliary=auxiliary)
         augment_on = augment is True or not isinstance(augment, bool)
         n_values = None if datamodule is not None else self.adata.n_obs * len(self.genes)
-        config = config.resolve(self.backbone, getattr(self, "recipe", None), n_values, augment_on)
+        config = config.resolve(self.backbone, self.recipe, n_values, augment_on)
         if datamodule is not None:
             check_datamodule(datamodule, len(self.genes), self.hierarchy.n_labels)
+            if self.loss == "hce-aware":  # asked now, so a module that cannot read label meanings fails before work
+                datamodule.annotation_targets(self.hierarchy, self.label_semantics)
         groups = self._check_batch_terms(config, datamodule, split_key, augment)
         augment = self._check_augment(augment, datamodule, groups)
         pl.seed_everything(seed, workers=True, verbose=False)
@@ -244,7 +241,7 @@ class TrainingMixin:
             train_idx,
             val_idx,
             test_idx,
-            batch_size=config.batch_size_for(len(train_idx), getattr(self, "recipe", None), self.backbone),
+            batch_size=config.batch_size_for(len(train_idx), self.recipe, self.backbone),
             seed=config.seed,
             num_workers=num_workers,
             batches=batches,
