@@ -179,6 +179,14 @@ def _experiment(census, organism: str, measurement_name: str, X_name: str):
     return exp
 
 
+def _experiment_of(census, tiledbsoma, organism: str, measurement_name: str, X_name: str):
+    """``census`` itself when it is an experiment (checked to hold the layer), else its organism's experiment."""
+    if isinstance(census, tiledbsoma.Experiment):
+        _child(_child(census.ms, measurement_name, "experiment.ms").X, X_name, f"ms[{measurement_name!r}].X")
+        return census
+    return _experiment(census, organism, measurement_name, X_name)
+
+
 class _GeneMap:
     """Census ``var`` rows of the model's genes: their joinids and their positions in the model's input."""
 
@@ -469,11 +477,7 @@ class CensusDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"io_batch_size ({io_batch_size}) must be a multiple of shuffle_chunk_size ({shuffle_chunk_size})."
             )
-        if isinstance(census, tiledbsoma.Experiment):
-            exp = census
-            _child(_child(exp.ms, measurement_name, "experiment.ms").X, X_name, f"ms[{measurement_name!r}].X")
-        else:
-            exp = _experiment(census, organism, measurement_name, X_name)
+        exp = _experiment_of(census, tiledbsoma, organism, measurement_name, X_name)
         self.genes = _GeneMap(exp, measurement_name, model, gene_column)
         self.labels = tuple(model.hierarchy.labels)
         self.value_filter = _value_filter(self.labels, primary_only, assays, obs_value_filter)

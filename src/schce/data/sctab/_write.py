@@ -152,27 +152,7 @@ def write_sctab_store(
     )
     assignment = _split_assignment(adata, split_key, labels, validation_size, test_size, seed)
 
-    obs = adata.obs
-    columns: dict[str, np.ndarray] = {"cell_type": labels}
-    absent = [c for c in CODE_COLUMNS[1:] if c not in obs.columns and c != "tech_sample"]
-    if absent:
-        logger.warning("obs has no %s; written as 'unknown'.", absent)
-    for c in CODE_COLUMNS[1:]:
-        if c in obs.columns:
-            columns[c] = obs[c].astype(str).to_numpy()
-        elif c == "tech_sample":
-            columns[c] = (pd.Series(columns["dataset_id"]) + "_" + pd.Series(columns["donor_id"])).to_numpy()
-        else:
-            columns[c] = np.full(adata.n_obs, "unknown", dtype=object)
-    lookups = {c: sorted(set(v)) if c != "cell_type" else label_names for c, v in columns.items()}
-    codes = {c: pd.Categorical(columns[c], categories=lookups[c]).codes.astype(np.int64) for c in columns}
-    codes["soma_joinid"] = (
-        obs["soma_joinid"].to_numpy(np.int64)
-        if "soma_joinid" in obs.columns
-        else np.arange(adata.n_obs, dtype=np.int64)
-    )
-    codes["idx"] = np.arange(adata.n_obs, dtype=np.int64)
-    primary = obs["is_primary_data"].to_numpy(bool) if "is_primary_data" in obs.columns else np.ones(adata.n_obs, bool)
+    lookups, codes, primary = _code_columns(adata.obs, labels, label_names)
 
     n_labels = len(label_names)
     train_rows = np.flatnonzero(assignment == "train")
@@ -182,16 +162,7 @@ def write_sctab_store(
     augment = np.where(
         rng.random((n_augmentations, adata.n_vars)) < 0.05, rng.normal(0, 0.5, (n_augmentations, adata.n_vars)), 0
     ).astype(np.float32)
-    var = pd.DataFrame(
-        {
-            "feature_id": adata.var["feature_id"].astype(str).to_numpy()
-            if "feature_id" in adata.var.columns
-            else adata.var_names.astype(str).to_numpy(),
-            "feature_name": adata.var["feature_name"].astype(str).to_numpy()
-            if "feature_name" in adata.var.columns
-            else adata.var_names.astype(str).to_numpy(),
-        }
-    )
+    var = _var_frame(adata)
     schema = _dense_part_schema()
     n_genes = adata.n_vars
 
@@ -224,6 +195,42 @@ def write_sctab_store(
         path,
     )
     return path
+
+
+def _code_columns(obs: pd.DataFrame, labels: np.ndarray, label_names: list[str]):
+    """The store's code columns: their lookups (sorted labels), int64 codes per cell, and ``is_primary_data``."""
+    n_obs = len(obs)
+    columns: dict[str, np.ndarray] = {"cell_type": labels}
+    absent = [c for c in CODE_COLUMNS[1:] if c not in obs.columns and c != "tech_sample"]
+    if absent:
+        logger.warning("obs has no %s; written as 'unknown'.", absent)
+    for c in CODE_COLUMNS[1:]:
+        if c in obs.columns:
+            columns[c] = obs[c].astype(str).to_numpy()
+        elif c == "tech_sample":
+            columns[c] = (pd.Series(columns["dataset_id"]) + "_" + pd.Series(columns["donor_id"])).to_numpy()
+        else:
+            columns[c] = np.full(n_obs, "unknown", dtype=object)
+    lookups = {c: sorted(set(v)) if c != "cell_type" else label_names for c, v in columns.items()}
+    codes = {c: pd.Categorical(columns[c], categories=lookups[c]).codes.astype(np.int64) for c in columns}
+    codes["soma_joinid"] = (
+        obs["soma_joinid"].to_numpy(np.int64) if "soma_joinid" in obs.columns else np.arange(n_obs, dtype=np.int64)
+    )
+    codes["idx"] = np.arange(n_obs, dtype=np.int64)
+    primary = obs["is_primary_data"].to_numpy(bool) if "is_primary_data" in obs.columns else np.ones(n_obs, bool)
+
+    return lookups, codes, primary
+
+
+def _var_frame(adata: AnnData) -> pd.DataFrame:
+    """``var.parquet``: Ensembl IDs and symbols from ``var`` columns of those names, else the var names."""
+    names = adata.var_names.astype(str).to_numpy()
+    return pd.DataFrame(
+        {
+            c: adata.var[c].astype(str).to_numpy() if c in adata.var.columns else names
+            for c in ("feature_id", "feature_name")
+        }
+    )
 
 
 def _write_common(tmp: Path, var: pd.DataFrame, lookups: dict, child_matrix, weights, augment) -> None:
