@@ -33,3 +33,27 @@ def test_load_rejects_an_unknown_accelerator(trained, tmp_path):
     trained.save(tmp_path / "m")
     with pytest.raises(ValueError, match="accelerator must be"):
         schce.HCEClassifier.load(tmp_path / "m", accelerator="tpu")
+
+
+def test_setup_state_is_typed_and_saved_as_before(trained, tmp_path):
+    import json
+
+    state = trained.setup_state
+    assert state.genes == trained.genes and state.gene_id_type == "gene symbols"  # the bundled PBMCs use symbols
+    assert schce.Hierarchy.from_dict(state.hierarchy).labels == trained.hierarchy.labels
+    # the registry section keeps the keys models were saved with (optional ones only when set)
+    assert set(trained.registry_["schce"]) == {
+        "label_map",
+        "hierarchy",
+        "genes",
+        "gene_id_type",
+        "normalize",
+        "ontology_source",
+    }
+    trained.save(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "schce.json").read_text())["registry"]["schce"]
+    assert saved["genes"] == trained.genes and saved["normalize"] == state.normalize
+    loaded = schce.HCEClassifier.load(tmp_path / "m", accelerator="cpu").setup_state
+    assert schce.Hierarchy.from_dict(loaded.hierarchy).labels == trained.hierarchy.labels
+    for name in ("label_map", "genes", "gene_id_type", "normalize", "ontology_source", "fine_tuning"):
+        assert getattr(loaded, name) == getattr(state, name), name

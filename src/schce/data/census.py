@@ -31,7 +31,7 @@ from anndata import AnnData
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
-from schce._constants import SCALING_SAMPLE, SETUP_KEY
+from schce._constants import SCALING_SAMPLE
 from schce.data._genes import GeneAligner
 from schce.data._loader import EpochLoader
 from schce.data._protocol import check_batch_size, check_split
@@ -48,6 +48,7 @@ class HCEClassifier(Protocol):
     genes: list[str]
     hierarchy: Any
     registry_: dict
+    setup_state: Any
 
 
 __all__ = ["SCTAB_ASSAYS", "CensusDataModule", "get_query_anndata", "ood_datasets"]
@@ -136,7 +137,7 @@ def _gene_column(model: HCEClassifier, gene_column: str | None) -> str:
     """The census ``var`` column holding the model's gene identifiers."""
     if gene_column is not None:
         return gene_column
-    id_type = model.registry_[SETUP_KEY].get("gene_id_type", "Ensembl IDs")
+    id_type = model.setup_state.gene_id_type
     return "feature_id" if id_type == "Ensembl IDs" else "feature_name"
 
 

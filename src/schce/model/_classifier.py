@@ -10,12 +10,13 @@ import rich.pretty  # scvi-tools' view_registry uses rich.pretty without importi
 from anndata import AnnData
 from scvi.model.base import BaseModelClass
 
-from schce._constants import DEFAULT_LOSS, LOSSES, SETUP_KEY
+from schce._constants import DEFAULT_LOSS, LOSSES
 from schce.hierarchy import LABEL_SEMANTICS, Hierarchy
 from schce.model._finetune import FineTuneMixin
 from schce.model._inference import InferenceMixin
 from schce.model._persist import PersistMixin
 from schce.model._setup import SetupMixin
+from schce.model._state import SetupState
 from schce.model._training import TrainingMixin
 from schce.nn import HCEModule, make_backbone
 from schce.train._config import DEFAULT_BACKBONE_KWARGS, DEFAULT_STANDARDIZE
@@ -90,9 +91,9 @@ class HCEClassifier(SetupMixin, TrainingMixin, FineTuneMixin, InferenceMixin, Pe
             raise ValueError(f"label_semantics must be one of {LABEL_SEMANTICS}, got {label_semantics!r}.")
         if hce_form not in ("log", "reference"):
             raise ValueError(f"hce_form must be 'log' or 'reference', got {hce_form!r}.")
-        setup = self.registry_[SETUP_KEY]
-        self.hierarchy = Hierarchy.from_dict(setup["hierarchy"])
-        self.genes: list[str] = list(setup["genes"])
+        setup = SetupState.read(self.registry_)
+        self.hierarchy = Hierarchy.from_dict(setup.hierarchy)
+        self.genes: list[str] = list(setup.genes)
         self.backbone, self.loss, self.hce_form, self.recipe = backbone, loss, hce_form, recipe
         self.label_semantics = label_semantics
         if standardize is None:
@@ -108,8 +109,8 @@ class HCEClassifier(SetupMixin, TrainingMixin, FineTuneMixin, InferenceMixin, Pe
             + ", "
             + (f"recipe={recipe}, " if recipe else "")
             + f"{self.hierarchy.n_labels} labels (ontology {self.hierarchy.version}), {len(self.genes)} genes "
-            f"({setup['gene_id_type']}), training input: "
-            + ("raw counts, normalised in the module" if setup["normalize"] else "used as given")
+            f"({setup.gene_id_type}), training input: "
+            + ("raw counts, normalised in the module" if setup.normalize else "used as given")
         )
         self.temperature_ = 1.0
         self.best_epoch_ = self.optimizer_ = None

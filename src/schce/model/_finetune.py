@@ -11,7 +11,6 @@ import numpy as np
 from anndata import AnnData
 from mudata import MuData
 
-from schce._constants import SETUP_KEY
 from schce.data._anndata import AnnDataModule
 from schce.data._loader import split_cells
 from schce.hierarchy import Hierarchy
@@ -137,11 +136,12 @@ class FineTuneMixin:
         finally:
             for m in frozen:
                 m.requires_grad_(True)
-        setup = self.registry_[SETUP_KEY]
-        setup["hierarchy"] = hierarchy.to_dict()
-        setup.setdefault("fine_tuning", []).append(
+        setup = self.setup_state
+        setup.hierarchy = hierarchy.to_dict()
+        setup.fine_tuning.append(
             {"n_cells": int(data.n_obs), "labels_added": added, "freeze_encoder": bool(freeze_encoder)}
         )
+        setup.write(self.registry_)
         n_old = len(saved[1].labels)
         self._model_summary_string = self._model_summary_string.replace(
             f"{n_old} labels", f"{hierarchy.n_labels} labels", 1

@@ -14,10 +14,10 @@ from anndata import AnnData
 from mudata import MuData
 
 from schce import _io
-from schce._constants import SETUP_KEY
 from schce.data._genes import strip_ensembl_version
 from schce.data.sctab._format import cl_label_ids
 from schce.hierarchy import Hierarchy
+from schce.model._state import SetupState
 from schce.ontology import load_cell_ontology
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ def _check_same_genes(adata, registry: dict, cls) -> None:
     if isinstance(adata, MuData):
         rna = adata.mod[(registry["setup_args"].get("modalities") or {}).get("rna_layer", "rna")]
     genes = [str(g) for g in strip_ensembl_version(rna.var_names)]
-    expected = list(registry[SETUP_KEY]["genes"])
+    expected = list(SetupState.read(registry).genes)
     if genes != expected:
         shared = len(set(genes) & set(expected))
         raise ValueError(
@@ -178,9 +178,9 @@ class PersistMixin:
 
     def _attach(self, adata: AnnData | MuData) -> None:
         """Make ``adata`` the model's data; the model's own set-up (labels, hierarchy, genes) stays in the registry."""
-        own = self.registry_[SETUP_KEY]
+        own = self.setup_state
         self.adata = adata  # scvi-tools registers it with the saved set-up arguments when needed
-        self.registry_[SETUP_KEY] = own
+        own.write(self.registry_)
 
     @classmethod
     def from_sctab_checkpoint(
@@ -275,7 +275,9 @@ class PersistMixin:
         registry = cls._registry_without_data(
             setup["genes"], setup["labels"], setup["ontology"], setup["hierarchy"], setup["normalize"]
         )
-        registry[SETUP_KEY]["sctab_store"] = os.fspath(path)
+        state = SetupState.read(registry)
+        state.sctab_store = os.fspath(path)
+        state.write(registry)
         model = cls(None, registry, backbone=backbone, loss=loss, **backbone_kwargs)
         model.hierarchy_differences_ = setup["differences"]
         return model

@@ -19,10 +19,10 @@ from scvi.data.fields import (
     MuDataLayerField,
 )
 
-from schce._constants import SETUP_KEY
 from schce.data._expression import check_expression, get_matrix, resolve_normalize
 from schce.data._genes import gene_id_type, strip_ensembl_version
 from schce.hierarchy import Hierarchy
+from schce.model._state import SetupState
 from schce.ontology import load_cell_ontology
 
 
@@ -87,7 +87,7 @@ class SetupMixin:
         ]
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
-        manager.registry[SETUP_KEY] = state
+        state.write(manager.registry)
         cls.register_manager(manager)
 
     @classmethod
@@ -159,7 +159,7 @@ class SetupMixin:
             obs_of[arg] = obs
         state = cls._setup_state(rna, obs_of["labels_key"][labels_key], labels_key, rna_layer, ontology, normalize)
         # Every modality's features as registered, so a loaded model knows them without the data.
-        state["modality_genes"] = {m: [str(v) for v in mdata.mod[m].var_names] for m in mdata.mod}
+        state.modality_genes = {m: [str(v) for v in mdata.mod[m].var_names] for m in mdata.mod}
         setup_method_args["setup_args"]["ontology"] = (
             os.fspath(ontology) if isinstance(ontology, str | os.PathLike) else None
         )
@@ -171,11 +171,13 @@ class SetupMixin:
         ]
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(mdata, **kwargs)
-        manager.registry[SETUP_KEY] = state
+        state.write(manager.registry)
         cls.register_manager(manager)
 
     @staticmethod
-    def _setup_state(adata: AnnData, raw: pd.Series, labels_key: str, layer: str | None, ontology, normalize) -> dict:
+    def _setup_state(
+        adata: AnnData, raw: pd.Series, labels_key: str, layer: str | None, ontology, normalize
+    ) -> SetupState:
         """Check the expression and labels of the training cells; schce's section of the registry."""
         if adata.n_obs == 0 or adata.n_vars == 0:
             raise ValueError(f"adata is empty ({adata.n_obs} cells × {adata.n_vars} genes); nothing to train on.")
@@ -195,14 +197,14 @@ class SetupMixin:
         where = f"adata.layers[{layer!r}]" if layer else "adata.X"
         normalize_used = resolve_normalize(normalize, check_expression(X, adata.n_obs, where), where)
         genes = strip_ensembl_version(adata.var_names)
-        return {
-            "label_map": {str(k): v for k, v in label_map.items()},
-            "hierarchy": Hierarchy.from_ontology(label_ids, onto).to_dict(),
-            "genes": [str(g) for g in genes],
-            "gene_id_type": gene_id_type(genes),
-            "normalize": bool(normalize_used),
-            "ontology_source": onto.source,
-        }
+        return SetupState(
+            label_map={str(k): v for k, v in label_map.items()},
+            hierarchy=Hierarchy.from_ontology(label_ids, onto).to_dict(),
+            genes=[str(g) for g in genes],
+            gene_id_type=gene_id_type(genes),
+            normalize=bool(normalize_used),
+            ontology_source=onto.source,
+        )
 
     @classmethod
     def _registry_without_data(cls, genes, labels, onto, hierarchy: Hierarchy, normalize: bool) -> dict:
@@ -214,8 +216,15 @@ class SetupMixin:
         )
         cls.setup_anndata(placeholder, labels_key="label", ontology=onto, normalize=normalize)
         registry = cls._get_most_recent_anndata_manager(placeholder, required=True).registry
-        registry[SETUP_KEY]["hierarchy"] = hierarchy.to_dict()
+        state = SetupState.read(registry)
+        state.hierarchy = hierarchy.to_dict()
+        state.write(registry)
         return registry
+
+    @property
+    def setup_state(self) -> SetupState:
+        """Schce's set-up of this model (labels, hierarchy, genes, normalisation), typed; a copy."""
+        return SetupState.read(self.registry_)
 
     def _ontology(self, ontology=None):
         """``ontology`` loaded, else the one set up with (when it was a path or URL), else the embedded CL release."""

@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from schce._constants import SETUP_KEY
 from schce.data._protocol import check_datamodule, check_split
 from schce.data.sctab._format import cl_label_ids, compare_hierarchy, read_lookup, read_var, split_parts, store_layout
 from schce.data.sctab._read import _read_block
@@ -94,7 +93,7 @@ def datamodule_predictions(model, datamodule, split: str) -> tuple[np.ndarray, n
     check_split(split)
     names = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_dataloader"}
     loader = getattr(datamodule, names[split])()
-    out = loader_outputs(model.module, loader, model.registry_[SETUP_KEY]["normalize"], desc=f"Scoring {split}")
+    out = loader_outputs(model.module, loader, model.setup_state.normalize, desc=f"Scoring {split}")
     if "y" not in out or len(out["y"]) == 0:
         raise ValueError(f"The datamodule's {split} split yielded no labelled cells.")
     true_terms = np.asarray(model.hierarchy.labels, dtype=object)[out["y"]]

@@ -10,7 +10,6 @@ import lightning.pytorch as pl
 import numpy as np
 from scvi import REGISTRY_KEYS
 
-from schce._constants import SETUP_KEY
 from schce.data._anndata import AnnDataModule
 from schce.data._augmentation import augmentation_matrix
 from schce.data._loader import split_cells
@@ -26,10 +25,10 @@ class TrainingMixin:
 
     def _label_codes(self) -> np.ndarray:
         """Every cell's label as an index into ``hierarchy.labels``."""
-        setup = self.registry_[SETUP_KEY]
+        label_map = self.setup_state.label_map
         mapping = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping
         # Unused categories of a categorical column were never mapped; no cell refers to them.
-        code_map = self.hierarchy.label_index([setup["label_map"].get(str(v), "") for v in mapping])
+        code_map = self.hierarchy.label_index([label_map.get(str(v), "") for v in mapping])
         scvi_codes = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()
         return code_map[scvi_codes.astype(np.int64)]
 
@@ -173,7 +172,7 @@ class TrainingMixin:
             datamodule = self._anndata_module(config, validation_size, test_size, groups, num_workers)
             if augment is True:
                 augment = self._augmentation_matrix(datamodule, groups, seed)
-        normalize = self.registry_[SETUP_KEY]["normalize"]
+        normalize = self.setup_state.normalize
         if self.standardize and not self.is_trained_:
             fit_input_scaling(self.module, datamodule, normalize)
         self._run_fit(datamodule, config, normalize, augmentations=augment if isinstance(augment, np.ndarray) else None)
@@ -257,7 +256,7 @@ class TrainingMixin:
             datamodule.X,
             datamodule.codes,
             source,
-            normalize=self.registry_[SETUP_KEY]["normalize"],
+            normalize=self.setup_state.normalize,
             seed=seed,
             rows=datamodule.rows["train"],
         )
