@@ -5,6 +5,7 @@ Everything else in the tests uses the public API (``schce``, ``schce.data``, ``s
 
 from schce._benchmarking import (
     COARSEN,
+    LABELS,
     PBMC68K_T_CELLS,
     T_CELL,
     leave_one_batch_out,
@@ -14,13 +15,21 @@ from schce._benchmarking import (
 from schce._memory import release_free_memory
 from schce.data._augmentation import augment
 from schce.data._loader import EpochBatchSampler, group_split, split_cells
-from schce.data._store import _dense_values, split_parts, store_layout, varint_decode, varint_encode
-from schce.data._store_model import datamodule_class_weights
-from schce.model import DEFAULT_BACKBONE_KWARGS
+from schce.data._protocol import datamodule_class_weights
+from schce.data.sctab._format import (
+    _dense_values,
+    read_part_metadata,
+    split_parts,
+    store_layout,
+    varint_decode,
+    varint_encode,
+)
+from schce.model._store import store_setup
 from schce.nn._backbones import BACKBONES
 from schce.nn._module import CLIP, gene_moments
 from schce.nn._tabnet import GhostBatchNorm, entmax15, sparsemax
-from schce.train._callbacks import TrainingProgress
+from schce.train._callbacks import HistoryRecorder, TrainingProgress
+from schce.train._config import DEFAULT_BACKBONE_KWARGS
 from schce.train._recipe import LBFGS_MAX_VALUES, RECIPES, matmul_precision, resolve_optimizer
 
 __all__ = [
@@ -30,11 +39,14 @@ __all__ = [
     "DEFAULT_BACKBONE_KWARGS",
     "EpochBatchSampler",
     "GhostBatchNorm",
+    "HistoryRecorder",
+    "LABELS",
     "LBFGS_MAX_VALUES",
     "PBMC68K_T_CELLS",
-    "T_CELL",
     "RECIPES",
+    "T_CELL",
     "TrainingProgress",
+    "_dense_values",
     "augment",
     "datamodule_class_weights",
     "entmax15",
@@ -44,13 +56,14 @@ __all__ = [
     "matmul_precision",
     "mix_granularity",
     "per_label_summary",
+    "read_part_metadata",
     "release_free_memory",
     "resolve_optimizer",
     "sparsemax",
     "split_cells",
     "split_parts",
     "store_layout",
+    "store_setup",
     "varint_decode",
     "varint_encode",
-    "_dense_values",
 ]

@@ -223,7 +223,7 @@ def test_census_datamodule_batches(census_paths, census_source, census_model):
         )
     n_kept = int((src.obs["case"] == "kept").sum())
     assert dm.n_train + dm.n_validation == n_kept
-    assert dm.label_counts.sum() == dm.n_train
+    assert dm.label_counts("train").sum() == dm.n_train
     dm.setup("fit")
     labels = census_model.hierarchy.labels
     want_codes = pd.Index(labels).get_indexer(src.obs["cell_type_ontology_term_id"].astype(str))

@@ -268,7 +268,7 @@ def _sctab_164_names() -> list[str]:
 
 
 def test_checkpoint_and_store_with_the_164_published_labels_load(tmp_path):
-    from schce.data._store_model import store_setup
+    from _private import store_setup
 
     names = _sctab_164_names()
     onto = load_cell_ontology()

@@ -414,6 +414,8 @@ def test_initial_bn_eps_is_a_variance_floor_that_keeps_the_state_dict():
 
 
 def test_package_default_tabnet_floors_the_input_variance(pbmc):
+    from _private import DEFAULT_BACKBONE_KWARGS
+
     import schce
 
     adata = pbmc.copy()

@@ -1,24 +1,52 @@
-"""schce: cell-type annotation with the Cell Ontology and the hierarchical cross-entropy loss."""
+"""schce: cell-type annotation with the Cell Ontology and the hierarchical cross-entropy loss.
 
+Submodules and the classes that need torch, Lightning or scvi-tools load on first use (:pep:`562`), so
+``import schce``, ``schce --help`` and the ontology and hierarchy modules stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
 from importlib.metadata import version as _version
-
-from schce import datasets, evaluation, losses, metrics, pl
-from schce.hierarchy import Hierarchy, HierarchyCycleError
-from schce.model import HCEClassifier
-from schce.ontology import CellOntology, LabelMappingError, load_cell_ontology
+from typing import TYPE_CHECKING
 
 __version__ = _version("schce")
 
-__all__ = [
-    "CellOntology",
-    "HCEClassifier",
-    "Hierarchy",
-    "HierarchyCycleError",
-    "LabelMappingError",
-    "datasets",
-    "evaluation",
-    "load_cell_ontology",
-    "losses",
-    "metrics",
-    "pl",
-]
+# Public name -> the module that defines it (a submodule when the name is the module itself).
+_LAZY = {
+    "CellOntology": "schce.ontology",
+    "HCEClassifier": "schce.model",
+    "Hierarchy": "schce.hierarchy",
+    "HierarchyCycleError": "schce.hierarchy",
+    "LabelMappingError": "schce.ontology",
+    "load_cell_ontology": "schce.ontology",
+    "data": "schce.data",
+    "datasets": "schce.datasets",
+    "evaluation": "schce.evaluation",
+    "losses": "schce.losses",
+    "metrics": "schce.metrics",
+    "nn": "schce.nn",
+    "pl": "schce.pl",
+    "train": "schce.train",
+}
+
+__all__ = sorted(_LAZY)
+
+if TYPE_CHECKING:  # names for type checkers and IDEs; at run time __getattr__ loads them
+    from schce import data, datasets, evaluation, losses, metrics, nn, pl, train  # noqa: F401
+    from schce.hierarchy import Hierarchy, HierarchyCycleError  # noqa: F401
+    from schce.model import HCEClassifier  # noqa: F401
+    from schce.ontology import CellOntology, LabelMappingError, load_cell_ontology  # noqa: F401
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'schce' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    value = module if module.__name__ == f"schce.{name}" else getattr(module, name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

@@ -198,7 +198,7 @@ def checkpoint_hierarchy(ckpt: dict, labels: list[str], ontology) -> tuple:
     ``ontology`` disagree; empty when they agree). A checkpoint without ``child_lookup`` gets the ontology's
     hierarchy (with a warning) and ``differences=None``.
     """
-    from schce.data._store import compare_hierarchy
+    from schce.data.sctab._format import compare_hierarchy
     from schce.hierarchy import Hierarchy
 
     state = ckpt["state_dict"]

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import sys
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,20 +40,17 @@ class _CleanErrors(click.Group):
 
 
 def _loss_names() -> tuple[str, ...]:
-    """The losses :class:`~schce.HCEClassifier` accepts, read from the model so that new ones appear here too."""
-    from schce import model
+    """The losses :class:`~schce.HCEClassifier` accepts (from the light constants module: ``--help`` stays fast)."""
+    from schce._constants import LOSSES
 
-    names = getattr(model, "LOSSES", None)
-    if names is None:
-        names = typing.get_args(typing.get_type_hints(model.HCEClassifier.__init__)["loss"])
-    return tuple(names)
+    return tuple(LOSSES)
 
 
 def _default_loss() -> str:
     """The default loss of :class:`~schce.HCEClassifier`, so the command line never disagrees with the API."""
-    from schce.model import HCEClassifier
+    from schce._constants import DEFAULT_LOSS
 
-    return inspect.signature(HCEClassifier.__init__).parameters["loss"].default
+    return DEFAULT_LOSS
 
 
 # ---------------------------------------------------------------------------------------------------- input checks
@@ -254,7 +249,8 @@ def train(
     _require_columns(input_path, columns, "obs", keys)
     _require_columns(input_path, columns, "layers", {"--layer": layer})
 
-    from schce.model import MONITOR, HCEClassifier
+    from schce._constants import MONITOR
+    from schce.model import HCEClassifier
 
     adata = _read_h5ad(input_path)
     HCEClassifier.setup_anndata(adata, labels_key=labels_key, layer=layer, batch_key=batch_key)

@@ -1,10 +1,13 @@
-"""Data access: expression checks, gene alignment, AnnData loaders and scTab atlas stores."""
+"""Data access: the data-module contract, expression checks, gene alignment, AnnData and scTab store modules."""
 
+from schce.data._anndata import AnnDataModule
 from schce.data._augmentation import augmentation_matrix, published_augmentation_matrix
-from schce.data._datamodule import SCTabStoreDataModule, StoreDataset
 from schce.data._expression import ExpressionSummary, check_expression, get_matrix
 from schce.data._genes import GeneAligner, strip_ensembl_version
-from schce.data._store import (
+from schce.data._protocol import HCEDataModule, balanced_class_weights
+from schce.data.sctab import (
+    SCTabStoreDataModule,
+    StoreDataset,
     compare_hierarchy,
     convert_sctab_store,
     read_part_metadata,
@@ -13,6 +16,9 @@ from schce.data._store import (
 )
 
 __all__ = [
+    "AnnDataModule",
+    "HCEDataModule",
+    "balanced_class_weights",
     "ExpressionSummary",
     "GeneAligner",
     "SCTabStoreDataModule",

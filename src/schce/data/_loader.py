@@ -126,6 +126,24 @@ class EpochBatchSampler(Sampler[list[int]]):
         return len(self._batches())
 
 
+class EpochLoader(DataLoader):
+    """A loader over an iterable dataset that starts each pass with ``dataset.next_epoch()`` (a new shuffle each).
+
+    Lightning only calls ``set_epoch`` on samplers, which iterable datasets do not have; workers get a fresh copy of
+    the dataset per pass (no persistent workers), so advancing it here in the main process reaches them.
+    """
+
+    def __init__(self, dataset, **kwargs):
+        super().__init__(dataset, batch_size=None, shuffle=False, **kwargs)
+
+    def __iter__(self):
+        self.dataset.next_epoch()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
 def make_loader(
     X,
     rows: np.ndarray,

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from schce._constants import LOSSES
 from schce.data._augmentation import augment
 from schce.losses import (
     BatchMixingLoss,
@@ -18,9 +19,6 @@ from schce.losses import (
 from schce.metrics import code_scores
 from schce.nn._module import normalize_counts
 
-#: Training losses: annotation-aware HCE (each cell's acceptable labels follow what its source's annotation can
-#: mean), plain HCE (a label's whole subtree is acceptable) and flat cross-entropy.
-LOSSES = ("hce-aware", "hce", "ce")
 # Terms that can be added to the task loss, computed on the penultimate embedding.
 AUXILIARY = ("adversarial", "batch_mixing", "ecs")
 #: Optimisers: AdamW on mini-batches (any backbone, any data size) and full-batch L-BFGS (the linear backbone on

@@ -1,0 +1,20 @@
+"""Names shared across layers: the registry section, the monitored metric, output and sampling constants.
+
+Kept free of heavy imports so every layer (and ``schce --help``) can read them cheaply.
+"""
+
+#: schce's section of the scvi-tools registry (``model.registry_[SETUP_KEY]``).
+SETUP_KEY = "schce"
+#: The validation metric that early stopping, best-weight selection and checkpoints follow.
+MONITOR = "validation_corrected_macro_f1"
+#: Default prefix of the keys :meth:`~schce.HCEClassifier.predict` writes.
+KEY_ADDED = "schce"
+#: Cells an atlas datamodule's shuffled training loader contributes to the gene scaling (plenty for a mean and a std).
+SCALING_SAMPLE = 200_000
+#: Cells per batch of validation, calibration and inference passes over in-memory data.
+EVAL_BATCH_SIZE = 4096
+#: Training losses: annotation-aware HCE (each cell's acceptable labels follow what its source's annotation can
+#: mean), plain HCE (a label's whole subtree is acceptable) and flat cross-entropy.
+LOSSES = ("hce-aware", "hce", "ce")
+#: The loss :class:`~schce.HCEClassifier` trains with unless told otherwise.
+DEFAULT_LOSS = "hce-aware"

@@ -1,0 +1,331 @@
+"""Inference: prediction, evaluation and embeddings."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from mudata import MuData
+
+from schce._checks import check_groupby
+from schce._output import check_key_added, check_output_keys, prediction_frame, write_outputs
+from schce.data._expression import check_expression, empty_rows, get_matrix, resolve_normalize
+from schce.data._genes import GeneAligner
+from schce.data._loader import make_loader
+from schce.evaluation import DEFAULT_GROUPBY, EvaluationResult, evaluate_predictions
+from schce.ontology import load_cell_ontology
+from schce.train._runner import loader_outputs
+
+
+class InferenceMixin:
+    """Predictions, evaluation and the latent representation of any AnnData, MuData or datamodule split."""
+
+    # ------------------------------------------------------------------ inference
+    def _run(
+        self, X, rows: np.ndarray, normalize: bool, aligner: GeneAligner | None, batch_size: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and embeddings of ``rows`` of ``X`` (module in eval mode, no gradients)."""
+        out = loader_outputs(self.module, make_loader(X, rows, batch_size, aligner=aligner), normalize)
+        return out["logits"], out["embeddings"]
+
+    def _rna(self, data: AnnData | MuData) -> AnnData:
+        """``data`` itself, or for a MuData its RNA modality (the one given to :meth:`setup_mudata`, else ``"rna"``)."""
+        if not isinstance(data, MuData):
+            return data
+        mod = (self.registry_["setup_args"].get("modalities") or {}).get("rna_layer", "rna")
+        if mod not in data.mod:
+            raise KeyError(
+                f"The MuData has no modality {mod!r} (it has {list(data.mod)}); pass the RNA modality itself, "
+                "e.g. model.predict(mdata['gex'])."
+            )
+        return data.mod[mod]
+
+    def _registered_layer(self) -> str | None:
+        args = self.registry_["setup_args"]
+        return args["rna_layer"] if "rna_layer" in args else args["layer"]
+
+    def _registered_matrix(self):
+        """The registered expression (the RNA modality's for a MuData)."""
+        return get_matrix(self._rna(self.adata), self._registered_layer())
+
+    def _prepare(
+        self,
+        adata: AnnData | MuData | None,
+        layer: str | None,
+        gene_symbols: str | None,
+        normalize: bool | Literal["auto"],
+    ) -> tuple[AnnData, object, GeneAligner, bool]:
+        """The query's RNA AnnData, its matrix, the gene alignment and whether to normalise, after all input checks."""
+        if adata is None:
+            adata = self.adata
+            if adata is None:
+                raise ValueError("Pass the AnnData to predict on: this model has no registered AnnData.")
+            if layer is None:
+                layer = self._registered_layer()
+        adata = self._rna(adata)
+        if not isinstance(adata, AnnData):
+            raise TypeError(f"Expected an AnnData or MuData, got {type(adata).__name__}.")
+        if adata.n_obs == 0 or adata.n_vars == 0:
+            raise ValueError(f"The query is empty ({adata.n_obs} cells × {adata.n_vars} genes).")
+        if gene_symbols is not None:
+            if gene_symbols not in adata.var.columns:
+                raise KeyError(
+                    f"gene_symbols={gene_symbols!r} is not a column of adata.var "
+                    f"(available: {list(adata.var.columns)}). Pass None to match on var_names."
+                )
+            query_genes, where = adata.var[gene_symbols].astype(str).to_numpy(), f"var[{gene_symbols!r}]"
+        else:
+            query_genes, where = adata.var_names, "var_names"
+        aligner = GeneAligner(self.genes, query_genes, where=where)
+        X = get_matrix(adata, layer)
+        where_x = f"adata.layers[{layer!r}]" if layer else "adata.X"
+        summary = check_expression(X, adata.n_obs, where_x)
+        normalize_used = resolve_normalize(normalize, summary, where_x, self.setup_state.to_dict())
+        self._query_expression = summary.kind  # recorded in uns by predict
+        return adata, X, aligner, normalize_used
+
+    def _forward(
+        self,
+        adata: AnnData | MuData | None,
+        layer: str | None,
+        gene_symbols: str | None,
+        batch_size: int,
+        normalize: bool | Literal["auto"],
+    ) -> tuple[np.ndarray, np.ndarray, GeneAligner, bool, AnnData]:
+        """Logits and embeddings of every cell, after all input checks."""
+        if not self.is_trained_:
+            raise RuntimeError("The model is not trained yet: call model.train() first, or HCEClassifier.load(...).")
+        adata, X, aligner, normalize_used = self._prepare(adata, layer, gene_symbols, normalize)
+        logits, embeddings = self._run(X, np.arange(adata.n_obs), normalize_used, aligner, batch_size)
+        return logits, embeddings, aligner, normalize_used, adata
+
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        layer: str | None = None,
+        gene_symbols: str | None = None,
+        key_added: str = "schce",
+        coarse_threshold: float = 0.5,
+        normalize: bool | Literal["auto"] = "auto",
+        batch_size: int = 1024,
+        inplace: bool = True,
+        calibrated: bool = True,
+        overwrite: bool = False,
+    ) -> pd.DataFrame:
+        """Predict cell types and write them into ``adata``.
+
+        Writes, with prefix ``key_added``:
+
+        - ``obs["{key}_prediction"]`` (CL name of the argmax label), ``obs["{key}_prediction_ontology_term_id"]``,
+          ``obs["{key}_confidence"]`` (its probability);
+        - ``obs["{key}_prediction_coarse"]`` (+ ``_ontology_term_id``): the deepest term (label or ancestor) whose
+          subtree probability is at least ``coarse_threshold`` — a back-off when the model is unsure;
+        - ``obsm["{key}_probabilities"]`` (cells × labels), ``obsm["{key}_hierarchical_scores"]`` (cells ×
+          labels and their ancestors: the summed probability of each term's subtree), ``obsm["X_{key}"]`` (the
+          penultimate-layer embedding);
+        - ``obs["{key}_unassigned_reason"]``: why a cell is ``"unassigned"`` (no expression in the model's genes:
+          confidence 0), else missing;
+        - ``uns["{key}"]``: model, ontology version, threshold, gene overlap, and the keys written.
+
+        Nothing else in ``adata`` changes: an entry of the same name that schce did not write is an error (before
+        any work) unless ``overwrite=True``; schce's own entries from an earlier run are replaced.
+
+        Parameters
+        ----------
+        adata
+            Query cells; default: the registered AnnData. Dense, sparse or backed.
+        layer
+            Layer with the expression; default ``adata.X`` (the registered layer for the registered AnnData).
+        gene_symbols
+            ``var`` column holding identifiers of the model's type, when ``var_names`` do not.
+        key_added
+            Prefix of the output keys.
+        coarse_threshold
+            Subtree probability needed for the coarse prediction.
+        normalize
+            ``"auto"`` normalises counts and count-like values and leaves log-normalised data as it is; a model
+            trained on counts with ``normalize=False`` gets its queries as given, as it was trained.
+        batch_size
+            Cells per forward pass.
+        inplace
+            Write into ``adata``; ``False`` only returns the table.
+        calibrated
+            Divide the logits by the temperature fitted after training (probabilities, confidence and the coarse
+            call change; the argmax label does not).
+        overwrite
+            Replace entries of the output names that schce did not write (refused by default).
+
+        Returns
+        -------
+        The obs columns above as a DataFrame indexed by ``obs_names``.
+        """
+        if not 0 < coarse_threshold <= 1:
+            raise ValueError(f"coarse_threshold must be in (0, 1], got {coarse_threshold}.")
+        check_key_added(key_added)
+        mdata = adata if adata is not None else self.adata
+        if inplace and isinstance(target := self._rna(mdata) if mdata is not None else None, AnnData):
+            check_output_keys(target, key_added, overwrite)  # before any work
+        layer_used = self._registered_layer() if adata is None and layer is None else layer
+        mdata = mdata if isinstance(mdata, MuData) else None
+        logits, emb, aligner, normalize_used, adata = self._forward(adata, layer, gene_symbols, batch_size, normalize)
+        probs = self._probabilities(logits, calibrated)
+        empty = empty_rows(get_matrix(adata, layer_used), adata.n_obs, aligner.query_columns())
+        obs, probs_df, scores_df = prediction_frame(
+            probs, self.hierarchy, adata.obs_names, key_added, coarse_threshold, empty
+        )
+        if inplace:
+            from schce import __version__
+
+            uns = {
+                "schce_version": __version__,
+                "backbone": self.backbone,
+                "loss": self.loss,
+                "label_semantics": self.label_semantics,
+                "n_labels": self.hierarchy.n_labels,
+                "ontology_version": self.hierarchy.version,
+                "coarse_threshold": float(coarse_threshold),
+                "temperature": float(self.temperature_ if calibrated else 1.0),
+                "gene_overlap": aligner.summary(),
+                "normalized": bool(normalize_used),
+                "expression": self._query_expression,
+            }
+            obsm = {f"{key_added}_probabilities": probs_df, f"{key_added}_hierarchical_scores": scores_df}
+            obsm[f"X_{key_added}"] = emb
+            write_outputs(adata, obs, obsm, uns, key_added, overwrite)
+            if mdata is not None:  # our columns only, as mdata.obs["rna:schce_prediction"], ...
+                mod = next(name for name, m in mdata.mod.items() if m is adata)
+                with warnings.catch_warnings():  # pandas' copy warning raised inside mudata 0.3's pull_obs
+                    warnings.simplefilter("ignore", pd.errors.SettingWithCopyWarning)
+                    mdata.pull_obs(columns=list(obs.columns), mods=[mod])
+        return obs
+
+    def _probabilities(self, logits: np.ndarray, calibrated: bool) -> np.ndarray:
+        t = self.temperature_ if calibrated else 1.0
+        return torch.softmax(torch.from_numpy(logits).double() / t, dim=1).numpy()
+
+    def evaluate(
+        self,
+        adata: AnnData | None = None,
+        labels_key: str | None = None,
+        groupby: Sequence[str] = DEFAULT_GROUPBY,
+        output_dir: str | os.PathLike | None = None,
+        layer: str | None = None,
+        gene_symbols: str | None = None,
+        coarse_threshold: float = 0.5,
+        normalize: bool | Literal["auto"] = "auto",
+        batch_size: int = 1024,
+        calibrated: bool = True,
+        ontology=None,
+        datamodule: pl.LightningDataModule | None = None,
+        split: Literal["test", "val", "train"] = "test",
+        convention: Literal["schce", "paper", "paper_ood"] = "schce",
+    ) -> EvaluationResult:
+        """Score the model on labelled cells: exact and hierarchy-corrected metrics, per class and per group.
+
+        True labels may be CL IDs or names. A true label that is a model label or an ancestor of model labels is
+        scored with the scTab rule (a prediction is correct when it is the truth or one of its descendants). A
+        label finer than the model's (a descendant of model labels, but not itself a label) is scored against its
+        nearest model ancestor. A label with no model ancestor below the root cannot be scored; it is counted in
+        ``n_not_scorable``. No cell is dropped silently: every count is in ``result.overall``.
+
+        Parameters
+        ----------
+        adata
+            Labelled cells; ``adata`` is not modified.
+        labels_key
+            ``obs`` column with the true labels.
+        groupby
+            ``obs`` columns to break the metrics down by. A column you name must exist (else ``KeyError``); of the
+            default columns, those absent are skipped.
+        output_dir
+            When given, write the tables there (see :meth:`EvaluationResult.write`).
+        layer, gene_symbols, normalize, batch_size, calibrated
+            As in :meth:`predict`.
+        coarse_threshold
+            Subtree probability for the coarse back-off calls whose accuracy is reported.
+        ontology
+            Ontology to place true labels outside the model's terms; default: the one given to
+            :meth:`setup_anndata` when it was a path or URL, else the embedded CL release.
+        datamodule, split
+            Instead of ``adata``: stream a datamodule's ``split`` loader (e.g. the test split of an
+            :class:`~schce.data.SCTabStoreDataModule`); true labels are its ``y`` codes, and the groups come from
+            its ``read_obs(split)`` when it has one. Memory: the probabilities, cells × labels.
+        convention
+            ``"schce"``: the evaluation described above. ``"paper"`` / ``"paper_ood"``: the numbers as the HCE
+            paper's evaluation code computes them (cells outside the model's labels dropped, macro F1 of the
+            corrected predictions over true ∪ predicted labels, resp. over the true labels); see
+            :func:`schce.evaluation.paper_evaluation`.
+
+        Returns
+        -------
+        :class:`~schce.evaluation.EvaluationResult` with ``overall``, ``per_class``, ``per_group`` and ``detailed``.
+        """
+        if datamodule is not None:
+            from schce.model._store import datamodule_predictions
+
+            onto = load_cell_ontology(ontology)
+            true_terms, logits, obs = datamodule_predictions(self, datamodule, split)
+            probs = self._probabilities(logits, calibrated)
+            result = evaluate_predictions(
+                true_terms, probs, self.hierarchy, onto.ancestors, obs, groupby, coarse_threshold, obs.index, convention
+            )
+            if output_dir is not None:
+                result.write(output_dir)
+            return result
+        if adata is None or labels_key is None:
+            raise TypeError("Pass the labelled AnnData and its labels_key, or datamodule= to score a store's split.")
+        raw = self._labels(adata, labels_key)
+        check_groupby(self._rna(adata).obs.columns, groupby, DEFAULT_GROUPBY)  # a typo fails here, named
+        onto = self._ontology(ontology)
+        mapping = onto.map_labels(raw.astype(str).unique())
+        true_terms = raw.astype(str).map(mapping).to_numpy()
+        logits, _, _, _, adata = self._forward(adata, layer, gene_symbols, batch_size, normalize)
+        result = evaluate_predictions(
+            true_terms,
+            self._probabilities(logits, calibrated),
+            self.hierarchy,
+            onto.ancestors,
+            obs=adata.obs,
+            groupby=groupby,
+            coarse_threshold=coarse_threshold,
+            obs_names=adata.obs_names,
+            convention=convention,
+        )
+        if output_dir is not None:
+            result.write(output_dir)
+        return result
+
+    def _labels(self, data: AnnData | MuData, labels_key: str) -> pd.Series:
+        """``obs[labels_key]`` of the RNA cells (for a MuData: the RNA modality's column, else ``mdata.obs``'s)."""
+        rna = self._rna(data)
+        if not isinstance(rna, AnnData):
+            raise TypeError(f"Expected an AnnData or MuData, got {type(data).__name__}.")
+        obs = rna.obs
+        if labels_key not in obs.columns and isinstance(data, MuData) and labels_key in data.obs.columns:
+            obs = data.obs.reindex(rna.obs_names)
+        if labels_key not in obs.columns:
+            raise KeyError(
+                f"labels_key={labels_key!r} is not a column of adata.obs. Available columns: {list(obs.columns)}."
+            )
+        raw = obs[labels_key]
+        if raw.isna().any():
+            raise ValueError(f"{int(raw.isna().sum())} cell(s) have no label in obs[{labels_key!r}]; drop them first.")
+        return raw
+
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        layer: str | None = None,
+        gene_symbols: str | None = None,
+        normalize: bool | Literal["auto"] = "auto",
+        batch_size: int = 1024,
+    ) -> np.ndarray:
+        """Penultimate-layer embedding, cells × ``n_latent`` (the logits for the linear backbone)."""
+        return self._forward(adata, layer, gene_symbols, batch_size, normalize)[1]

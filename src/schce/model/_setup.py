@@ -1,0 +1,238 @@
+"""Registering training data: :meth:`~schce.HCEClassifier.setup_anndata` and ``setup_mudata``."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+from mudata import MuData
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import (
+    CategoricalObsField,
+    LayerField,
+    MuDataCategoricalObsField,
+    MuDataLayerField,
+)
+
+from schce._checks import check_setup_obs, obs_restored_on_error
+from schce.data._expression import check_expression, get_matrix, resolve_normalize
+from schce.data._genes import gene_id_type, model_genes
+from schce.hierarchy import Hierarchy
+from schce.model._state import SetupState
+from schce.ontology import load_cell_ontology
+
+
+class SetupMixin:
+    """Registration of AnnData / MuData and of models built from files."""
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        labels_key: str,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        ontology=None,
+        normalize: bool | Literal["auto"] = "auto",
+        **kwargs,
+    ) -> None:
+        """Register ``adata`` for training.
+
+        Everything is checked before anything is written; on success scvi-tools adds its registry columns
+        (``_scvi_labels``, ``_scvi_batch``) to ``adata.obs``.
+
+        Parameters
+        ----------
+        adata
+            Cells × genes. ``var_names`` are the model's genes (Ensembl IDs preferred, symbols work).
+        labels_key
+            ``obs`` column of cell types: CL IDs (``CL:0000084``) or CL names / synonyms (``T cell``).
+        layer
+            Layer with the expression; default ``adata.X``. Raw counts are preferred.
+        batch_key
+            ``obs`` column naming each cell's batch or annotation source.
+        ontology
+            :class:`~schce.ontology.CellOntology`, OBO path or URL; default: the embedded CL release.
+        normalize
+            ``"auto"``: normalise (size factor to 1e4, log1p) raw counts and count-like values (normalised without
+            log, or counts times a factor), use log1p-normalised values as they are, refuse scaled (negative)
+            values; what was seen is logged (see :doc:`/checks`). ``True`` / ``False`` to force.
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+        """
+        for key, what in ((labels_key, "labels_key"), (batch_key, "batch_key")):
+            if key is not None and key not in adata.obs.columns:
+                raise KeyError(
+                    f"{what}={key!r} is not a column of adata.obs. Available columns: {list(adata.obs.columns)}."
+                )
+        check_setup_obs(adata, batch_key)  # missing batches, a user's _scvi_labels column: before any change
+        state = cls._setup_state(adata, adata.obs[labels_key], labels_key, layer, ontology, normalize)
+
+        setup_method_args = cls._get_setup_method_args(**locals())
+        setup_method_args["setup_args"] = {
+            "labels_key": labels_key,
+            "layer": layer,
+            "batch_key": batch_key,
+            # a path or URL is kept so evaluate() can reload it; an in-memory ontology is recorded by its source
+            "ontology": os.fspath(ontology) if isinstance(ontology, str | os.PathLike) else None,
+            "normalize": normalize,
+        }
+        fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+        ]
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        with obs_restored_on_error(adata):
+            manager.register_fields(adata, **kwargs)
+        state.write(manager.registry)
+        cls.register_manager(manager)
+
+    @classmethod
+    def setup_mudata(
+        cls,
+        mdata: MuData,
+        labels_key: str,
+        rna_layer: str | None = None,
+        batch_key: str | None = None,
+        ontology=None,
+        normalize: bool | Literal["auto"] = "auto",
+        modalities: dict[str, str] | None = None,
+        **kwargs,
+    ) -> None:
+        """Register a :class:`~mudata.MuData` for training on its RNA modality.
+
+        As :meth:`setup_anndata`, with the expression read from the modality named by ``modalities["rna_layer"]``.
+        Other modalities (protein, ATAC) are left alone. :meth:`predict` on a MuData writes into the RNA modality
+        and refreshes ``mdata.obs`` (``mdata.obs["rna:schce_prediction"]``).
+
+        Parameters
+        ----------
+        mdata
+            MuData whose RNA modality holds the same cells as ``mdata`` (``muon.pp.intersect_obs`` makes it so).
+        labels_key
+            ``obs`` column of cell types (CL IDs or names), in ``mdata.obs`` or in the modality named by
+            ``modalities["labels_key"]``.
+        rna_layer
+            Layer of the RNA modality with the expression; default its ``X``.
+        batch_key
+            ``obs`` column of batches, in ``mdata.obs`` or in the modality named by ``modalities["batch_key"]``.
+        ontology, normalize
+            As in :meth:`setup_anndata`.
+        modalities
+            Which modality each argument refers to, as in scvi-tools: ``{"rna_layer": "rna"}`` (the default) and
+            optionally ``"labels_key"`` / ``"batch_key"`` (absent: the column is in ``mdata.obs``).
+        **kwargs
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
+
+        Examples
+        --------
+        >>> schce.HCEClassifier.setup_mudata(mdata, "cell_type", modalities={"rna_layer": "rna", "labels_key": "rna"})
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if not isinstance(mdata, MuData):
+            raise TypeError(f"setup_mudata takes a MuData, got {type(mdata).__name__}; use setup_anndata for AnnData.")
+        modalities = dict({"rna_layer": "rna"} if modalities is None else modalities)
+        mods = cls._create_modalities_attr_dict(modalities, setup_method_args)
+        for arg, mod in mods.items():
+            if mod is not None and mod not in mdata.mod:
+                raise KeyError(f"modalities[{arg!r}]={mod!r} is not a modality of mdata; it has {list(mdata.mod)}.")
+        if mods.rna_layer is None:
+            raise ValueError('Name the RNA modality: modalities={"rna_layer": "rna"}.')
+        rna = mdata.mod[mods.rna_layer]
+        if rna.n_obs != mdata.n_obs or not rna.obs_names.equals(mdata.obs_names):
+            raise ValueError(
+                f"The RNA modality {mods.rna_layer!r} has {rna.n_obs} of mdata's {mdata.n_obs} cells (or another "
+                "order); keep the cells measured in every modality first (muon.pp.intersect_obs(mdata))."
+            )
+        obs_of = {}
+        for key, arg in ((labels_key, "labels_key"), (batch_key, "batch_key")):
+            obs, where = (mdata.obs, "mdata.obs") if mods[arg] is None else (mdata[mods[arg]].obs, mods[arg])
+            if key is not None and key not in obs.columns:
+                hint = [m for m in mdata.mod if key in mdata.mod[m].obs.columns]
+                raise KeyError(
+                    f"{arg}={key!r} is not a column of {where}"
+                    + (f"; it is in modality {hint[0]!r}: add {{{arg!r}: {hint[0]!r}}} to modalities." if hint else ".")
+                )
+            obs_of[arg] = obs
+        state = cls._setup_state(rna, obs_of["labels_key"][labels_key], labels_key, rna_layer, ontology, normalize)
+        # Every modality's features as registered, so a loaded model knows them without the data.
+        state.modality_genes = {m: [str(v) for v in mdata.mod[m].var_names] for m in mdata.mod}
+        setup_method_args["setup_args"]["ontology"] = (
+            os.fspath(ontology) if isinstance(ontology, str | os.PathLike) else None
+        )
+        setup_method_args["setup_args"]["modalities"] = modalities
+        fields = [
+            MuDataLayerField(REGISTRY_KEYS.X_KEY, rna_layer, mod_key=mods.rna_layer, is_count_data=False),
+            MuDataCategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key, mod_key=mods.labels_key),
+            MuDataCategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key, mod_key=mods.batch_key),
+        ]
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        manager.register_fields(mdata, **kwargs)
+        state.write(manager.registry)
+        cls.register_manager(manager)
+
+    @staticmethod
+    def _setup_state(
+        adata: AnnData, raw: pd.Series, labels_key: str, layer: str | None, ontology, normalize
+    ) -> SetupState:
+        """Check the expression and labels of the training cells; schce's section of the registry."""
+        if adata.n_obs == 0 or adata.n_vars == 0:
+            raise ValueError(f"adata is empty ({adata.n_obs} cells × {adata.n_vars} genes); nothing to train on.")
+        X = get_matrix(adata, layer)
+        if raw.isna().any():
+            raise ValueError(
+                f"{int(raw.isna().sum())} cell(s) have no label in obs[{labels_key!r}]. Drop them "
+                "(adata = adata[adata.obs[key].notna()].copy()) before setup."
+            )
+        onto = load_cell_ontology(ontology)
+        label_map = onto.map_labels(raw.astype(str).unique())
+        label_ids = sorted(set(label_map.values()))
+        if len(label_ids) < 2:
+            raise ValueError(
+                f"obs[{labels_key!r}] has a single cell type ({label_ids[0]}); a classifier needs at least two."
+            )
+        where = f"adata.layers[{layer!r}]" if layer else "adata.X"
+        summary = check_expression(X, adata.n_obs, where)
+        normalize_used = resolve_normalize(normalize, summary, where)
+        genes = model_genes(adata.var_names)  # duplicated genes are refused, listed
+        return SetupState(
+            label_map={str(k): v for k, v in label_map.items()},
+            hierarchy=Hierarchy.from_ontology(label_ids, onto).to_dict(),
+            genes=[str(g) for g in genes],
+            gene_id_type=gene_id_type(genes),
+            normalize=bool(normalize_used),
+            ontology_source=onto.source,
+            expression=summary.kind,  # what the training values looked like; predict prepares queries alike
+        )
+
+    @classmethod
+    def _registry_without_data(cls, genes, labels, onto, hierarchy: Hierarchy, normalize: bool) -> dict:
+        """A registry for a model built from files: one empty placeholder cell per label, then our label order."""
+        placeholder = AnnData(
+            X=sp.csr_matrix((len(labels), len(genes)), dtype=np.float32),
+            obs=pd.DataFrame({"label": labels}, index=[f"cell{i}" for i in range(len(labels))]),
+            var=pd.DataFrame(index=pd.Index(genes)),
+        )
+        cls.setup_anndata(placeholder, labels_key="label", ontology=onto, normalize=normalize)
+        registry = cls._get_most_recent_anndata_manager(placeholder, required=True).registry
+        state = SetupState.read(registry)
+        state.hierarchy = hierarchy.to_dict()
+        state.expression = None  # the empty placeholder cells tell nothing of the real values
+        state.write(registry)
+        return registry
+
+    @property
+    def setup_state(self) -> SetupState:
+        """Schce's set-up of this model (labels, hierarchy, genes, normalisation), typed; a copy."""
+        return SetupState.read(self.registry_)
+
+    def _ontology(self, ontology=None):
+        """``ontology`` loaded, else the one set up with (when it was a path or URL), else the embedded CL release."""
+        return load_cell_ontology(ontology if ontology is not None else self.registry_["setup_args"].get("ontology"))
