@@ -198,8 +198,7 @@ def checkpoint_hierarchy(ckpt: dict, labels: list[str], ontology) -> tuple:
     ``ontology`` disagree; empty when they agree). A checkpoint without ``child_lookup`` gets the ontology's
     hierarchy (with a warning) and ``differences=None``.
     """
-    from schce.data.sctab._format import compare_hierarchy
-    from schce.hierarchy import Hierarchy
+    from schce.hierarchy import Hierarchy, compare_hierarchy
 
     state = ckpt["state_dict"]
     names = {t: ontology.name(t) for t in labels}

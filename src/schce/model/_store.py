@@ -11,8 +11,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from schce.data._protocol import check_datamodule, check_split
-from schce.data.sctab._format import cl_label_ids, compare_hierarchy, read_lookup, read_var, split_parts, store_layout
+from schce.data.sctab._format import cl_label_ids, read_lookup, read_var, split_parts, store_layout
 from schce.data.sctab._read import _read_block
+from schce.hierarchy import compare_hierarchy
 from schce.train._runner import loader_outputs
 
 logger = logging.getLogger(__name__)

@@ -129,47 +129,6 @@ def cl_label_ids(names, onto, what: str, fix: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- hierarchy check
-def compare_hierarchy(child_matrix: np.ndarray, labels, ontology=None) -> pd.DataFrame:
-    """Relations where a store's ``child_matrix`` and the Cell Ontology disagree.
-
-    Parameters
-    ----------
-    child_matrix
-        ``(n_labels, n_labels)``, ``[i, j]`` non-zero iff label ``j`` is label ``i`` or one of its descendants.
-    labels
-        CL IDs of the labels, in code order.
-    ontology
-        :class:`~schce.ontology.CellOntology` or source; default: the embedded release.
-
-    Returns
-    -------
-    One row per disagreeing ``(ancestor, descendant)`` pair of labels: ``ancestor``, ``descendant``, their names,
-    ``in_store`` and ``in_ontology`` (exactly one is true). Empty when they agree.
-    """
-    from schce.hierarchy import Hierarchy
-    from schce.ontology import load_cell_ontology
-
-    onto = load_cell_ontology(ontology)
-    labels = [str(x) for x in labels]
-    store = np.asarray(child_matrix) != 0
-    if store.shape != (len(labels), len(labels)):
-        raise ValueError(
-            f"child_matrix has shape {store.shape}; expected ({len(labels)}, {len(labels)}) for the labels."
-        )
-    ref = Hierarchy.from_ontology(labels, onto).R
-    i, j = np.nonzero(store != ref)
-    return pd.DataFrame(
-        {
-            "ancestor": [labels[k] for k in i],
-            "descendant": [labels[k] for k in j],
-            "ancestor_name": [onto.name(labels[k]) for k in i],
-            "descendant_name": [onto.name(labels[k]) for k in j],
-            "in_store": store[i, j],
-            "in_ontology": ref[i, j],
-        }
-    )
-
-
 # ---------------------------------------------------------------------------------------------- compact
 def _value_coding(values: np.ndarray, float_dtype: str) -> str:
     """``"count"`` for integral values in ``[0, 2**32)`` (kept exact), else the float type asked for."""
