@@ -49,11 +49,13 @@ def test_setup_state_is_typed_and_saved_as_before(trained, tmp_path):
         "gene_id_type",
         "normalize",
         "ontology_source",
+        "expression",  # what the training values looked like (raw counts here)
     }
+    assert state.expression == "counts"
     trained.save(tmp_path / "m")
     saved = json.loads((tmp_path / "m" / "schce.json").read_text())["registry"]["schce"]
     assert saved["genes"] == trained.genes and saved["normalize"] == state.normalize
     loaded = schce.HCEClassifier.load(tmp_path / "m", accelerator="cpu").setup_state
     assert schce.Hierarchy.from_dict(loaded.hierarchy).labels == trained.hierarchy.labels
-    for name in ("label_map", "genes", "gene_id_type", "normalize", "ontology_source", "fine_tuning"):
+    for name in ("label_map", "genes", "gene_id_type", "normalize", "ontology_source", "expression", "fine_tuning"):
         assert getattr(loaded, name) == getattr(state, name), name
