@@ -233,9 +233,15 @@ class PersistMixin:
         hierarchy: Literal["store", "ontology"] = "store",
         normalize: bool | Literal["auto"] = "auto",
         ontology=None,
+        recipe: Literal["sctab"] | None = None,
         **backbone_kwargs,
     ) -> HCEClassifier:
         """An untrained classifier for a scTab store (either layout); train it with ``model.train(datamodule=...)``.
+
+        By default this is schce's own model (the package defaults of :class:`HCEClassifier`); ``recipe="sctab"``
+        gives the published scTab / HCE-paper training instead: scTab's architecture, the published HCE (or
+        ``loss="ce"``), and in :meth:`train` the store's ``class_weights.npy`` and ``augmentations.npy``, 50 epochs,
+        StepLR 0.9, batch 2048 and model selection on the paper's macro F1 (see :doc:`/training`).
 
         Genes come from ``var.parquet`` (``feature_id``), labels from ``categorical_lookup/cell_type.parquet`` mapped
         to CL IDs (in code order, so the store's ``cell_type`` codes are the model's label codes), the hierarchy from
@@ -255,6 +261,9 @@ class PersistMixin:
             when it holds normalised values (scTab's published store).
         ontology
             Ontology for the label mapping and the check; default: the embedded CL release.
+        recipe
+            ``None``: schce's own model; ``"sctab"``: the published training. With the recipe, ``loss`` may be
+            ``"hce"`` (the published ``log(q + 1e-6)`` form) or ``"ce"``.
 
         Examples
         --------
@@ -262,6 +271,8 @@ class PersistMixin:
         >>> model = schce.HCEClassifier.from_sctab_store(dm.path, backbone="mlp")
         >>> model.train(datamodule=dm, max_epochs=20)
         >>> model.evaluate(datamodule=dm).overall
+        >>> published = schce.HCEClassifier.from_sctab_store(dm.path, backbone="tabnet", recipe="sctab")
+        >>> published.train(datamodule=dm)  # 50 epochs, the store's class weights and augmentations
         """
         from schce.model._store import store_setup
 
@@ -272,6 +283,8 @@ class PersistMixin:
         state = SetupState.read(registry)
         state.sctab_store = os.fspath(path)
         state.write(registry)
-        model = cls(None, registry, backbone=backbone, loss=loss, **backbone_kwargs)
+        if recipe is not None and loss not in ("hce", "ce"):
+            raise ValueError(f"recipe={recipe!r} trains the published losses 'hce' or 'ce', not loss={loss!r}.")
+        model = cls(None, registry, backbone=backbone, loss=loss, recipe=recipe, **backbone_kwargs)
         model.hierarchy_differences_ = setup["differences"]
         return model
