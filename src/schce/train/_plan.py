@@ -77,8 +77,9 @@ class HCETrainingPlan(pl.LightningModule):
         Validation and prediction see the inputs unchanged.
     paper_validation
         Validate as the published code does (``recipe="sctab"``): the validation loss is computed on the corrected
-        targets (a cell whose prediction is its label or a descendant of it counts that prediction as its target),
-        and :data:`PAPER_MONITOR` is logged after every validation epoch.
+        targets (a cell whose prediction is its label or a descendant of it counts that prediction as its target;
+        TabNet's includes ``- λ_sparse · M_loss``, as the HCE paper's code has it), and :data:`PAPER_MONITOR` is
+        logged after every validation epoch.
     """
 
     def __init__(
@@ -193,6 +194,8 @@ class HCETrainingPlan(pl.LightningModule):
         if self.paper_validation:
             targets = {**batch, "y": torch.where(self.reachability[y, pred] > 0, pred, y)}
         loss = self._loss(logits, targets, None)
+        if self.paper_validation and "sparsity" in self.auxiliary:  # the HCE paper's TabNet: task - λ · M_loss
+            loss = loss + self.auxiliary["sparsity"] * self.module.classifier.sparsity_loss
         self.log("validation_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
         self._val_true.append(y.detach().cpu())
         self._val_pred.append(pred.detach().cpu())
