@@ -231,3 +231,12 @@ def test_store_recipe_uses_the_stores_weights_and_augmentations(atlas, tmp_path)
     np.testing.assert_allclose(probe.first["class_weights"].numpy(), np.load(store / "class_weights.npy"), rtol=1e-6)
     np.testing.assert_allclose(probe.lrs, [5e-3, 5e-3 * 0.9], rtol=1e-12)
     assert PAPER_MONITOR in model.history_
+
+
+def test_sctab_recipe_warns_when_it_cannot_augment(atlas):
+    adata = atlas.copy()
+    schce.HCEClassifier.setup_anndata(adata, labels_key="cell_type_ontology_term_id")  # no batch key
+    model = schce.HCEClassifier(adata, recipe="sctab", n_layers=2, n_hidden=16)
+    with pytest.warns(UserWarning, match="no batch_key was registered and no split_key given"):
+        model.train(max_epochs=1, seed=0, enable_progress_bar=False, calibrate=False)
+    assert model.is_trained_
