@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# The loss of schce's own store model (from_sctab_store without a recipe).
+STORE_LOSS = "hce"
+
 
 def torch_device(accelerator: str = "auto", device: int | str = "auto") -> torch.device:
     """The one torch device of ``accelerator`` / ``device`` (``"auto"``: the first GPU when there is one)."""
@@ -229,7 +232,7 @@ class PersistMixin:
         cls,
         path: str | os.PathLike,
         backbone: Literal["mlp", "linear", "tabnet"] = "mlp",
-        loss: Literal["hce", "ce"] = "hce",
+        loss: Literal["hce", "ce"] | None = None,
         hierarchy: Literal["store", "ontology"] = "store",
         normalize: bool | Literal["auto"] = "auto",
         ontology=None,
@@ -252,8 +255,11 @@ class PersistMixin:
         ----------
         path
             Store directory.
-        backbone, loss, **backbone_kwargs
+        backbone, **backbone_kwargs
             As in :class:`HCEClassifier`.
+        loss
+            ``None`` (default): ``"hce"`` for schce's store model, the published HCE under ``recipe="sctab"``;
+            or ``"hce"`` / ``"ce"``.
         hierarchy
             ``"store"``: the relations of ``child_matrix.npy``; ``"ontology"``: the ontology's.
         normalize
@@ -283,8 +289,9 @@ class PersistMixin:
         state = SetupState.read(registry)
         state.sctab_store = os.fspath(path)
         state.write(registry)
-        if recipe is not None and loss not in ("hce", "ce"):
-            raise ValueError(f"recipe={recipe!r} trains the published losses 'hce' or 'ce', not loss={loss!r}.")
+        if loss is None and recipe is None:
+            loss = STORE_LOSS
+        # With a recipe, None is the recipe's loss and a loss it does not publish raises (HCEClassifier checks).
         model = cls(None, registry, backbone=backbone, loss=loss, recipe=recipe, **backbone_kwargs)
         model.hierarchy_differences_ = setup["differences"]
         return model
