@@ -13,7 +13,7 @@ from schce._benchmarking import (
     per_label_summary,
 )
 from schce._memory import release_free_memory
-from schce.data._augmentation import augment
+from schce.data._augmentation import augment, published_augmentation_candidates
 from schce.data._loader import EpochBatchSampler, group_split, split_cells
 from schce.data._protocol import datamodule_class_weights
 from schce.data.sctab._format import (
@@ -29,8 +29,8 @@ from schce.nn._backbones import BACKBONES
 from schce.nn._module import CLIP, gene_moments
 from schce.nn._tabnet import GhostBatchNorm, entmax15, sparsemax
 from schce.train._callbacks import HistoryRecorder, TrainingProgress
-from schce.train._config import DEFAULT_BACKBONE_KWARGS
-from schce.train._recipe import LBFGS_MAX_VALUES, RECIPES, matmul_precision, resolve_optimizer
+from schce.train._config import DEFAULT_BACKBONE_KWARGS, TrainConfig
+from schce.train._recipe import LBFGS_MAX_VALUES, PAPER_MONITOR, RECIPES, matmul_precision, resolve_optimizer
 
 __all__ = [
     "BACKBONES",
@@ -43,8 +43,10 @@ __all__ = [
     "LABELS",
     "LBFGS_MAX_VALUES",
     "PBMC68K_T_CELLS",
+    "PAPER_MONITOR",
     "RECIPES",
     "T_CELL",
+    "TrainConfig",
     "TrainingProgress",
     "_dense_values",
     "augment",
@@ -56,6 +58,7 @@ __all__ = [
     "matmul_precision",
     "mix_granularity",
     "per_label_summary",
+    "published_augmentation_candidates",
     "read_part_metadata",
     "release_free_memory",
     "resolve_optimizer",

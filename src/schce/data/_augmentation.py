@@ -116,7 +116,8 @@ def augment(x: torch.Tensor, augmentations: torch.Tensor, generator: torch.Gener
     """Add a random row of ``augmentations`` with a random sign to every row of normalised ``x``, clamp to [0, 9]."""
     n = x.shape[0]
     rows = torch.randint(0, augmentations.shape[0], (n,), device=x.device, generator=generator)
-    sign = torch.randint(0, 2, (n, 1), device=x.device, generator=generator, dtype=x.dtype) * 2 - 1
+    # A fair coin per cell, drawn as scTab draws it (Bernoulli), so a seeded run draws the published random numbers.
+    sign = 2.0 * (torch.bernoulli(torch.full((n, 1), 0.5, device=x.device, dtype=x.dtype), generator=generator) - 0.5)
     return torch.clamp(x + sign * augmentations[rows], *CLAMP)
 
 

@@ -20,7 +20,7 @@ from schce.model._state import SetupState
 from schce.model._training import TrainingMixin
 from schce.nn import HCEModule, make_backbone
 from schce.train._config import DEFAULT_BACKBONE_KWARGS, DEFAULT_STANDARDIZE
-from schce.train._recipe import get_recipe
+from schce.train._recipe import get_recipe, recipe_loss
 
 logger = logging.getLogger(__name__)
 
@@ -39,19 +39,23 @@ class HCEClassifier(SetupMixin, TrainingMixin, FineTuneMixin, InferenceMixin, Pe
         ``"tabnet"``.
     recipe
         ``None``: the package defaults (tuned on held-out batches of real PBMCs); ``"sctab"``: the published scTab /
-        HCE-paper recipe, i.e. scTab's exact architecture and, in :meth:`train`, its AdamW settings, StepLR(0.9) and
-        batch 2048 (see :data:`schce.train.RECIPES`). Explicit arguments override either.
+        HCE-paper training: scTab's architecture and the published loss and, in :meth:`train`, its class weights,
+        augmentation (MLP, TabNet), AdamW settings, StepLR(0.9), 50 epochs, batch 2048, donor split and model
+        selection (see :data:`schce.train.RECIPES` and :doc:`/training`). Explicit arguments override either.
     loss
-        ``"hce-aware"`` (default): hierarchical cross-entropy whose acceptable labels follow what each annotation
-        can mean (see ``label_semantics``); ``"hce"``: plain hierarchical cross-entropy (a label's probability
-        includes all its descendants'); ``"ce"``: flat cross-entropy. See :doc:`/method`.
+        ``"hce-aware"`` (default without a recipe): hierarchical cross-entropy whose acceptable labels follow what
+        each annotation can mean (see ``label_semantics``); ``"hce"``: plain hierarchical cross-entropy (a label's
+        probability includes all its descendants'); ``"ce"``: flat cross-entropy. See :doc:`/method`. With
+        ``recipe="sctab"`` the default is the published loss, ``"hce"`` in the ``"reference"`` form; ``"ce"`` is
+        allowed, ``"hce-aware"`` raises (it is not a published loss).
     label_semantics
         For ``loss="hce-aware"``: ``"auto"`` reads a label as its subtree minus the subtrees of the other labels
         that the same annotation source (the ``batch_key`` of :meth:`setup_anndata`, or the whole training set
         when none) also uses below it; ``"inclusive"`` always as its whole subtree (= ``"hce"``);
         ``"exclusive"`` as the label alone (= ``"ce"``).
     hce_form
-        ``"log"``: exact log-space HCE (default); ``"reference"``: the published ``log(q + 1e-6)`` form.
+        ``"log"``: exact log-space HCE (default); ``"reference"``: the published ``log(q + 1e-6)`` form (default
+        with ``recipe="sctab"``).
     standardize
         Whether the first :meth:`train` scales every gene to zero mean and unit variance over the training cells
         (after the log normalisation; clipped at ±10, as :func:`scanpy.pp.scale` with ``max_value=10``). The mean
@@ -77,14 +81,15 @@ class HCEClassifier(SetupMixin, TrainingMixin, FineTuneMixin, InferenceMixin, Pe
         adata: AnnData | None = None,
         registry: dict | None = None,
         backbone: Literal["mlp", "linear"] = "mlp",
-        loss: Literal["hce-aware", "hce", "ce"] = DEFAULT_LOSS,
+        loss: Literal["hce-aware", "hce", "ce"] | None = None,
         label_semantics: Literal["auto", "inclusive", "exclusive"] = "auto",
-        hce_form: Literal["log", "reference"] = "log",
+        hce_form: Literal["log", "reference"] | None = None,
         recipe: Literal["sctab"] | None = None,
         standardize: bool | None = None,
         **backbone_kwargs,
     ):
         super().__init__(adata, registry)
+        loss, hce_form = recipe_loss(recipe, loss, hce_form, DEFAULT_LOSS)  # saved resolved, below
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}.")
         if label_semantics not in LABEL_SEMANTICS:

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# The loss of schce's own store model (from_sctab_store without a recipe).
+STORE_LOSS = "hce"
+
 
 def torch_device(accelerator: str = "auto", device: int | str = "auto") -> torch.device:
     """The one torch device of ``accelerator`` / ``device`` (``"auto"``: the first GPU when there is one)."""
@@ -229,13 +232,19 @@ class PersistMixin:
         cls,
         path: str | os.PathLike,
         backbone: Literal["mlp", "linear", "tabnet"] = "mlp",
-        loss: Literal["hce", "ce"] = "hce",
+        loss: Literal["hce", "ce"] | None = None,
         hierarchy: Literal["store", "ontology"] = "store",
         normalize: bool | Literal["auto"] = "auto",
         ontology=None,
+        recipe: Literal["sctab"] | None = None,
         **backbone_kwargs,
     ) -> HCEClassifier:
         """An untrained classifier for a scTab store (either layout); train it with ``model.train(datamodule=...)``.
+
+        By default this is schce's own model (the package defaults of :class:`HCEClassifier`); ``recipe="sctab"``
+        gives the published scTab / HCE-paper training instead: scTab's architecture, the published HCE (or
+        ``loss="ce"``), and in :meth:`train` the store's ``class_weights.npy`` and ``augmentations.npy``, 50 epochs,
+        StepLR 0.9, batch 2048 and model selection on the paper's macro F1 (see :doc:`/training`).
 
         Genes come from ``var.parquet`` (``feature_id``), labels from ``categorical_lookup/cell_type.parquet`` mapped
         to CL IDs (in code order, so the store's ``cell_type`` codes are the model's label codes), the hierarchy from
@@ -246,8 +255,11 @@ class PersistMixin:
         ----------
         path
             Store directory.
-        backbone, loss, **backbone_kwargs
+        backbone, **backbone_kwargs
             As in :class:`HCEClassifier`.
+        loss
+            ``None`` (default): ``"hce"`` for schce's store model, the published HCE under ``recipe="sctab"``;
+            or ``"hce"`` / ``"ce"``.
         hierarchy
             ``"store"``: the relations of ``child_matrix.npy``; ``"ontology"``: the ontology's.
         normalize
@@ -255,6 +267,9 @@ class PersistMixin:
             when it holds normalised values (scTab's published store).
         ontology
             Ontology for the label mapping and the check; default: the embedded CL release.
+        recipe
+            ``None``: schce's own model; ``"sctab"``: the published training. With the recipe, ``loss`` may be
+            ``"hce"`` (the published ``log(q + 1e-6)`` form) or ``"ce"``.
 
         Examples
         --------
@@ -262,6 +277,8 @@ class PersistMixin:
         >>> model = schce.HCEClassifier.from_sctab_store(dm.path, backbone="mlp")
         >>> model.train(datamodule=dm, max_epochs=20)
         >>> model.evaluate(datamodule=dm).overall
+        >>> published = schce.HCEClassifier.from_sctab_store(dm.path, backbone="tabnet", recipe="sctab")
+        >>> published.train(datamodule=dm)  # 50 epochs, the store's class weights and augmentations
         """
         from schce.model._store import store_setup
 
@@ -272,6 +289,9 @@ class PersistMixin:
         state = SetupState.read(registry)
         state.sctab_store = os.fspath(path)
         state.write(registry)
-        model = cls(None, registry, backbone=backbone, loss=loss, **backbone_kwargs)
+        if loss is None and recipe is None:
+            loss = STORE_LOSS
+        # With a recipe, None is the recipe's loss and a loss it does not publish raises (HCEClassifier checks).
+        model = cls(None, registry, backbone=backbone, loss=loss, recipe=recipe, **backbone_kwargs)
         model.hierarchy_differences_ = setup["differences"]
         return model

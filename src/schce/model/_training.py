@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
+from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -12,10 +14,15 @@ from scvi import REGISTRY_KEYS
 
 from schce._checks import check_checkpoint_file, check_registration_current
 from schce.data._anndata import AnnDataModule
-from schce.data._augmentation import augmentation_matrix
+from schce.data._augmentation import (
+    augmentation_matrix,
+    published_augmentation_candidates,
+    published_augmentation_matrix,
+)
 from schce.data._loader import split_cells
 from schce.data._protocol import check_datamodule
 from schce.train._config import TrainConfig
+from schce.train._recipe import get_recipe
 from schce.train._runner import FitResult, fit, fit_input_scaling
 
 logger = logging.getLogger(__name__)
@@ -35,14 +42,14 @@ class TrainingMixin:
 
     def train(
         self,
-        max_epochs: int = 100,
+        max_epochs: int | None = None,
         batch_size: int | None = None,
         lr: float | None = None,
         weight_decay: float | None = None,
         lr_gamma: float | None = None,
         optimizer: Literal["adamw", "lbfgs"] | None = None,
-        validation_size: float = 0.1,
-        test_size: float = 0.0,
+        validation_size: float | None = None,
+        test_size: float | None = None,
         split_key: str | None = None,
         early_stopping: bool = True,
         early_stopping_patience: int = 10,
@@ -57,7 +64,7 @@ class TrainingMixin:
         ecs_weight: float = 0.0,
         ecs_threshold: float = 0.8,
         calibrate: bool = True,
-        augment: bool | np.ndarray = False,
+        augment: bool | np.ndarray | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         ckpt_path: str | os.PathLike | None = None,
         checkpoint_every_n_steps: int | None = None,
@@ -73,7 +80,7 @@ class TrainingMixin:
         Parameters
         ----------
         max_epochs
-            Maximum number of passes over the training cells.
+            Maximum number of passes over the training cells; default 100, or 50 with ``recipe="sctab"``.
         batch_size
             Cells per step; default ``min(2048, max(32, n_train // 16))`` so small data still gets many steps.
         lr, weight_decay
@@ -91,14 +98,17 @@ class TrainingMixin:
             auxiliary terms; AdamW otherwise. See :doc:`/training`.
         validation_size
             Fraction of cells held out for validation (per label, or by whole groups with ``split_key``); ``0``
-            trains on everything for ``max_epochs``.
+            trains on everything for ``max_epochs``. Default 0.1, or 0.15 with ``recipe="sctab"`` and ``split_key``
+            (the paper's donor split, 70 / 15 / 15).
         test_size
-            Fraction of cells held out as a test set, never seen in training (``model.test_indices``).
+            Fraction of cells held out as a test set, never seen in training (``model.test_indices``). Default 0, or
+            0.15 with ``recipe="sctab"`` and ``split_key``.
         split_key
             ``obs`` column of donors, samples or batches: whole groups go to train, validation or test, as scTab
             splits by donor, so validation measures transfer to unseen groups. Default: random, per label.
         early_stopping, early_stopping_patience
-            Stop when the validation metric stalls.
+            Stop when the validation metric stalls: the hierarchy-corrected macro F1 over the true labels, or with
+            ``recipe="sctab"`` the paper's (over the labels true or predicted, ``validation_paper_macro_f1``).
         class_weights
             ``"balanced"`` weighs label ``c`` by ``N / (K · n_c)`` in the training loss; ``None`` for none.
         accelerator, devices
@@ -127,7 +137,10 @@ class TrainingMixin:
             scTab's augmentation (training only): ``True`` builds the matrix with
             :func:`schce.data.augmentation_matrix` from the training cells, per label, as differences between the
             registered batches (or the ``split_key`` groups); or pass a matrix (rows × genes). Each normalised
-            training input gets a random row added with a random sign, clamped to ``[0, 9]``.
+            training input gets a random row added with a random sign, clamped to ``[0, 9]``. Default (``None``):
+            off, except with ``recipe="sctab"`` for the MLP and TabNet, which use the datamodule's store
+            ``augmentations.npy`` or, on AnnData, :func:`schce.data.published_augmentation_matrix` over the training
+            cells grouped by ``batch_key`` (else ``split_key``); see :doc:`/training`.
         checkpoint_dir
             Directory for Lightning checkpoints: ``best.ckpt`` (highest validation hierarchy-corrected macro F1) and
             ``last.ckpt`` (end of every epoch, or every ``checkpoint_every_n_steps`` steps).
@@ -156,7 +169,9 @@ class TrainingMixin:
         auxiliary = {"adversarial": adversarial_weight, "batch_mixing": batch_mixing_weight, "ecs": ecs_weight}
         config = TrainConfig.from_arguments(locals(), auxiliary=auxiliary)
         check_checkpoint_file(config.resume_from)  # an empty or truncated file fails here, naming it
-        augment_on = augment is True or not isinstance(augment, bool)
+        settings = get_recipe(self.recipe, self.backbone) if self.recipe else None
+        recipe_augment = augment is None and settings is not None and settings.augment
+        augment_on = recipe_augment or augment is True or not isinstance(augment, bool | None)
         n_values = None if datamodule is not None else self.adata.n_obs * len(self.genes)
         config = config.resolve(self.backbone, self.recipe, n_values, augment_on)
         if datamodule is not None:
@@ -164,7 +179,8 @@ class TrainingMixin:
             if self.loss == "hce-aware":  # asked now, so a module that cannot read label meanings fails before work
                 datamodule.annotation_targets(self.hierarchy, self.label_semantics)
         groups = self._check_batch_terms(config, datamodule, split_key, augment)
-        augment = self._check_augment(augment, datamodule, groups)
+        augment = self._check_augment(bool(augment) if augment is None else augment, datamodule, groups)
+        validation_size, test_size = _split_sizes(self.recipe, groups, validation_size, test_size)
         pl.seed_everything(seed, workers=True, verbose=False)
         if not self.is_trained_:
             # Re-initialise under the seed so results do not depend on what ran before construction.
@@ -176,6 +192,10 @@ class TrainingMixin:
             datamodule = self._anndata_module(config, validation_size, test_size, groups, num_workers)
             if augment is True:
                 augment = self._augmentation_matrix(datamodule, groups, seed)
+            elif recipe_augment:
+                augment = self._published_augmentation(datamodule, groups, seed)
+        elif recipe_augment:
+            augment = _store_augmentation(datamodule, len(self.genes))
         normalize = self.setup_state.normalize
         if self.standardize and not self.is_trained_:
             fit_input_scaling(self.module, datamodule, normalize)
@@ -269,6 +289,38 @@ class TrainingMixin:
         logger.info("Augmenting training inputs with %d rows.", len(augment))
         return augment
 
+    def _published_augmentation(self, datamodule: AnnDataModule, groups, seed: int) -> np.ndarray | None:
+        """The recipe's augmentation on AnnData: scTab's construction over the training cells, by batch (or group).
+
+        scTab's KMeans selection (clusters above 2,000 rows, 5,000 rows drawn) needs an atlas; where the training
+        cells give too few candidate rows for it, all candidate rows are used.
+        """
+        source = datamodule.batches if self.registry_["setup_args"]["batch_key"] is not None else groups
+        if source is None:
+            warnings.warn(
+                "recipe='sctab' augments the MLP and TabNet with shifts between samples, but no batch_key was "
+                "registered and no split_key given: training without augmentation. Register a batch_key (scTab: "
+                "tech_sample), pass split_key, or pass augment=<matrix>.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return None
+        train = datamodule.rows["train"]
+        args = (datamodule.X[train], datamodule.codes[train], np.asarray(source)[train])
+        normalize = self.setup_state.normalize
+        try:
+            return published_augmentation_matrix(*args, normalize=normalize, seed=seed)
+        except ValueError as err:
+            if "candidate rows" not in str(err):
+                warnings.warn(f"recipe='sctab': training without augmentation: {err}", UserWarning, stacklevel=3)
+                return None
+        candidates, _ = published_augmentation_candidates(*args, normalize=normalize, seed=seed)
+        logger.info(
+            "Too few candidate rows (%d) for scTab's KMeans selection of 5,000; augmenting with all of them.",
+            len(candidates),
+        )
+        return candidates
+
     def _run_fit(self, datamodule, config: TrainConfig, normalize: bool, **kwargs) -> FitResult:
         """Run :func:`schce.train.fit` on ``self.module`` and record the run on the model."""
         result = fit(
@@ -287,3 +339,31 @@ class TrainingMixin:
         self.is_trained_ = True
         self.temperature_ = result.temperature
         return result
+
+
+def _split_sizes(recipe: str | None, groups, validation_size: float | None, test_size: float | None):
+    """``(validation_size, test_size)``: as given, else the paper's 15 / 15 (donor split) or 0.1 / 0."""
+    donor_split = recipe is not None and groups is not None
+    validation_size = (0.15 if donor_split else 0.1) if validation_size is None else validation_size
+    test_size = (0.15 if donor_split else 0.0) if test_size is None else test_size
+    return validation_size, test_size
+
+
+def _store_augmentation(datamodule, n_genes: int) -> np.ndarray | None:
+    """The published ``augmentations.npy`` of a datamodule's store, or ``None`` (with a warning) without one."""
+    path = getattr(datamodule, "path", None)
+    file = None if path is None else Path(path) / "augmentations.npy"
+    if file is None or not file.is_file():
+        warnings.warn(
+            f"recipe='sctab' augments the MLP and TabNet with the store's augmentations.npy, but "
+            f"{file or type(datamodule).__name__ + ' has no store path'} is missing: training without augmentation. "
+            f"Pass augment=<matrix> (e.g. schce.data.published_augmentation_matrix(...)) to augment.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+    matrix = np.load(file).astype(np.float32, copy=False)
+    if matrix.ndim != 2 or matrix.shape[1] != n_genes or not np.isfinite(matrix).all():
+        raise ValueError(f"{file} must be a finite (rows, {n_genes} genes) matrix, got shape {matrix.shape}.")
+    logger.info("Augmenting training inputs with the %d rows of %s.", len(matrix), file)
+    return matrix

@@ -398,7 +398,7 @@ class TabNet(nn.Module):
     and scTab train with ``loss = task_loss - lambda_sparse * M_loss``, i.e. they add ``lambda_sparse`` times
     the mask entropy, which pushes the masks towards sparsity. Use the same expression with
     ``self.sparsity_loss`` and ``self.lambda_sparse`` (``1e-5`` in scTab). In eval mode the stored value is
-    detached. The published recipe adds no sparsity term to validation losses.
+    detached. scTab's validation loss has no sparsity term; the HCE paper's (and ``recipe="sctab"``'s) has.
 
     Initialisation follows pytorch-tabnet: bias-free linears drawn with :func:`torch.nn.init.xavier_normal_`,
     gain ``sqrt((fan_in + fan_out) / sqrt(fan_in))`` for layers feeding a GLU and

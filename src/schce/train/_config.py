@@ -7,9 +7,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from schce._constants import MONITOR
 from schce.data._protocol import check_batch_size
 from schce.train._checkpoints import check_checkpoint_args
-from schce.train._recipe import default_batch_size, get_recipe, resolve_optimizer
+from schce.train._recipe import PAPER_MONITOR, default_batch_size, get_recipe, resolve_optimizer
 
 # Classifier defaults per backbone, chosen on held-out batches of real PBMCs (leave-one-batch-out): a wider,
 # shallower MLP than scTab's 8 × 128 generalises better across batches at small and medium scale.
@@ -28,6 +29,8 @@ DEFAULT_OPTIMIZER = {"linear": (5e-4, 0.01), "mlp": (5e-4, 0.01), "tabnet": (5e-
 # L2 strength of the full-batch L-BFGS linear model: symphony leave-one-batch-out needs ≥ 0.03 to transfer across
 # batches (0.81 -> 0.84 corrected macro F1); pancreas prefers more, pbmc68k is flat (docs/training.md).
 LBFGS_L2 = 0.1
+# Epochs of train() without a recipe (a recipe sets its own; early stopping usually ends a run sooner).
+DEFAULT_MAX_EPOCHS = 100
 
 
 @dataclass
@@ -37,7 +40,7 @@ class TrainConfig:
     ``None`` fields are filled by :meth:`resolve` from the backbone, the recipe and the data.
     """
 
-    max_epochs: int = 100
+    max_epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
     weight_decay: float | None = None
@@ -57,11 +60,13 @@ class TrainConfig:
     ckpt_path: str | os.PathLike | None = None
     checkpoint_every_n_steps: int | None = None
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: The validation metric early stopping, best weights and checkpoints follow (set by :meth:`resolve`).
+    monitor: str = MONITOR
     #: The checkpoint a resumed run starts from (``ckpt_path`` resolved; ``"last"`` is ``checkpoint_dir/last.ckpt``).
     resume_from: Path | None = field(init=False, default=None)
 
     def __post_init__(self):
-        if self.max_epochs < 1:
+        if self.max_epochs is not None and self.max_epochs < 1:
             raise ValueError(f"max_epochs must be at least 1, got {self.max_epochs}.")
         check_batch_size(self.batch_size)
         if self.class_weights not in ("balanced", None):
@@ -82,7 +87,7 @@ class TrainConfig:
         return [f"{k}_weight" for k, w in self.auxiliary.items() if w]
 
     def resolve(self, backbone: str, recipe: str | None, n_values: int | None, augment: bool = False) -> TrainConfig:
-        """The optimiser, learning rate, weight decay, StepLR factor and clipping this run uses, checked.
+        """The epochs, optimiser, learning rate, weight decay, StepLR factor, clipping and monitor of this run.
 
         ``n_values`` is the training data held in memory (cells × genes; ``None`` for streamed data), which decides
         whether full-batch L-BFGS is the default of the linear model.
@@ -113,8 +118,14 @@ class TrainConfig:
         # L-BFGS runs unclipped (a user's clipping value already made the automatic choice AdamW).
         clip = None if optimizer == "lbfgs" else settings.gradient_clip_val if settings else 1.0
         trainer_kwargs = {"gradient_clip_val": clip, **self.trainer_kwargs}
+        if self.max_epochs is not None:
+            max_epochs = self.max_epochs
+        else:
+            max_epochs = settings.max_epochs if settings else DEFAULT_MAX_EPOCHS
         return replace(
             self,
+            max_epochs=max_epochs,
+            monitor=PAPER_MONITOR if settings else MONITOR,
             optimizer=optimizer,
             lr=lr,
             weight_decay=weight_decay,

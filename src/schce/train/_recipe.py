@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from schce.train._plan import OPTIMIZERS
+from schce.train._plan import OPTIMIZERS, PAPER_MONITOR
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,11 @@ class Recipe:
         Batch size on large data; small data get ``min(max_batch_size, max(32, n_train // 16))``.
     gradient_clip_val
         Gradient norm clipping.
+    max_epochs
+        Epochs unless ``train(max_epochs=...)`` says otherwise.
+    augment
+        Whether training adds scTab's augmentation by default (the store's ``augmentations.npy``, or the published
+        construction on the training cells of an AnnData).
     """
 
     backbone_kwargs: dict = field(default_factory=dict)
@@ -34,17 +39,51 @@ class Recipe:
     lr_gamma: float = 0.9
     max_batch_size: int = 2048
     gradient_clip_val: float = 1.0
+    max_epochs: int = 50
+    augment: bool = False
 
+
+__all__ = ["PAPER_MONITOR", "RECIPES", "Recipe", "get_recipe", "recipe_loss"]
 
 # The published scTab / HCE-paper recipe (Fischer et al. 2024): the exact architectures, AdamW, StepLR(γ = 0.9) each
-# epoch, batch 2048, clipping at 1.0. The MLP and TabNet classes' defaults are already scTab's architectures.
+# epoch, batch 2048, clipping at 1.0, 50 epochs, augmentation for the MLP and TabNet. The MLP and TabNet classes'
+# defaults are already scTab's architectures (TabNet's λ_sparse 1e-5 included).
 RECIPES: dict[str, dict[str, Recipe]] = {
     "sctab": {
         "linear": Recipe(lr=5e-4, weight_decay=0.01),
-        "mlp": Recipe(backbone_kwargs={"n_hidden": 128, "n_layers": 8, "dropout": 0.1}, lr=2e-3, weight_decay=0.05),
-        "tabnet": Recipe(lr=5e-3, weight_decay=0.05),
+        "mlp": Recipe(
+            backbone_kwargs={"n_hidden": 128, "n_layers": 8, "dropout": 0.1}, lr=2e-3, weight_decay=0.05, augment=True
+        ),
+        "tabnet": Recipe(lr=5e-3, weight_decay=0.05, augment=True),
     },
 }
+
+
+#: Losses a recipe trains: the first is its default. The paper trains HCE in its published form, or cross-entropy.
+RECIPE_LOSSES = {"sctab": ("hce", "ce")}
+
+
+def recipe_loss(recipe: str | None, loss: str | None, hce_form: str | None, default_loss: str) -> tuple[str, str]:
+    """The ``(loss, hce_form)`` a model trains with: the arguments given, else the recipe's, else the package's.
+
+    Under ``recipe="sctab"`` the default is the published HCE (``"hce"`` in the ``"reference"`` form,
+    ``log(q + 1e-6)``); ``loss="ce"`` is the paper's other loss; ``"hce-aware"`` is not a published loss and raises.
+    Without a recipe the default is ``default_loss`` with the exact ``"log"`` form.
+    """
+    if recipe is None:
+        return loss or default_loss, hce_form or "log"
+    allowed = RECIPE_LOSSES.get(recipe)
+    if allowed is None:
+        raise ValueError(
+            f"Unknown recipe {recipe!r}; choose one of {sorted(RECIPES)} or None for the package defaults."
+        )
+    if loss is not None and loss not in allowed:
+        raise ValueError(
+            f"recipe={recipe!r} trains the published losses {allowed}, not loss={loss!r}. Leave loss unset (or "
+            f"loss='ce') for the published training, or drop the recipe (recipe=None) and pass the architecture "
+            f"by hand, e.g. n_hidden=128, n_layers=8, dropout=0.1, input_dropout=0.0 for scTab's MLP."
+        )
+    return loss or allowed[0], hce_form or "reference"
 
 
 def get_recipe(name: str, backbone: str) -> Recipe:

@@ -19,7 +19,6 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from schce._constants import MONITOR
 from schce._memory import release_free_memory
 from schce.data._protocol import check_datamodule, datamodule_class_weights
 from schce.nn._module import gene_moments
@@ -27,7 +26,7 @@ from schce.train._calibration import fit_temperature
 from schce.train._callbacks import BestWeights, HistoryRecorder, TrainingProgress
 from schce.train._checkpoints import checkpoint_callbacks
 from schce.train._config import TrainConfig
-from schce.train._plan import HCETrainingPlan
+from schce.train._plan import PAPER_MONITOR, HCETrainingPlan
 from schce.train._recipe import matmul_precision
 
 logger = logging.getLogger(__name__)
@@ -136,20 +135,20 @@ def _callbacks(config: TrainConfig, datamodule, has_val: bool, extra: Sequence[p
         callbacks.insert(0, TrainingProgress(*order))
     # L-BFGS solves a convex problem: its answer is the converged optimum, not the iterate that scored best on
     # the validation cells, and it stops when the training loss stops falling.
-    best = BestWeights(MONITOR) if has_val and config.optimizer != "lbfgs" else None
+    best = BestWeights(config.monitor) if has_val and config.optimizer != "lbfgs" else None
     if best is not None:
         callbacks.append(best)
         if config.early_stopping:
             callbacks.append(
                 pl.callbacks.EarlyStopping(
-                    MONITOR, mode="max", patience=config.early_stopping_patience, check_finite=True
+                    config.monitor, mode="max", patience=config.early_stopping_patience, check_finite=True
                 )
             )
     elif config.optimizer == "lbfgs" and config.early_stopping:
         callbacks.append(pl.callbacks.EarlyStopping("train_loss", mode="min", min_delta=1e-6, patience=1))
     callbacks += list(config.trainer_kwargs.get("callbacks") or [])
     if config.checkpoint_dir is not None:
-        monitor = MONITOR if has_val else None
+        monitor = config.monitor if has_val else None
         callbacks += checkpoint_callbacks(config.checkpoint_dir, monitor, config.checkpoint_every_n_steps)
     return callbacks, history, best
 
@@ -214,6 +213,7 @@ def fit(
         ecs_threshold=config.ecs_threshold,
         augmentations=augmentations,
         optimizer=config.optimizer,
+        paper_validation=config.monitor == PAPER_MONITOR,
     )
     train_dl = datamodule.train_dataloader()
     all_callbacks, history, best = _callbacks(config, datamodule, n_val > 0, list(callbacks))
@@ -241,7 +241,7 @@ def fit(
         out = loader_outputs(module, datamodule.val_dataloader(), normalize, desc="Calibrating")
         temperature = calibrate(out["logits"], out["y"], hierarchy.R, hierarchical=loss != "ce")
     if best is not None and best.best_epoch is not None:
-        logger.info("Kept the weights of epoch %d (%s = %.4f).", best.best_epoch, MONITOR, best.best_score)
+        logger.info("Kept the weights of epoch %d (%s = %.4f).", best.best_epoch, config.monitor, best.best_score)
     return FitResult(
         history={
             key: pd.DataFrame({key: [v for _, v in rows]}, index=pd.Index([e for e, _ in rows], name="epoch"))
