@@ -13,6 +13,7 @@ from anndata import AnnData
 from mudata import MuData
 
 from schce import _io, _model_file
+from schce._constants import DEFAULT_LOSS
 from schce.data._genes import strip_ensembl_version
 from schce.data.sctab._format import cl_label_ids
 from schce.model._state import SetupState
@@ -229,7 +230,7 @@ class PersistMixin:
         cls,
         path: str | os.PathLike,
         backbone: Literal["mlp", "linear", "tabnet"] = "mlp",
-        loss: Literal["hce", "ce"] = "hce",
+        loss: Literal["hce-aware", "hce", "ce"] = DEFAULT_LOSS,
         hierarchy: Literal["store", "ontology"] = "store",
         normalize: bool | Literal["auto"] = "auto",
         ontology=None,
@@ -247,7 +248,10 @@ class PersistMixin:
         path
             Store directory.
         backbone, loss, **backbone_kwargs
-            As in :class:`HCEClassifier`.
+            As in :class:`HCEClassifier`: the default ``loss="hce-aware"`` reads what each label means per
+            ``dataset_id`` from the store's code columns before training
+            (:meth:`~schce.data.SCTabStoreDataModule.annotation_targets`); ``loss="hce", hce_form="reference"`` is
+            the published loss.
         hierarchy
             ``"store"``: the relations of ``child_matrix.npy``; ``"ontology"``: the ontology's.
         normalize
