@@ -112,3 +112,39 @@ def test_store_and_anndata_training_take_the_same_first_step(atlas, stores):
     hce_first = FirstLoss()
     hce_model.train(datamodule=sdm, callbacks=[hce_first], **kwargs)
     assert abs(hce_first.loss - store_first.loss) > 1e-3
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+class _CrashAfter(pl.Callback):
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.steps:
+            raise _Crash(f"interrupted after {trainer.global_step} steps")
+
+
+def test_resume_keeps_the_masks_and_refuses_others(stores, tmp_path):
+    import torch
+
+    def run(source_column="dataset_id", **kwargs):
+        dm = SCTabStoreDataModule(stores["dense"], batch_size=64, num_workers=0, source_column=source_column)
+        model = schce.HCEClassifier.from_sctab_store(dm.path, **SMALL_MLP)
+        model.train(datamodule=dm, max_epochs=2, seed=0, enable_progress_bar=False, checkpoint_dir=tmp_path, **kwargs)
+        return dm, model
+
+    steps = SCTabStoreDataModule(stores["dense"], batch_size=64, num_workers=0).train_dataloader().__len__()
+    with pytest.raises(_Crash):
+        run(callbacks=[_CrashAfter(steps + 2)])  # killed in the second epoch, after the first epoch's checkpoint
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    masks = SCTabStoreDataModule(stores["dense"], num_workers=0).annotation_targets(
+        schce.HCEClassifier.from_sctab_store(stores["dense"], **SMALL_MLP).hierarchy, "auto"
+    )
+    np.testing.assert_array_equal(saved["schce_target_masks"].numpy(), masks)
+    with pytest.raises(ValueError, match="acceptable-label sets that differ"):
+        run(source_column="donor_id", ckpt_path="last")  # other sources, other label meanings
+    _, resumed = run(ckpt_path="last")
+    assert resumed.is_trained_ and list(resumed.history_["validation_corrected_macro_f1"].index) == [0, 1]

@@ -35,6 +35,8 @@ def test_ddp_two_ranks_see_disjoint_cells_and_write_once(tmp_path):
     assert ranks[0]["seen"]["0"] != ranks[0]["seen"]["1"]  # reshuffled every epoch
     # every rank validates on all validation cells: one score
     assert ranks[0]["validation_score"] == ranks[1]["validation_score"]
+    # the annotation-aware masks are computed on every rank from the same cells: identical
+    assert ranks[0]["target_masks"] and ranks[0]["target_masks"] == ranks[1]["target_masks"]
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if not p.name.startswith("rank"))
     assert written == [
         "checkpoints",

@@ -29,7 +29,13 @@ class RecordCells(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         score = float(trainer.callback_metrics["validation_corrected_macro_f1"])
-        record = {"world_size": trainer.world_size, "seen": self.seen, "validation_score": score}
+        masks = pl_module.target_masks  # hce-aware (the default): each rank computes them before training
+        record = {
+            "world_size": trainer.world_size,
+            "seen": self.seen,
+            "validation_score": score,
+            "target_masks": None if masks is None else masks.int().tolist(),
+        }
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
