@@ -148,3 +148,12 @@ def test_resume_keeps_the_masks_and_refuses_others(stores, tmp_path):
         run(source_column="donor_id", ckpt_path="last")  # other sources, other label meanings
     _, resumed = run(ckpt_path="last")
     assert resumed.is_trained_ and list(resumed.history_["validation_corrected_macro_f1"].index) == [0, 1]
+
+
+def test_simulate_atlas_takes_the_cell_types_parents_included():
+    types = ["CL:0000084", "CL:0000624", "CL:0000625"]  # T cell beside its CD4 and CD8 children
+    adata = schce.datasets.simulate_atlas(300, n_genes=30, cell_types=types, coarse_fraction=0.0, progress=False)
+    assert set(adata.obs["true_cell_type_ontology_term_id"].astype(str)) <= set(types)
+    assert (adata.obs["cell_type_ontology_term_id"] == adata.obs["true_cell_type_ontology_term_id"]).all()
+    with pytest.raises(ValueError, match="not under it"):
+        schce.datasets.simulate_atlas(100, n_genes=30, cell_types=["CL:0000084", "CL:0000066"], progress=False)
