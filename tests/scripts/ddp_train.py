@@ -64,5 +64,34 @@ def main(out: Path) -> None:
     model.save(out / "model")
 
 
+class RecordMasks(pl.Callback):
+    def __init__(self, out: Path):
+        self.out = out
+
+    def on_fit_end(self, trainer, pl_module):
+        record = {"world_size": trainer.world_size, "steps": trainer.global_step, "target_masks": pl_module.target_masks.int().tolist()}
+        (self.out / f"masks{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def main_store(out: Path, store: Path) -> None:
+    """hce-aware from a scTab store: every rank computes the masks from the store's code columns."""
+    dm = schce.data.SCTabStoreDataModule(store, batch_size=32, num_workers=0)
+    model = schce.HCEClassifier.from_sctab_store(store, n_hidden=16, n_layers=1)
+    model.train(
+        datamodule=dm,
+        max_epochs=1,
+        seed=0,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        enable_progress_bar=False,
+        calibrate=False,
+        callbacks=[RecordMasks(out)],
+    )
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if len(sys.argv) > 2:
+        main_store(Path(sys.argv[1]), Path(sys.argv[2]))
+    else:
+        main(Path(sys.argv[1]))
