@@ -69,7 +69,11 @@ class RecordMasks(pl.Callback):
         self.out = out
 
     def on_fit_end(self, trainer, pl_module):
-        record = {"world_size": trainer.world_size, "steps": trainer.global_step, "target_masks": pl_module.target_masks.int().tolist()}
+        record = {
+            "world_size": trainer.world_size,
+            "steps": trainer.global_step,
+            "target_masks": pl_module.target_masks.int().tolist(),
+        }
         (self.out / f"masks{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
