@@ -274,6 +274,8 @@ def test_census_datamodule_bad_input(census_paths, census_source, census_model):
         assert from_experiment.n_train == int((census_source.obs["case"] == "kept").sum())
         with pytest.raises(ValueError, match="training needs more"):
             sc_census.CensusDataModule(census, census_model, obs_value_filter="dataset_id == 'nope'")
+        with pytest.raises(ValueError, match="source_column='study' is not a census obs column"):
+            sc_census.CensusDataModule(census, census_model, source_column="study")
 
 
 def test_streaming_training(census_paths, census_source, census_model):
