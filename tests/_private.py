@@ -18,6 +18,7 @@ from schce.data._loader import EpochBatchSampler, group_split, split_cells
 from schce.data._protocol import datamodule_class_weights
 from schce.data.sctab._format import (
     _dense_values,
+    label_usage,
     read_part_metadata,
     split_parts,
     store_layout,
@@ -41,6 +42,7 @@ __all__ = [
     "GhostBatchNorm",
     "HistoryRecorder",
     "LABELS",
+    "label_usage",
     "LBFGS_MAX_VALUES",
     "PBMC68K_T_CELLS",
     "PAPER_MONITOR",

@@ -274,6 +274,8 @@ def test_census_datamodule_bad_input(census_paths, census_source, census_model):
         assert from_experiment.n_train == int((census_source.obs["case"] == "kept").sum())
         with pytest.raises(ValueError, match="training needs more"):
             sc_census.CensusDataModule(census, census_model, obs_value_filter="dataset_id == 'nope'")
+        with pytest.raises(ValueError, match="source_column='study' is not a census obs column"):
+            sc_census.CensusDataModule(census, census_model, source_column="study")
 
 
 def test_streaming_training(census_paths, census_source, census_model):
@@ -336,6 +338,16 @@ def test_model_train_on_the_census_datamodule(census_paths, census_source):
         )
     model.train(datamodule=dm, max_epochs=2, seed=0, enable_progress_bar=False)
     assert model.is_trained_ and "validation_corrected_macro_f1" in model.history_
-    aware = schce.HCEClassifier(adata, **SMALL_MLP)  # the annotation-aware default needs the AnnData path
-    with pytest.raises(ValueError, match="loss='hce-aware'"):
-        aware.train(datamodule=dm, max_epochs=1)
+    # The annotation-aware default reads label meanings from the query's obs (dataset_id): the same masks as the
+    # AnnData path on the same cells, and the batches carry them.
+    aware = schce.HCEClassifier(adata, **SMALL_MLP)
+    masks = dm.annotation_targets(aware.hierarchy, "auto")
+    codes = aware.hierarchy.label_index(adata.obs["cell_type_ontology_term_id"].astype(str).to_numpy())
+    expected, rows = aware.hierarchy.annotation_targets(codes, adata.obs["dataset_id"].astype(str).to_numpy())
+    np.testing.assert_array_equal(masks, expected)
+    row_of = dict(zip(np.flatnonzero(keep).tolist(), rows.tolist(), strict=True))  # joinids: rows of the source
+    for batch in dm.train_dataloader():
+        want = [row_of[j] for j in batch["soma_joinid"].tolist()]
+        np.testing.assert_array_equal(masks[batch["target"].numpy()], expected[want])
+    aware.train(datamodule=dm, max_epochs=1, seed=0, enable_progress_bar=False)
+    assert aware.is_trained_ and aware.loss == "hce-aware"

@@ -72,6 +72,7 @@ def test_resume_after_interruption_gives_identical_weights(registered, reference
         _train(registered, checkpoint_dir=tmp_path, checkpoint_every_n_steps=every_n_steps, callbacks=[_CrashAfter(25)])
     saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
     assert saved["global_step"] == (20 if every_n_steps else 17)  # the resume really starts mid-way
+    assert saved["schce_target_masks"].dtype == torch.bool  # hce-aware: the run's masks travel with it
     # A new model object, as in a new process after the crash.
     resumed = _train(registered, checkpoint_dir=tmp_path, checkpoint_every_n_steps=every_n_steps, ckpt_path="last")
     _assert_same(ref, resumed, resumed_epoch=1 if every_n_steps else None)

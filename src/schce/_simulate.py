@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -59,6 +60,7 @@ def simulate_atlas(
     seed: int = 0,
     chunk_size: int = 2048,
     progress: bool = True,
+    cell_types: Sequence[str] | None = None,
 ) -> AnnData:
     """Simulate raw counts of an atlas: many datasets and donors, cell types from a real Cell Ontology subtree.
 
@@ -94,6 +96,10 @@ def simulate_atlas(
         Cells generated at a time (bounds the temporary memory: about ``chunk_size × n_genes × 16`` bytes).
     progress
         Show a progress bar for large atlases.
+    cell_types
+        The true cell types (CL IDs under ``root``), instead of ``n_cell_types`` drawn at random. A type may be an
+        ancestor of another (e.g. "T cell" beside "CD4-positive, alpha-beta T cell"): cells of the parent type are
+        the ones no finer type describes.
 
     Returns
     -------
@@ -118,8 +124,17 @@ def simulate_atlas(
     if root not in onto:
         raise ValueError(f"root={root!r} is not a live term of the embedded Cell Ontology {onto.version}.")
     rng = np.random.default_rng(seed)
-    types = _pick_types(onto, root, n_cell_types, rng)
     subtree = onto.descendants(root, include_self=True)
+    if cell_types is None:
+        types = _pick_types(onto, root, n_cell_types, rng)
+    else:
+        types = list(dict.fromkeys(cell_types))
+        outside = [t for t in types if t not in subtree]
+        if len(types) < 2 or outside:
+            raise ValueError(
+                f"cell_types must be at least two CL terms under root={root!r}; got {len(types)}, not under it: "
+                f"{outside}."
+            )
 
     # Log-mean profiles, parents before children (a term has more ancestors than any of its ancestors).
     terms = set(types)

@@ -332,29 +332,67 @@ class Hierarchy:
             raise ValueError(
                 f"codes must index the {self.n_labels} labels, got values in [{codes.min()}, {codes.max()}]."
             )
-        if semantics == "exclusive":
-            return np.eye(self.n_labels, dtype=bool), codes.copy()
-        if semantics == "inclusive":
-            return self.R.copy(), codes.copy()
+        if semantics != "auto":
+            return self.annotation_masks(np.ones((1, self.n_labels), dtype=bool), semantics)[0], codes.copy()
         if sources is None:
             sources = np.zeros(len(codes), dtype=np.int64)
         sources = np.asarray(sources)
         if sources.shape != codes.shape:
             raise ValueError(f"sources and codes differ in length: {sources.shape} vs {codes.shape}.")
         source_codes, source_index = np.unique(sources, return_inverse=True)
+        source_index = source_index.ravel()
         used = np.zeros((len(source_codes), self.n_labels), dtype=bool)
         used[source_index, codes] = True
+        masks, pair_rows = self.annotation_masks(used, semantics)
+        return masks, pair_rows[source_index, codes]
+
+    def annotation_masks(self, used: np.ndarray, semantics: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+        """Acceptable-label masks from which labels each annotation source uses (see :meth:`annotation_targets`).
+
+        This is the step that needs no cells: a data module that cannot hold its cells in memory counts
+        ``used`` in one pass over its label and source columns and gets the same masks as
+        :meth:`annotation_targets` on the same cells.
+
+        Parameters
+        ----------
+        used
+            ``(n_sources, n_labels)`` bool: ``used[s, l]`` when source ``s`` annotates at least one cell ``l``.
+        semantics
+            ``"auto"``, ``"inclusive"`` or ``"exclusive"``.
+
+        Returns
+        -------
+        masks
+            ``(n_masks, n_labels)`` bool, the distinct acceptable sets of the used pairs (``"inclusive"``: ``R``,
+            ``"exclusive"``: the identity, whatever is used).
+        pair_rows
+            ``(n_sources, n_labels)`` int64: the row of ``masks`` of a cell of source ``s`` labelled ``l``;
+            ``-1`` for pairs not in ``used``.
+        """
+        if semantics not in LABEL_SEMANTICS:
+            raise ValueError(f"semantics must be one of {LABEL_SEMANTICS}, got {semantics!r}.")
+        used = np.asarray(used, dtype=bool)
+        if used.ndim != 2 or used.shape[1] != self.n_labels:
+            raise ValueError(f"used must be (n_sources, {self.n_labels} labels), got shape {used.shape}.")
+        pair_rows = np.full(used.shape, -1, dtype=np.int64)
+        if semantics != "auto":
+            pair_rows[used] = np.nonzero(used)[1]
+            return (self.R.copy() if semantics == "inclusive" else np.eye(self.n_labels, dtype=bool)), pair_rows
         R = self.R
+        Rf = R.astype(np.float32)
         strict = R & ~np.eye(self.n_labels, dtype=bool)
-        # For source s and label l: R[l] minus the subtrees of labels m that s uses strictly below l.
-        # blocked[s, l, :] = any_m (used[s, m] & strict[l, m] & R[m, :]).
-        blocked = np.matmul(strict[None, :, :] & used[:, None, :], R.astype(np.float32))
-        acceptable = R[None, :, :] & (blocked == 0)
-        pair = source_index * self.n_labels + codes
-        unique_pairs, rows = np.unique(pair, return_inverse=True)
-        flat = acceptable.reshape(-1, self.n_labels)[unique_pairs]
+        sources, labels = np.nonzero(used)  # row-major: the pair order of source * n_labels + label
+        flat = np.empty((len(sources), self.n_labels), dtype=bool)
+        for s in np.unique(sources):  # one source at a time: memory n_labels², whatever the number of sources
+            at = np.flatnonzero(sources == s)
+            # R[l] minus the subtrees of labels m that source s uses strictly below l.
+            blocked = (strict[labels[at]] & used[s][None, :]).astype(np.float32) @ Rf
+            flat[at] = R[labels[at]] & (blocked == 0)
+        if not len(flat):
+            return np.zeros((0, self.n_labels), dtype=bool), pair_rows
         masks, mask_rows = np.unique(flat, axis=0, return_inverse=True)
-        return masks, mask_rows.ravel()[rows.ravel()].astype(np.int64)
+        pair_rows[sources, labels] = mask_rows.ravel()
+        return masks, pair_rows
 
     def subtree_scores(self, probabilities: np.ndarray) -> np.ndarray:
         """Subtree probabilities of every term: ``probabilities @ term_matrix.T``.

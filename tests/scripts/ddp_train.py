@@ -29,7 +29,13 @@ class RecordCells(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         score = float(trainer.callback_metrics["validation_corrected_macro_f1"])
-        record = {"world_size": trainer.world_size, "seen": self.seen, "validation_score": score}
+        masks = pl_module.target_masks  # hce-aware (the default): each rank computes them before training
+        record = {
+            "world_size": trainer.world_size,
+            "seen": self.seen,
+            "validation_score": score,
+            "target_masks": None if masks is None else masks.int().tolist(),
+        }
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
@@ -58,5 +64,38 @@ def main(out: Path) -> None:
     model.save(out / "model")
 
 
+class RecordMasks(pl.Callback):
+    def __init__(self, out: Path):
+        self.out = out
+
+    def on_fit_end(self, trainer, pl_module):
+        record = {
+            "world_size": trainer.world_size,
+            "steps": trainer.global_step,
+            "target_masks": pl_module.target_masks.int().tolist(),
+        }
+        (self.out / f"masks{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def main_store(out: Path, store: Path) -> None:
+    """hce-aware from a scTab store: every rank computes the masks from the store's code columns."""
+    dm = schce.data.SCTabStoreDataModule(store, batch_size=32, num_workers=0)
+    model = schce.HCEClassifier.from_sctab_store(store, n_hidden=16, n_layers=1)
+    model.train(
+        datamodule=dm,
+        max_epochs=1,
+        seed=0,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        enable_progress_bar=False,
+        calibrate=False,
+        callbacks=[RecordMasks(out)],
+    )
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if len(sys.argv) > 2:
+        main_store(Path(sys.argv[1]), Path(sys.argv[2]))
+    else:
+        main(Path(sys.argv[1]))

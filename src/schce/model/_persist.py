@@ -13,6 +13,7 @@ from anndata import AnnData
 from mudata import MuData
 
 from schce import _io, _model_file
+from schce._constants import DEFAULT_LOSS
 from schce.data._genes import strip_ensembl_version
 from schce.data.sctab._format import cl_label_ids
 from schce.model._state import SetupState
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # The loss of schce's own store model (from_sctab_store without a recipe).
-STORE_LOSS = "hce"
+STORE_LOSS = DEFAULT_LOSS  # schce's own store model; recipe="sctab" gives the published loss
 
 
 def torch_device(accelerator: str = "auto", device: int | str = "auto") -> torch.device:
@@ -232,7 +233,7 @@ class PersistMixin:
         cls,
         path: str | os.PathLike,
         backbone: Literal["mlp", "linear", "tabnet"] = "mlp",
-        loss: Literal["hce", "ce"] | None = None,
+        loss: Literal["hce-aware", "hce", "ce"] | None = None,
         hierarchy: Literal["store", "ontology"] = "store",
         normalize: bool | Literal["auto"] = "auto",
         ontology=None,
@@ -258,8 +259,10 @@ class PersistMixin:
         backbone, **backbone_kwargs
             As in :class:`HCEClassifier`.
         loss
-            ``None`` (default): ``"hce"`` for schce's store model, the published HCE under ``recipe="sctab"``;
-            or ``"hce"`` / ``"ce"``.
+            ``None`` (default): ``"hce-aware"`` for schce's store model, which reads what each label means per
+            ``dataset_id`` from the store's code columns before training
+            (:meth:`~schce.data.SCTabStoreDataModule.annotation_targets`); the published HCE
+            (``loss="hce", hce_form="reference"``) under ``recipe="sctab"``; or ``"hce-aware"`` / ``"hce"`` / ``"ce"``.
         hierarchy
             ``"store"``: the relations of ``child_matrix.npy``; ``"ontology"``: the ontology's.
         normalize

@@ -31,6 +31,10 @@ PAPER_MONITOR = "validation_paper_macro_f1"
 LBFGS_ITERATIONS = 20
 
 
+#: Checkpoint entry holding the ``target_masks`` of ``loss="hce-aware"``.
+TARGET_MASKS_KEY = "schce_target_masks"
+
+
 class HCETrainingPlan(pl.LightningModule):
     """Trains an :class:`~schce.nn.HCEModule` with HCE (or plain cross-entropy).
 
@@ -212,6 +216,24 @@ class HCETrainingPlan(pl.LightningModule):
             self.log(f"validation_{name}", value, prog_bar=name == "corrected_macro_f1")
         if self.paper_validation:
             self.log(PAPER_MONITOR, paper_report(true, pred, self._R_np, "union")[0]["macro_f1"], prog_bar=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the acceptable-label masks with the run, so a resumed run can check it trains on the same ones."""
+        if self.target_masks is not None:
+            checkpoint[TARGET_MASKS_KEY] = self.target_masks.detach().cpu().clone()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse to resume with acceptable-label masks other than the interrupted run's (the data changed)."""
+        saved = checkpoint.get(TARGET_MASKS_KEY)
+        if saved is None or self.target_masks is None:
+            return
+        mine = self.target_masks.detach().cpu()
+        if saved.shape != mine.shape or not bool((saved == mine).all()):
+            raise ValueError(
+                f"The checkpoint was trained with {len(saved)} acceptable-label sets that differ from the "
+                f"{len(mine)} read from this data module: its training and validation labels or annotation "
+                "sources changed since the run started. Resume on the same data (and source_column), or start anew."
+            )
 
     def configure_optimizers(self):
         """AdamW with a StepLR decay after every epoch, or full-batch L-BFGS."""

@@ -50,8 +50,19 @@ def _cache_soma_ml_kernels() -> None:
 class _LabelledBatches(IterableDataset):
     """Wraps a ``tiledbsoma_ml.ExperimentDataset``: its ``(X, obs)`` mini-batches become schce training batches."""
 
-    def __init__(self, dataset, positions: np.ndarray, n_model: int, labels: Sequence[str]):
+    def __init__(
+        self,
+        dataset,
+        positions: np.ndarray,
+        n_model: int,
+        labels: Sequence[str],
+        source_column: str | None = None,
+        sources: pd.Index | None = None,
+        pair_rows: np.ndarray | None = None,
+    ):
         self.dataset = dataset
+        # Annotation-aware targets: "target" is pair_rows[index of the cell's source in sources, label code].
+        self.source_column, self.sources, self.pair_rows = source_column, sources, pair_rows
         self.training = bool(dataset.shuffle)
         self.positions, self.n_model = positions, n_model
         self.labels = pd.Index(list(labels))
@@ -71,11 +82,15 @@ class _LabelledBatches(IterableDataset):
             codes = self.labels.get_indexer(obs[LABEL_COLUMN].astype(str))
             if (codes < 0).any():  # the value filter admits model labels only; anything else is a bug upstream
                 raise RuntimeError(f"Streamed cells with labels outside the model: {obs[LABEL_COLUMN][codes < 0]}")
-            yield {
+            batch = {
                 "x": torch.from_numpy(np.ascontiguousarray(x)),
                 "y": torch.from_numpy(codes.astype(np.int64)),
                 "soma_joinid": torch.from_numpy(obs["soma_joinid"].to_numpy().astype(np.int64)),
             }
+            if self.pair_rows is not None:
+                source = self.sources.get_indexer(obs[self.source_column].astype(str))
+                batch["target"] = torch.from_numpy(self.pair_rows[source, codes])
+            yield batch
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -132,6 +147,9 @@ class CensusDataModule(pl.LightningDataModule):
         DataLoader worker processes (started with ``spawn``, as TileDB needs).
     seed
         Seeds the validation split and the shuffle; the same on every rank.
+    source_column
+        ``obs`` column naming each cell's annotation source, read by :meth:`annotation_targets`
+        (``loss="hce-aware"``).
 
     Attributes
     ----------
@@ -166,6 +184,7 @@ class CensusDataModule(pl.LightningDataModule):
         use_eager_fetch: bool = True,
         num_workers: int = 0,
         seed: int = 0,
+        source_column: str = "dataset_id",
     ):
         super().__init__()
         tiledbsoma = _require_soma()
@@ -187,14 +206,20 @@ class CensusDataModule(pl.LightningDataModule):
             obs_query=tiledbsoma.AxisQuery(value_filter=self.value_filter),
             var_query=tiledbsoma.AxisQuery(coords=(self.genes.joinids,)),
         ) as query:
-            obs = query.obs(column_names=["soma_joinid", LABEL_COLUMN]).concat().to_pandas()
+            obs_names = exp.obs.schema.names
+            if source_column not in obs_names:
+                raise ValueError(
+                    f"source_column={source_column!r} is not a census obs column; choose one of {obs_names}."
+                )
+            columns = list(dict.fromkeys(["soma_joinid", LABEL_COLUMN, source_column]))
+            obs = query.obs(column_names=columns).concat().to_pandas()
             if len(obs) < 2:
                 raise ValueError(f"{len(obs)} census cell(s) match {self.value_filter[:500]}; training needs more.")
             # Built once here (it reads the joinids); setup() copies it per rank.
             base = ml.ExperimentDataset(
                 query,
                 layer_name=X_name,
-                obs_column_names=["soma_joinid", LABEL_COLUMN],
+                obs_column_names=columns,
                 batch_size=batch_size,
                 io_batch_size=io_batch_size,
                 shuffle=True,
@@ -213,6 +238,14 @@ class CensusDataModule(pl.LightningDataModule):
         in_train = obs["soma_joinid"].isin(train_ids).to_numpy()
         codes = pd.Index(self.labels).get_indexer(obs[LABEL_COLUMN].astype(str)[in_train])
         self._train_counts = np.bincount(codes, minlength=len(self.labels))
+        # Which labels each source uses among the selected (training and validation) cells: from obs only.
+        sources = obs[source_column].astype(str).to_numpy()
+        self.source_column, self._sources = source_column, pd.Index(np.unique(sources))
+        self._used = np.zeros((len(self._sources), len(self.labels)), dtype=bool)
+        self._used[
+            self._sources.get_indexer(sources), pd.Index(self.labels).get_indexer(obs[LABEL_COLUMN].astype(str))
+        ] = True
+        self.pair_rows: np.ndarray | None = None  # set by annotation_targets
         self.n_train = len(train_ids)
         self.n_validation = 0 if self._base_validation is None else len(self._base_validation.query_ids.obs_joinids)
         self.batch_size, self.io_batch_size, self.shuffle_chunk_size = batch_size, io_batch_size, shuffle_chunk_size
@@ -248,11 +281,23 @@ class CensusDataModule(pl.LightningDataModule):
         return self.train_dataloader(), SCALING_SAMPLE
 
     def annotation_targets(self, hierarchy, label_semantics: str) -> np.ndarray:
-        """Not available: streamed cells are not read ahead of training to learn what each label means."""
-        raise ValueError(
-            "loss='hce-aware' reads label meanings from the training cells, which census training does not do yet; "
-            "build the model with loss='hce'."
+        """Acceptable-label masks from the selected cells' ``obs``; training and validation batches carry ``"target"``.
+
+        Read from the label and ``source_column`` of every selected cell when the module was built (no expression):
+        the same masks on every rank (see :meth:`~schce.hierarchy.Hierarchy.annotation_masks`).
+        """
+        if list(hierarchy.labels) != list(self.labels):
+            raise ValueError("annotation_targets needs the hierarchy of the model this module was built for.")
+        masks, self.pair_rows = hierarchy.annotation_masks(self._used, label_semantics)
+        self._train = self._validation = None  # rebuilt with the targets
+        logger.info(
+            "Annotation-aware targets (%s) from %d %s sources: %d distinct acceptable-label sets.",
+            label_semantics,
+            len(self._sources),
+            self.source_column,
+            len(masks),
         )
+        return masks
 
     def resumable_order(self) -> None:
         """A resumed run restarts the interrupted epoch's order."""
@@ -275,7 +320,9 @@ class CensusDataModule(pl.LightningDataModule):
             # ExperimentDataset takes the rank from LOCAL_RANK under Lightning, which repeats across nodes: use the
             # trainer's global rank and world size.
             ds.rank, ds.world_size = int(self.trainer.global_rank), int(self.trainer.world_size)
-        return _LabelledBatches(ds, self._positions, self.genes.n_model, self.labels)
+        return _LabelledBatches(
+            ds, self._positions, self.genes.n_model, self.labels, self.source_column, self._sources, self.pair_rows
+        )
 
     def setup(self, stage: str | None = None) -> None:
         """Build the per-rank datasets (called by Lightning on every rank after the process group starts)."""

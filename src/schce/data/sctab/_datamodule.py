@@ -17,7 +17,7 @@ from schce._constants import SCALING_SAMPLE
 from schce._memory import release_free_memory
 from schce.data._loader import EpochLoader
 from schce.data._protocol import check_batch_size, check_split
-from schce.data.sctab._format import CODE_COLUMNS, read_lookup, read_var, split_parts, store_layout
+from schce.data.sctab._format import CODE_COLUMNS, label_usage, read_lookup, read_var, split_parts, store_layout
 from schce.data.sctab._read import _Block, _read_block
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,9 @@ class StoreDataset(IterableDataset):
         self._passes = 0  # passes begun; the next one is epoch self._passes
         self.rank: int | None = None  # None: from torch.distributed when initialised
         self.world_size: int | None = None
+        # Annotation-aware targets: a batch's "target" is pair_rows[source code, cell_type code].
+        self.source_column: str | None = None
+        self.pair_rows: np.ndarray | None = None
 
     @property
     def n_cells(self) -> int:
@@ -132,8 +135,9 @@ class StoreDataset(IterableDataset):
 
     def _columns(self) -> list[str]:
         cols = ["cell_type", "idx"]
-        if self.batch_column is not None and self.batch_column not in cols:
-            cols.append(self.batch_column)
+        for extra in (self.batch_column, self.source_column if self.pair_rows is not None else None):
+            if extra is not None and extra not in cols:
+                cols.append(extra)
         return cols
 
     def __iter__(self):
@@ -197,6 +201,8 @@ class StoreDataset(IterableDataset):
         batch = {"x": x, "y": torch.from_numpy(cols["cell_type"]), "idx": torch.from_numpy(cols["idx"])}
         if self.batch_column is not None:
             batch["batch"] = torch.from_numpy(cols[self.batch_column])
+        if self.pair_rows is not None:
+            batch["target"] = torch.from_numpy(self.pair_rows[cols[self.source_column], cols["cell_type"]])
         return batch
 
 
@@ -224,6 +230,8 @@ class SCTabStoreDataModule(pl.LightningDataModule):
         Row groups read and shuffled together by each worker.
     batch_column
         Code column to yield as ``batch`` (e.g. ``"dataset_id"``), for batch-aware losses.
+    source_column
+        Code column naming each cell's annotation source, read by :meth:`annotation_targets` (``loss="hce-aware"``).
     eval_batch_size
         Cells per validation / test batch; default ``batch_size``.
     pin_memory
@@ -247,6 +255,7 @@ class SCTabStoreDataModule(pl.LightningDataModule):
         batch_column: str | None = None,
         eval_batch_size: int | None = None,
         pin_memory: bool | None = None,
+        source_column: str = "dataset_id",
     ):
         super().__init__()
         check_batch_size(batch_size)
@@ -260,6 +269,12 @@ class SCTabStoreDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"batch_column must be one of the store's code columns {CODE_COLUMNS}, got {batch_column!r}."
             )
+        if source_column not in CODE_COLUMNS:
+            raise ValueError(
+                f"source_column must be one of the store's code columns {CODE_COLUMNS}, got {source_column!r}."
+            )
+        self.source_column = source_column
+        self.pair_rows: np.ndarray | None = None  # set by annotation_targets
         self.var = read_var(path)
         self.labels = read_lookup(path, "cell_type")
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -306,7 +321,13 @@ class SCTabStoreDataModule(pl.LightningDataModule):
                 num_workers=self.num_workers,
                 shard_ranks=train,
             )
+            self._set_targets(self._datasets[split])
         return self._datasets[split]
+
+    def _set_targets(self, ds: StoreDataset) -> None:
+        # Training and validation cells carry targets (their label meanings were read); test cells need none.
+        if ds.split != "test":
+            ds.source_column, ds.pair_rows = self.source_column, self.pair_rows
 
     def scaling_loader(self) -> tuple[DataLoader, int]:
         """Training batches to estimate the gene scaling from, and the cells to read (:data:`SCALING_SAMPLE`).
@@ -319,11 +340,24 @@ class SCTabStoreDataModule(pl.LightningDataModule):
         return DataLoader(sample, batch_size=None, num_workers=0), SCALING_SAMPLE
 
     def annotation_targets(self, hierarchy, label_semantics: str) -> np.ndarray:
-        """Not available: a store's cells are not read ahead of training to learn what each label means."""
-        raise ValueError(
-            "loss='hce-aware' reads label meanings from the training cells, which store training does not do yet; "
-            "build the model with loss='hce' (the default of HCEClassifier.from_sctab_store)."
+        """Acceptable-label masks from the training and validation cells; their batches then carry ``"target"``.
+
+        Reads only the ``cell_type`` and ``source_column`` codes of the ``train`` and ``val`` parts, one row group at
+        a time (:func:`~schce.hierarchy.Hierarchy.annotation_masks`): the same masks on every DDP rank, and the
+        same as :meth:`~schce.hierarchy.Hierarchy.annotation_targets` on these cells in memory.
+        """
+        used = label_usage(self.path, self.source_column, n_labels=hierarchy.n_labels)
+        masks, self.pair_rows = hierarchy.annotation_masks(used, label_semantics)
+        for ds in self._datasets.values():
+            self._set_targets(ds)
+        logger.info(
+            "Annotation-aware targets (%s) from %d %s sources: %d distinct acceptable-label sets.",
+            label_semantics,
+            int(used.any(axis=1).sum()),
+            self.source_column,
+            len(masks),
         )
+        return masks
 
     def resumable_order(self) -> None:
         """A resumed run restarts the interrupted epoch's row-group order."""

@@ -326,3 +326,39 @@ def read_part_metadata(part: str | os.PathLike) -> dict | None:
     """The compact metadata of one part (``None`` for a dense part)."""
     meta = pq.read_metadata(part).metadata or {}
     return json.loads(meta[_PART_META_KEY]) if _PART_META_KEY in meta else None
+
+
+def label_usage(
+    path: str | os.PathLike, source_column: str = "dataset_id", splits=("train", "val"), n_labels: int | None = None
+) -> np.ndarray:
+    """``used[source, label]``: which ``cell_type`` codes each ``source_column`` code annotates in ``splits``.
+
+    One pass over the two code columns, a row group at a time: memory depends on the numbers of sources and labels,
+    not of cells. Sources and labels are the codes of ``categorical_lookup`` (``n_labels`` overrides the label
+    count, e.g. a model's).
+    """
+    if source_column not in CODE_COLUMNS:
+        raise ValueError(
+            f"source_column must be one of the store's code columns {CODE_COLUMNS}, got {source_column!r}."
+        )
+    n_sources = len(read_lookup(path, source_column))
+    n_labels = len(read_lookup(path, "cell_type")) if n_labels is None else int(n_labels)
+    used = np.zeros((n_sources, n_labels), dtype=bool)
+    for split in splits:
+        for part in split_parts(path, split):
+            pf = pq.ParquetFile(part)
+            missing = {"cell_type", source_column} - set(pf.schema_arrow.names)
+            if missing:
+                raise ValueError(f"{part} has no {sorted(missing)} column: the store cannot give per-source labels.")
+            for g in range(pf.metadata.num_row_groups):
+                table = pf.read_row_group(g, columns=["cell_type", source_column])
+                labels = table.column("cell_type").to_numpy().astype(np.int64)
+                sources = table.column(source_column).to_numpy().astype(np.int64)
+                bad = (labels < 0) | (labels >= n_labels) | (sources < 0) | (sources >= n_sources)
+                if bad.any():
+                    raise ValueError(
+                        f"{part} holds codes outside categorical_lookup ({int(bad.sum())} cells): cell_type must be "
+                        f"in [0, {n_labels}) and {source_column} in [0, {n_sources})."
+                    )
+                used[sources, labels] = True
+    return used
