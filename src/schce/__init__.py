@@ -20,6 +20,9 @@ _LAZY = {
     "HierarchyCycleError": "schce.hierarchy",
     "LabelMappingError": "schce.ontology",
     "load_cell_ontology": "schce.ontology",
+    "majority_vote": "schce.voting",
+    "propose_label_mapping": "schce.vocabulary",
+    "read_label_mapping": "schce.vocabulary",
     "data": "schce.data",
     "datasets": "schce.datasets",
     "evaluation": "schce.evaluation",
@@ -37,6 +40,8 @@ if TYPE_CHECKING:  # names for type checkers and IDEs; at run time __getattr__ l
     from schce.hierarchy import Hierarchy, HierarchyCycleError  # noqa: F401
     from schce.model import HCEClassifier  # noqa: F401
     from schce.ontology import CellOntology, LabelMappingError, load_cell_ontology  # noqa: F401
+    from schce.vocabulary import propose_label_mapping, read_label_mapping  # noqa: F401
+    from schce.voting import majority_vote  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -212,6 +212,12 @@ _MODEL = click.Path(path_type=Path)
 @click.option("--n-hidden", type=click.IntRange(min=1), default=None, help="MLP width (default 256).")
 @click.option("--n-layers", type=click.IntRange(min=1), default=None, help="MLP depth (default 3).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Lightning's progress bar.")
+@click.option(
+    "--label-mapping",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="CSV with columns label, ontology_term_id mapping free-text labels to CL (from schce.propose_label_mapping).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 def train(
     input_path: Path,
@@ -229,6 +235,7 @@ def train(
     n_hidden: int | None,
     n_layers: int | None,
     progress: bool,
+    label_mapping: Path | None,
     overwrite: bool,
 ) -> None:
     """Train a classifier on INPUT.h5ad and save it to --out.
@@ -237,6 +244,8 @@ def train(
     hierarchy-corrected macro F1 (the linear model is fitted by full-batch L-BFGS and keeps the converged weights).
     """
     _existing_file(input_path, "Input")
+    if label_mapping is not None:
+        _existing_file(label_mapping, "Label mapping")
     _check_output(out_dir, overwrite)
     from schce._io import check_save_target
 
@@ -251,9 +260,11 @@ def train(
 
     from schce._constants import MONITOR
     from schce.model import HCEClassifier
+    from schce.vocabulary import read_label_mapping
 
+    mapping = read_label_mapping(label_mapping) if label_mapping is not None else None  # a bad table fails here
     adata = _read_h5ad(input_path)
-    HCEClassifier.setup_anndata(adata, labels_key=labels_key, layer=layer, batch_key=batch_key)
+    HCEClassifier.setup_anndata(adata, labels_key=labels_key, layer=layer, batch_key=batch_key, label_mapping=mapping)
     model = HCEClassifier(adata, backbone=backbone, loss=loss, **arch)
     model.train(
         max_epochs=max_epochs,

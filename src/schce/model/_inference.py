@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -20,8 +21,12 @@ from schce.data._expression import check_expression, empty_rows, get_matrix, res
 from schce.data._genes import GeneAligner
 from schce.data._loader import make_loader
 from schce.evaluation import DEFAULT_GROUPBY, EvaluationResult, evaluate_predictions
+from schce.model._setup import CUSTOM
 from schce.ontology import load_cell_ontology
 from schce.train._runner import loader_outputs
+from schce.vocabulary import map_labels
+
+logger = logging.getLogger(__name__)
 
 
 class InferenceMixin:
@@ -283,15 +288,13 @@ class InferenceMixin:
             raise TypeError("Pass the labelled AnnData and its labels_key, or datamodule= to score a store's split.")
         raw = self._labels(adata, labels_key)
         check_groupby(self._rna(adata).obs.columns, groupby, DEFAULT_GROUPBY)  # a typo fails here, named
-        onto = self._ontology(ontology)
-        mapping = onto.map_labels(raw.astype(str).unique())
-        true_terms = raw.astype(str).map(mapping).to_numpy()
+        true_terms, ancestors = self._true_terms(raw, ontology)
         logits, _, _, _, adata = self._forward(adata, layer, gene_symbols, batch_size, normalize)
         result = evaluate_predictions(
             true_terms,
             self._probabilities(logits, calibrated),
             self.hierarchy,
-            onto.ancestors,
+            ancestors,
             obs=adata.obs,
             groupby=groupby,
             coarse_threshold=coarse_threshold,
@@ -301,6 +304,25 @@ class InferenceMixin:
         if output_dir is not None:
             result.write(output_dir)
         return result
+
+    def _true_terms(self, raw: pd.Series, ontology) -> tuple[np.ndarray, object]:
+        """True labels as terms (through the training label mapping first) and the ``ancestors`` rule to score them."""
+        state = self.setup_state
+        values = raw.astype(str)
+        if state.ontology_source == CUSTOM:  # the user's own labels: terms of the model's hierarchy, as they are
+            hier = self.hierarchy
+            unknown = sorted(set(values) - set(hier.terms))
+            if unknown:
+                logger.warning(
+                    "%d true label(s) are not terms of the model's hierarchy and cannot be scored: %s.",
+                    len(unknown),
+                    ", ".join(unknown[:10]),
+                )
+            return values.to_numpy(), lambda t: hier.ancestors(t) if t in hier.terms else set()
+        onto = self._ontology(ontology)
+        seen = set(values)
+        mapping = map_labels(values.unique(), onto, {k: v for k, v in state.label_map.items() if k in seen})
+        return values.map(mapping).to_numpy(), onto.ancestors
 
     def _labels(self, data: AnnData | MuData, labels_key: str) -> pd.Series:
         """``obs[labels_key]`` of the RNA cells (for a MuData: the RNA modality's column, else ``mdata.obs``'s)."""
