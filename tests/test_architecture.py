@@ -28,6 +28,7 @@ LAYERS = [
         "schce._model_file",
         "schce._output",
         "schce._sctab",
+        "schce._settings",
         "schce._simulate",
         "schce.datasets",
         "schce.evaluation",

@@ -10,7 +10,11 @@ import importlib
 from importlib.metadata import version as _version
 from typing import TYPE_CHECKING
 
+from schce._settings import install_handler as _install_handler
+from schce._settings import settings as settings
+
 __version__ = _version("schce")
+_install_handler()  # schce's INFO messages reach notebooks; schce.settings.verbosity turns them down
 
 # Public name -> the module that defines it (a submodule when the name is the module itself).
 _LAZY = {
@@ -33,7 +37,7 @@ _LAZY = {
     "train": "schce.train",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted([*_LAZY, "settings"])
 
 if TYPE_CHECKING:  # names for type checkers and IDEs; at run time __getattr__ loads them
     from schce import data, datasets, evaluation, losses, metrics, nn, pl, train  # noqa: F401

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import numpy as np
@@ -28,6 +31,7 @@ from schce.model._state import SetupState
 from schce.ontology import load_cell_ontology
 from schce.vocabulary import map_labels, read_label_mapping
 
+logger = logging.getLogger(__name__)
 CUSTOM = "custom hierarchy"  # ontology_source of a model set up with a user's hierarchy instead of the Cell Ontology
 
 
@@ -107,7 +111,7 @@ class SetupMixin:
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
         ]
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        with obs_restored_on_error(adata):
+        with obs_restored_on_error(adata), _small_groups_named(adata.obs, labels_key, batch_key):
             manager.register_fields(adata, **kwargs)
         state.write(manager.registry)
         cls.register_manager(manager)
@@ -196,7 +200,8 @@ class SetupMixin:
             MuDataCategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key, mod_key=mods.batch_key),
         ]
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        manager.register_fields(mdata, **kwargs)
+        with _small_groups_named(obs_of["labels_key"], labels_key, None):
+            manager.register_fields(mdata, **kwargs)
         state.write(manager.registry)
         cls.register_manager(manager)
 
@@ -312,6 +317,26 @@ def custom_hierarchy(hierarchy, values, labels_key: str) -> Hierarchy:
             "parent (None for a top-level label)."
         )
     return Hierarchy(labels, edges, names=names, version=version)
+
+
+@contextmanager
+def _small_groups_named(obs: pd.DataFrame, labels_key: str, batch_key: str | None):
+    """Replace scvi-tools' "Category 6 in adata.obs['_scvi_labels'] has fewer than 3 cells" by one naming them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*has fewer than 3 cells.*", category=UserWarning)
+        yield
+    for key in (labels_key, batch_key):
+        if key is None:
+            continue
+        counts = obs[key].astype(str).value_counts()
+        small = counts[counts < 3]
+        if len(small):
+            logger.warning(
+                "obs[%r] has fewer than 3 cells of: %s. They barely train and cannot be validated; merge them into "
+                "a broader label or drop them if that is not intended.",
+                key,
+                ", ".join(f"{name!r} ({n})" for name, n in small.items()),
+            )
 
 
 def _vocabulary_args(state: SetupState, label_mapping) -> dict:
