@@ -42,7 +42,7 @@ LAYERS = [
     {"schce.data"},
     {"schce.train"},
     {"schce.model"},
-    {"schce.pl", "schce.cli", "schce._demo", "schce"},
+    {"schce.pl", "schce.cli", "schce._demo", "schce._prediction_figures", "schce"},
 ]
 
 
