@@ -76,7 +76,7 @@ class HCEClassifier(SetupMixin, TrainingMixin, FineTuneMixin, InferenceMixin, Pe
         self,
         adata: AnnData | None = None,
         registry: dict | None = None,
-        backbone: Literal["mlp", "linear"] = "mlp",
+        backbone: Literal["mlp", "linear", "tabnet"] = "mlp",
         loss: Literal["hce-aware", "hce", "ce"] = DEFAULT_LOSS,
         label_semantics: Literal["auto", "inclusive", "exclusive"] = "auto",
         hce_form: Literal["log", "reference"] = "log",
