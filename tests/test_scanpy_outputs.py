@@ -141,3 +141,13 @@ def test_a_pbmc_model_on_pancreas_calls_the_cells_unassigned_for_low_gene_overla
     assert "Every cell is called 'unassigned'" in caplog.text
     kept = trained.predict(pancreas.copy(), min_gene_overlap=0, inplace=False)  # the user can still ask
     assert (kept["schce_prediction"] != "unassigned").mean() > 0.5
+
+
+def test_a_rerun_without_voting_removes_the_earlier_vote(trained, pbmc):
+    q = pbmc[:200].copy()
+    q.obs["leiden"] = pd.Categorical(np.arange(q.n_obs) % 4).astype(str)
+    trained.predict(q, majority_voting=True, over_clustering="leiden")
+    assert "schce_majority_voting" in q.obs and "schce_majority_voting_colors" in q.uns
+    trained.predict(q)
+    assert not [c for c in q.obs.columns if "majority_voting" in c]
+    assert "schce_majority_voting_colors" not in q.uns and "leiden" in q.obs  # the user's clusters stay

@@ -289,11 +289,20 @@ def write_outputs(
 ) -> None:
     """Write predictions into ``adata``; only schce's own keys change, and overwriting them is logged.
 
-    What is written is recorded in ``uns[key_added]["written"]``, so a later run knows which keys are schce's.
+    What is written is recorded in ``uns[key_added]["written"]``, so a later run knows which keys are schce's. Columns
+    an earlier run wrote that this one does not (its majority vote) are removed, so no stale call stays beside new
+    ones.
     """
     replaced = check_output_keys(adata, key_added, overwrite)
     if replaced:
         logger.info("Overwriting earlier schce outputs: %s.", ", ".join(replaced))
+    stale = sorted(k for place, k in _written_before(adata, key_added) if place == "obs" and k not in obs.columns)
+    stale = [k for k in stale if k in adata.obs.columns]
+    for column in stale:
+        del adata.obs[column]
+        adata.uns.pop(f"{column}_colors", None)
+    if stale:
+        logger.info("Removed the earlier run's %s (not written by this run).", ", ".join(stale))
     for column in obs.columns:
         adata.obs[column] = (
             obs[column].to_numpy() if not isinstance(obs[column].dtype, pd.CategoricalDtype) else obs[column].values
