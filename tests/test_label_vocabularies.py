@@ -114,9 +114,31 @@ def test_a_custom_hierarchy_trains_predicts_saves_and_scores_without_the_cell_on
         rtol=1e-5,
         atol=1e-6,
     )
+    attached = schce.HCEClassifier.load(tmp_path / "m", adata=_toy(seed=2))  # re-registered with the saved hierarchy
+    assert set(attached.predict(inplace=False)["schce_prediction"].astype(str)) <= {"B", "Macro", "Mono", "T"}
     # a Hierarchy object works as well, and its extra terms (no cells) do not become labels
     h = schce.Hierarchy.from_edges([("cell", "lymphoid"), ("cell", "myeloid"), ("lymphoid", "T"), ("lymphoid", "B"),
                                     ("lymphoid", "NK"), ("myeloid", "Mono"), ("myeloid", "Macro")])  # fmt: skip
     other = _toy()
     schce.HCEClassifier.setup_anndata(other, labels_key="kind", hierarchy=h)
     assert schce.HCEClassifier(other, **SMALL_MLP).hierarchy.labels == ("B", "Macro", "Mono", "T")
+
+
+def test_setup_mudata_takes_a_label_mapping(symphony):
+    import mudata as md
+
+    rna = symphony[:200].copy()
+    mdata = md.MuData({"rna": rna})
+    table = schce.propose_label_mapping(rna.obs["cell_type"])
+    table.loc[table["label"] == "DC", "ontology_term_id"] = "CL:0000784"
+    with pytest.raises(LabelMappingError, match="'NK'"):  # a partial mapping: the rest must be CL names
+        schce.HCEClassifier.setup_mudata(
+            mdata, "cell_type", modalities={"rna_layer": "rna", "labels_key": "rna"}, label_mapping={"DC": "CL:0000784"}
+        )
+    schce.HCEClassifier.setup_mudata(
+        mdata, "cell_type", modalities={"rna_layer": "rna", "labels_key": "rna"}, label_mapping=table
+    )
+    model = schce.HCEClassifier(mdata, n_hidden=8, n_layers=1)
+    assert model.setup_state.label_map["DC"] == "CL:0000784"  # the user's edit
+    assert model.setup_state.label_map["B"] == "CL:0000236"
+    assert model.registry_["setup_args"]["label_mapping"]["DC"] == "CL:0000784"
