@@ -68,7 +68,7 @@ nb_execution_raise_on_error = True
 nb_execution_show_tb = True  # the traceback goes to the build log
 nb_execution_in_temp = True  # files the tutorials write go to a temporary folder, not into docs/
 nb_merge_streams = True
-nb_output_stderr = "remove"  # library deprecation chatter; errors still fail the build
+nb_output_stderr = "show"  # the warnings and INFO lines a user will see, as they will see them
 
 # API
 autosummary_generate = True

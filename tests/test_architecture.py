@@ -28,6 +28,7 @@ LAYERS = [
         "schce._model_file",
         "schce._output",
         "schce._sctab",
+        "schce._settings",
         "schce._simulate",
         "schce.datasets",
         "schce.evaluation",
@@ -41,7 +42,7 @@ LAYERS = [
     {"schce.data"},
     {"schce.train"},
     {"schce.model"},
-    {"schce.pl", "schce.cli", "schce._demo", "schce"},
+    {"schce.pl", "schce.cli", "schce._demo", "schce._prediction_figures", "schce"},
 ]
 
 

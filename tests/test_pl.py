@@ -169,3 +169,22 @@ def test_scanpy_umap_of_the_predictions(predicted):
     shown = {t.get_text() for t in ax.get_legend().get_texts()} if ax.get_legend() else set()
     assert shown <= set(adata.obs["schce_prediction"].cat.categories)
     assert isinstance(adata.obs["schce_prediction"].dtype, pd.CategoricalDtype)
+
+
+def test_hierarchy_scores_draws_ontology_only_terms_less_prominently(predicted, trained):
+    ax = pl.hierarchy_scores(predicted, hierarchy=trained.hierarchy)
+    nodes = _nodes(ax)
+    terms = list(predicted.obsm["schce_hierarchical_scores"].columns)
+    labels = set(trained.hierarchy.labels)
+    sizes = np.broadcast_to(nodes.get_sizes(), (len(terms),))
+    is_label = np.array([t in labels for t in terms])
+    assert is_label.any() and (~is_label).any()
+    assert (sizes[is_label] > sizes[~is_label].max()).all()
+    texts = {t.get_text().replace("\n", " "): t for t in ax.texts}
+    label_text = texts[trained.hierarchy.name("CL:0000236")]
+    grouping_text = texts[trained.hierarchy.name("CL:0000542")]  # lymphocyte: an ancestor, not a model label
+    assert label_text.get_fontweight() == "bold" and grouping_text.get_fontweight() == "normal"
+    assert grouping_text.get_fontsize() < label_text.get_fontsize()
+    # without a hierarchy, the labels are the columns of the probabilities
+    sizes_default = np.broadcast_to(_nodes(pl.hierarchy_scores(predicted)).get_sizes(), (len(terms),))
+    np.testing.assert_allclose(sizes_default, sizes)

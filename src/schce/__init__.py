@@ -10,7 +10,11 @@ import importlib
 from importlib.metadata import version as _version
 from typing import TYPE_CHECKING
 
+from schce._settings import install_handler as _install_handler
+from schce._settings import settings as settings
+
 __version__ = _version("schce")
+_install_handler()  # schce's INFO messages reach notebooks; schce.settings.verbosity turns them down
 
 # Public name -> the module that defines it (a submodule when the name is the module itself).
 _LAZY = {
@@ -20,6 +24,9 @@ _LAZY = {
     "HierarchyCycleError": "schce.hierarchy",
     "LabelMappingError": "schce.ontology",
     "load_cell_ontology": "schce.ontology",
+    "majority_vote": "schce.voting",
+    "propose_label_mapping": "schce.vocabulary",
+    "read_label_mapping": "schce.vocabulary",
     "data": "schce.data",
     "datasets": "schce.datasets",
     "evaluation": "schce.evaluation",
@@ -30,13 +37,15 @@ _LAZY = {
     "train": "schce.train",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted([*_LAZY, "settings"])
 
 if TYPE_CHECKING:  # names for type checkers and IDEs; at run time __getattr__ loads them
     from schce import data, datasets, evaluation, losses, metrics, nn, pl, train  # noqa: F401
     from schce.hierarchy import Hierarchy, HierarchyCycleError  # noqa: F401
     from schce.model import HCEClassifier  # noqa: F401
     from schce.ontology import CellOntology, LabelMappingError, load_cell_ontology  # noqa: F401
+    from schce.vocabulary import propose_label_mapping, read_label_mapping  # noqa: F401
+    from schce.voting import majority_vote  # noqa: F401
 
 
 def __getattr__(name: str):

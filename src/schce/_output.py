@@ -15,6 +15,8 @@ from schce.hierarchy import Hierarchy
 logger = logging.getLogger(__name__)
 
 UNASSIGNED = "unassigned"
+UNASSIGNED_COLOR = "#d3d3d3"
+_GREYS = ["#7f7f7f", "#a9a9a9", "#555555", "#bdbdbd"]  # categories outside the hierarchy
 NO_EXPRESSION = "no expression in the model's genes"
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -28,10 +30,15 @@ def check_key_added(key_added) -> None:
         )
 
 
-def output_keys(key_added: str) -> dict[str, list[str]]:
+def output_keys(
+    key_added: str, majority_voting: bool = False, over_clustering: str | None = None
+) -> dict[str, list[str]]:
     """Every key :meth:`~schce.HCEClassifier.predict` writes, by place."""
     obs = ["prediction", "prediction_ontology_term_id", "confidence", "prediction_coarse"]
     obs += ["prediction_coarse_ontology_term_id", "unassigned_reason"]
+    if majority_voting:
+        obs += ["majority_voting", "majority_voting_ontology_term_id", "majority_voting_fraction"]
+        obs += ["over_clustering"] if over_clustering is None else []
     return {
         "obs": [f"{key_added}_{c}" for c in obs],
         "obsm": [f"{key_added}_probabilities", f"{key_added}_hierarchical_scores", f"X_{key_added}"],
@@ -50,13 +57,23 @@ def _written_before(adata: AnnData, key_added: str) -> set[tuple[str, str]]:
     return ours | {("uns", key_added)}
 
 
-def check_output_keys(adata: AnnData, key_added: str, overwrite: bool = False) -> list[str]:
+def check_query_columns(adata: AnnData, truth_key: str | None, over_clustering: str | None) -> None:
+    """The ``obs`` columns ``predict`` reads besides the expression must exist (checked before any work)."""
+    for key, what in ((truth_key, "truth_key"), (over_clustering, "over_clustering")):
+        if key is not None and key not in adata.obs.columns:
+            raise KeyError(
+                f"{what}={key!r} is not a column of adata.obs. Available columns: {list(adata.obs.columns)}."
+            )
+
+
+def check_output_keys(adata: AnnData, key_added: str, overwrite: bool = False, **planned_options) -> list[str]:
     """Refuse to overwrite entries that ``predict`` did not write; return those it will replace (its own).
 
-    Run before any work. ``overwrite=True`` replaces foreign entries of the same names too.
+    Run before any work. ``overwrite=True`` replaces foreign entries of the same names too. ``planned_options``
+    go to :func:`output_keys` (majority voting adds its columns).
     """
     check_key_added(key_added)
-    planned = output_keys(key_added)
+    planned = output_keys(key_added, **planned_options)
     present = [("obs", c) for c in planned["obs"] if c in adata.obs.columns]
     present += [("obsm", k) for k in planned["obsm"] if k in adata.obsm]
     present += [("uns", key_added)] if key_added in adata.uns else []
@@ -79,11 +96,15 @@ def prediction_frame(
     key_added: str,
     coarse_threshold: float,
     empty: np.ndarray | None = None,
+    min_confidence: float = 0.0,
+    low_overlap: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Per-cell predictions, per-label probabilities and per-term subtree scores.
 
-    Cells flagged in ``empty`` (no expression in the model's genes) are called ``"unassigned"`` with confidence 0
-    and the reason in ``{key}_unassigned_reason``; their probability rows are the model's output for a zero input.
+    Cells are called ``"unassigned"``, with the reason in ``{key}_unassigned_reason``, when flagged in ``empty`` (no
+    expression in the model's genes: confidence 0; their probability rows are the model's output for a zero input),
+    when ``low_overlap`` gives a reason (the query shares too few of the model's genes: every cell), or when their
+    confidence is below ``min_confidence``. Their probabilities and (except empty cells) confidence stay as computed.
 
     Returns
     -------
@@ -102,40 +123,160 @@ def prediction_frame(
     pred_ids = np.asarray(labels, dtype=object)[best]
     confidence = probabilities[np.arange(len(best)), best].astype(np.float32)
     empty = np.zeros(len(best), dtype=bool) if empty is None else np.asarray(empty, dtype=bool)
+    reasons = unassigned_reasons(confidence, empty, min_confidence, low_overlap, key_added)
+    unassigned = np.asarray(reasons.notna())
     for column in (pred_names, pred_ids, coarse_ids, coarse_names):
-        column[empty] = UNASSIGNED
+        column[unassigned] = UNASSIGNED
     confidence[empty] = 0.0
-    extra = [UNASSIGNED] if empty.any() else []
-    if empty.any():
-        logger.warning(
-            "%d of %d cell(s) have no expression in the model's genes: called %r with confidence 0 (reason in "
-            "obs[%r]).",
-            int(empty.sum()),
-            len(empty),
-            UNASSIGNED,
-            f"{key_added}_unassigned_reason",
-        )
-
-    def categorical(values: np.ndarray, categories: list[str]) -> pd.Categorical:
-        # Every label is a category, sorted as scanpy sorts, so colours match across queries and label columns.
-        return pd.Categorical(values, categories=sorted(set(categories)))
 
     obs = pd.DataFrame(
         {
-            f"{key_added}_prediction": categorical(pred_names, [*label_names, *extra]),
-            f"{key_added}_prediction_ontology_term_id": categorical(pred_ids, [*labels, *extra]),
+            f"{key_added}_prediction": present_categorical(pred_names, hierarchy, names=True),
+            f"{key_added}_prediction_ontology_term_id": present_categorical(pred_ids, hierarchy),
             f"{key_added}_confidence": confidence,
-            f"{key_added}_prediction_coarse": categorical(coarse_names, sorted(set(coarse_names))),
-            f"{key_added}_prediction_coarse_ontology_term_id": categorical(coarse_ids, sorted(set(coarse_ids))),
-            f"{key_added}_unassigned_reason": pd.Categorical(
-                np.where(empty, NO_EXPRESSION, None), categories=[NO_EXPRESSION]
-            ),
+            f"{key_added}_prediction_coarse": present_categorical(coarse_names, hierarchy, names=True),
+            f"{key_added}_prediction_coarse_ontology_term_id": present_categorical(coarse_ids, hierarchy),
+            f"{key_added}_unassigned_reason": reasons,
         },
         index=obs_names,
     )
     probs = pd.DataFrame(probabilities.astype(np.float32), index=obs_names, columns=labels)
     hier = pd.DataFrame(scores.astype(np.float32), index=obs_names, columns=list(hierarchy.terms))
     return obs, probs, hier
+
+
+def unassigned_reasons(
+    confidence: np.ndarray, empty: np.ndarray, min_confidence: float, low_overlap: str | None, key_added: str
+) -> pd.Categorical:
+    """Why each cell is unassigned (categorical; missing for an assigned cell): the first reason that applies."""
+    low = confidence < min_confidence
+    reasons = np.full(len(confidence), None, dtype=object)
+    reasons[low] = f"confidence below {min_confidence:g}"
+    if low_overlap is not None:
+        reasons[:] = low_overlap
+    reasons[empty] = NO_EXPRESSION
+    column = f"obs[{key_added + '_unassigned_reason'!r}]"
+    if empty.any():
+        logger.warning(
+            "%d of %d cell(s) have no expression in the model's genes: called %r with confidence 0 (reason in %s).",
+            int(empty.sum()),
+            len(empty),
+            UNASSIGNED,
+            column,
+        )
+    if low_overlap is not None:
+        logger.warning("Every cell is called %r: %s (reason in %s).", UNASSIGNED, low_overlap, column)
+    elif (low & ~empty).any():
+        logger.info(
+            "%d of %d cell(s) have a confidence below min_confidence=%g: called %r (reason in %s).",
+            int((low & ~empty).sum()),
+            len(low),
+            min_confidence,
+            UNASSIGNED,
+            column,
+        )
+    present = [r for r in dict.fromkeys(reasons.tolist()) if r is not None]
+    return pd.Categorical(reasons, categories=present)
+
+
+def term_order(hierarchy: Hierarchy) -> list[str]:
+    """Every term of ``hierarchy`` depth first (roots and children by name), each at its first visit.
+
+    A stable order that keeps a subtree's terms together.
+    """
+    children: dict[str, list[str]] = {t: [] for t in hierarchy.terms}
+    for parent, child in hierarchy.edges():
+        children[parent].append(child)
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(term: str) -> None:
+        if term in seen:
+            return
+        seen.add(term)
+        order.append(term)
+        for child in sorted(children[term], key=hierarchy.name):
+            visit(child)
+
+    for root in sorted((t for t in hierarchy.terms if not hierarchy.parents(t)), key=hierarchy.name):
+        visit(root)
+    return order
+
+
+def present_categorical(values, hierarchy: Hierarchy, names: bool = False) -> pd.Categorical:
+    """``values`` (term IDs, or names with ``names=True``) as a categorical of the values present only.
+
+    Categories follow the hierarchy's depth-first order; values outside the hierarchy (sorted), then ``"unassigned"``,
+    come last.
+    """
+    values = np.asarray(values, dtype=object)
+    order = term_order(hierarchy)
+    if names:
+        order = [hierarchy.name(t) for t in order]
+    present = set(values.tolist())
+    categories = [c for c in dict.fromkeys(order) if c in present]
+    categories += sorted(str(v) for v in present - set(categories) if v != UNASSIGNED)
+    categories += [UNASSIGNED] if UNASSIGNED in present else []
+    return pd.Categorical(values, categories=categories)
+
+
+def _palette() -> list[str]:
+    """54 distinct colours: matplotlib's tab10, the light half of tab20, tab20b and tab20c, all without their greys.
+
+    Greys are kept for ``"unassigned"`` and for categories outside the hierarchy.
+    """
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    colours = [to_hex(c) for i, c in enumerate(colormaps["tab10"].colors) if i != 7]
+    colours += [to_hex(c) for i, c in enumerate(colormaps["tab20"].colors) if i % 2 and i != 15]
+    return (
+        colours + [to_hex(c) for c in colormaps["tab20b"].colors] + [to_hex(c) for c in colormaps["tab20c"].colors[:16]]
+    )
+
+
+def term_colors(hierarchy: Hierarchy) -> dict[str, str]:
+    """One colour per term ID and per term name: labels first (depth first), then their ancestors.
+
+    ``"unassigned"`` is light grey. The same model gives a label the same colour in every query and column.
+    """
+    order = term_order(hierarchy)
+    labels = set(hierarchy.labels)
+    ranked = [t for t in order if t in labels] + [t for t in order if t not in labels]
+    palette = _palette()
+    colours = {UNASSIGNED: UNASSIGNED_COLOR}
+    for i, term in enumerate(ranked):
+        colours[term] = colours[hierarchy.name(term)] = palette[i % len(palette)]
+    return colours
+
+
+def set_colors(
+    adata: AnnData,
+    columns: list[str],
+    hierarchy: Hierarchy,
+    label_map: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Write ``uns["<column>_colors"]`` for categorical ``columns``, one colour per term shared by all of them.
+
+    A category that is a term ID or name of ``hierarchy``, or a label that ``label_map`` maps to one (a truth column
+    of free-text labels), gets that term's colour; any other gets a grey. Returns the ``uns`` keys written.
+    """
+    colours = term_colors(hierarchy)
+    label_map = dict(label_map or {})
+    written = []
+    for column in columns:
+        series = adata.obs[column]
+        if not isinstance(series.dtype, pd.CategoricalDtype):
+            series = series.astype("category")
+            if series.cat.categories.tolist() != sorted(series.cat.categories.tolist()):
+                continue  # the categories scanpy would make are not known here
+        cats = [str(c) for c in series.cat.categories]
+        others = iter(_GREYS * (len(cats) // len(_GREYS) + 1))
+        adata.uns[f"{column}_colors"] = np.array(
+            [colours.get(c) or colours.get(label_map.get(c, ""), None) or next(others) for c in cats], dtype=object
+        )
+        written.append(f"{column}_colors")
+    return written
 
 
 def write_outputs(
@@ -148,11 +289,20 @@ def write_outputs(
 ) -> None:
     """Write predictions into ``adata``; only schce's own keys change, and overwriting them is logged.
 
-    What is written is recorded in ``uns[key_added]["written"]``, so a later run knows which keys are schce's.
+    What is written is recorded in ``uns[key_added]["written"]``, so a later run knows which keys are schce's. Columns
+    an earlier run wrote that this one does not (its majority vote) are removed, so no stale call stays beside new
+    ones.
     """
     replaced = check_output_keys(adata, key_added, overwrite)
     if replaced:
         logger.info("Overwriting earlier schce outputs: %s.", ", ".join(replaced))
+    stale = sorted(k for place, k in _written_before(adata, key_added) if place == "obs" and k not in obs.columns)
+    stale = [k for k in stale if k in adata.obs.columns]
+    for column in stale:
+        del adata.obs[column]
+        adata.uns.pop(f"{column}_colors", None)
+    if stale:
+        logger.info("Removed the earlier run's %s (not written by this run).", ", ".join(stale))
     for column in obs.columns:
         adata.obs[column] = (
             obs[column].to_numpy() if not isinstance(obs[column].dtype, pd.CategoricalDtype) else obs[column].values

@@ -212,6 +212,12 @@ _MODEL = click.Path(path_type=Path)
 @click.option("--n-hidden", type=click.IntRange(min=1), default=None, help="MLP width (default 256).")
 @click.option("--n-layers", type=click.IntRange(min=1), default=None, help="MLP depth (default 3).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Lightning's progress bar.")
+@click.option(
+    "--label-mapping",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="CSV with columns label, ontology_term_id mapping free-text labels to CL (from schce.propose_label_mapping).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 def train(
     input_path: Path,
@@ -229,6 +235,7 @@ def train(
     n_hidden: int | None,
     n_layers: int | None,
     progress: bool,
+    label_mapping: Path | None,
     overwrite: bool,
 ) -> None:
     """Train a classifier on INPUT.h5ad and save it to --out.
@@ -237,6 +244,8 @@ def train(
     hierarchy-corrected macro F1 (the linear model is fitted by full-batch L-BFGS and keeps the converged weights).
     """
     _existing_file(input_path, "Input")
+    if label_mapping is not None:
+        _existing_file(label_mapping, "Label mapping")
     _check_output(out_dir, overwrite)
     from schce._io import check_save_target
 
@@ -251,9 +260,11 @@ def train(
 
     from schce._constants import MONITOR
     from schce.model import HCEClassifier
+    from schce.vocabulary import read_label_mapping
 
+    mapping = read_label_mapping(label_mapping) if label_mapping is not None else None  # a bad table fails here
     adata = _read_h5ad(input_path)
-    HCEClassifier.setup_anndata(adata, labels_key=labels_key, layer=layer, batch_key=batch_key)
+    HCEClassifier.setup_anndata(adata, labels_key=labels_key, layer=layer, batch_key=batch_key, label_mapping=mapping)
     model = HCEClassifier(adata, backbone=backbone, loss=loss, **arch)
     model.train(
         max_epochs=max_epochs,
@@ -280,7 +291,30 @@ def train(
 @click.argument("input_path", metavar="INPUT.h5ad", type=_INPUT)
 @click.option("--out", "out_path", required=True, type=_INPUT, help="Annotated h5ad to write (never the input).")
 @_query_options
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--majority-voting", is_flag=True, help="Also smooth the calls over clusters (subtree-aware vote).")
+@click.option("--over-clustering", default=None, help="obs column of clusters to vote in; default: Leiden on X_schce.")
+@click.option(
+    "--min-confidence",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Cells below this calibrated confidence are called 'unassigned'.",
+)
+@click.option(
+    "--min-gene-overlap",
+    type=click.FloatRange(0, 1),
+    default=0.1,
+    show_default=True,
+    help="Below this fraction of the model's genes in the query, every cell is 'unassigned'.",
+)
+@click.option(
+    "--figures",
+    "figures_dir",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for umap.png, prediction_counts.png and confidence.png.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file (and its .csv).")
 def predict(
     model_dir: Path,
     input_path: Path,
@@ -288,34 +322,56 @@ def predict(
     coarse_threshold: float,
     layer: str | None,
     gene_symbols: str | None,
+    majority_voting: bool,
+    over_clustering: str | None,
+    min_confidence: float,
+    min_gene_overlap: float,
+    figures_dir: Path | None,
     overwrite: bool,
 ) -> None:
-    """Annotate INPUT.h5ad with a saved model and write the result to --out.
+    """Annotate INPUT.h5ad with a saved model and write the result to --out, and a CSV of the calls beside it.
 
     The output has the prediction columns in obs (schce_prediction, schce_prediction_coarse, schce_confidence, ...),
-    the probabilities, hierarchical scores and embedding (X_schce) in obsm.
+    the probabilities, hierarchical scores and embedding (X_schce) in obsm. The CSV (--out with the suffix .csv)
+    has one row per cell: the calls, confidence, unassigned reason and, with --majority-voting, the votes.
     """
     _check_model_dir(model_dir)
     _existing_file(input_path, "Input")
+    csv_path = out_path.with_suffix(".csv")
     _check_output(out_path, overwrite, [input_path])
+    _check_output(csv_path, overwrite, [input_path])
     columns = _columns(input_path)
     _require_columns(input_path, columns, "var", {"--gene-symbols": gene_symbols})
     _require_columns(input_path, columns, "layers", {"--layer": layer})
+    _require_columns(input_path, columns, "obs", {"--over-clustering": over_clustering})
+    if over_clustering is not None and not majority_voting:
+        raise click.ClickException("--over-clustering applies with --majority-voting only.")
 
     from schce._io import write_file_atomically
     from schce.model import HCEClassifier
 
     model = HCEClassifier.load(model_dir)
     adata = _read_h5ad(input_path)
-    obs = model.predict(adata, layer=layer, gene_symbols=gene_symbols, coarse_threshold=coarse_threshold)
+    obs = model.predict(
+        adata, layer=layer, gene_symbols=gene_symbols, coarse_threshold=coarse_threshold,
+        majority_voting=majority_voting, over_clustering=over_clustering, min_confidence=min_confidence,
+        min_gene_overlap=min_gene_overlap,
+    )  # fmt: skip
     write_file_atomically(out_path, lambda tmp: adata.write_h5ad(tmp))
+    table = obs.drop(columns=[c for c in obs.columns if c.endswith("_over_clustering")])
+    write_file_atomically(csv_path, lambda tmp: table.rename_axis("cell").to_csv(tmp))
     overlap = adata.uns["schce"]["gene_overlap"]
     top = obs["schce_prediction"].value_counts().head(5)
     click.echo(
         f"Annotated {adata.n_obs} cells ({overlap['n_found']} of {overlap['n_model_genes']} model genes found); "
         f"most frequent: " + ", ".join(f"{name} ({n})" for name, n in top.items() if n)
     )
-    click.echo(f"Wrote {out_path}")
+    click.echo(f"Wrote {out_path} and {csv_path}")
+    if figures_dir is not None:
+        from schce._prediction_figures import save_prediction_figures
+
+        written = save_prediction_figures(adata, figures_dir)
+        click.echo(f"Figures: {', '.join(str(p) for p in written)}")
 
 
 @cli.command()

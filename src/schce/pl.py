@@ -376,6 +376,10 @@ def hierarchy_scores(
     min_score
         Nodes with a mean score below this are drawn faded.
 
+    The model's labels are drawn as large outlined nodes with bold names; terms that are only ontology ancestors
+    (grouping terms such as "motile cell") as small nodes with grey italic names. The labels are
+    ``hierarchy.labels``, else the columns of ``obsm[f"{key_added}_probabilities"]``.
+
     Returns
     -------
     The Axes. The nodes are the scatter collection labelled ``"terms"``, in the order of the obsm columns (its
@@ -424,6 +428,12 @@ def hierarchy_scores(
             shown = ", ".join(map(repr, present[:20])) + (", …" if len(present) > 20 else "")
             raise ValueError(f"group={group!r} is not a value of adata.obs[{groupby!r}]; values: {shown}.")
     mean = values[mask].mean(axis=0)
+    probabilities = adata.obsm.get(f"{key_added}_probabilities")
+    if hierarchy is not None:
+        model_labels = set(hierarchy.labels)
+    else:  # the labels are the columns of the probabilities; without them, every term is drawn alike
+        model_labels = set(map(str, probabilities.columns)) if isinstance(probabilities, pd.DataFrame) else set(terms)
+    is_label = np.array([t in model_labels for t in terms], dtype=bool)
 
     node_set = set(terms)
     if hierarchy is not None:
@@ -457,22 +467,26 @@ def hierarchy_scores(
     faded = mean < min_score
     alpha = np.where(faded, 0.25, 1.0)
     # an opaque white underlay keeps the edges from showing through faded nodes
-    ax.scatter(xy[:, 0], xy[:, 1], s=160, c="white", edgecolors="none", zorder=1.5, label="_underlay")
+    # the model's labels are large, outlined nodes with bold names; ontology-only grouping terms small and grey
+    size = np.where(is_label, 160.0, 55.0)
+    ax.scatter(xy[:, 0], xy[:, 1], s=size, c="white", edgecolors="none", zorder=1.5, label="_underlay")
     nodes = ax.scatter(
-        xy[:, 0], xy[:, 1], c=mean, cmap=cmap, norm=norm, s=160, alpha=alpha, edgecolors="0.25", linewidths=0.6
-    )
+        xy[:, 0], xy[:, 1], c=mean, cmap=cmap, norm=norm, s=size, alpha=alpha, edgecolors="0.25",
+        linewidths=np.where(is_label, 0.8, 0.3),
+    )  # fmt: skip
     nodes.set_zorder(2)
     nodes.set_label("terms")
-    for (x, y), t, f in zip(xy, terms, faded, strict=True):
+    for (x, y), t, f, lab in zip(xy, terms, faded, is_label, strict=True):
         ax.text(
             x,
             y - 0.16,
             _wrap(names[t], 18),
             ha="center",
             va="top",
-            fontsize=6.5,
-            fontweight="bold",
-            color="0.6" if f else "0.1",
+            fontsize=6.5 if lab else 5.5,
+            fontweight="bold" if lab else "normal",
+            fontstyle="normal" if lab else "italic",
+            color="0.6" if f or not lab else "0.1",
             linespacing=1.0,
             zorder=3,
             bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85},

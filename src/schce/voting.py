@@ -138,27 +138,58 @@ def majority_vote(
     pred_key = f"{key_added}_prediction_ontology_term_id"
     if pred_key not in adata.obs:
         raise KeyError(f"adata.obs has no {pred_key!r}: run model.predict(adata, key_added={key_added!r}) first.")
-    written = {}
+    clusters, embedding = None, None
     if over_clustering is None:
         emb_key = f"X_{key_added}"
         if emb_key not in adata.obsm:
             raise KeyError(f"adata.obsm has no {emb_key!r} to over-cluster; pass over_clustering='<obs column>'.")
-        clusters = over_cluster(np.asarray(adata.obsm[emb_key]), resolution, random_state)
-        written[f"{key_added}_over_clustering"] = pd.Categorical(clusters, categories=sorted(set(clusters), key=int))
+        embedding = np.asarray(adata.obsm[emb_key])
     else:
-        if over_clustering not in adata.obs:
-            raise KeyError(f"adata.obs has no column {over_clustering!r} to vote over.")
-        if adata.obs[over_clustering].isna().any():
-            raise ValueError(f"adata.obs[{over_clustering!r}] has missing values; every cell needs a cluster.")
-        clusters = adata.obs[over_clustering].to_numpy()
-    terms, support = vote(adata.obs[pred_key].to_numpy(), clusters, hierarchy, min_fraction)
-    names = np.array([UNASSIGNED if t == UNASSIGNED else hierarchy.name(t) for t in terms], dtype=object)
-    written[f"{key_added}_majority_voting"] = pd.Categorical(names)
-    written[f"{key_added}_majority_voting_ontology_term_id"] = pd.Categorical(terms)
-    written[f"{key_added}_majority_voting_fraction"] = support
-    out = pd.DataFrame(written, index=adata.obs_names)
-    changed = float(np.mean(terms != adata.obs[pred_key].astype(str).to_numpy()))
-    logger.info("Majority voting changed %.1f%% of the calls (%d clusters).", 100 * changed, len(set(clusters)))
+        clusters = cluster_column(adata.obs, over_clustering)
+    out = voting_frame(
+        adata.obs[pred_key].to_numpy(), adata.obs_names, hierarchy, key_added, clusters, embedding, resolution,
+        min_fraction, random_state,
+    )  # fmt: skip
     for column in out.columns:
         adata.obs[column] = out[column].values
     return out
+
+
+def cluster_column(obs: pd.DataFrame, over_clustering: str) -> np.ndarray:
+    """The clusters of ``obs[over_clustering]``, checked."""
+    if over_clustering not in obs:
+        raise KeyError(f"adata.obs has no column {over_clustering!r} to vote over.")
+    if obs[over_clustering].isna().any():
+        raise ValueError(f"adata.obs[{over_clustering!r}] has missing values; every cell needs a cluster.")
+    return obs[over_clustering].to_numpy()
+
+
+def voting_frame(
+    predictions: np.ndarray,
+    obs_names: pd.Index,
+    hierarchy: Hierarchy,
+    key_added: str = "schce",
+    clusters: np.ndarray | None = None,
+    embedding: np.ndarray | None = None,
+    resolution: float | None = None,
+    min_fraction: float = 0.5,
+    random_state: int = 0,
+) -> pd.DataFrame:
+    """The majority-voting columns of :func:`majority_vote` for predicted label IDs, without writing anything.
+
+    ``clusters`` per cell, or ``embedding`` to over-cluster (then ``{key_added}_over_clustering`` is included).
+    """
+    from schce._output import present_categorical
+
+    written = {}
+    if clusters is None:
+        clusters = over_cluster(embedding, resolution, random_state)
+        written[f"{key_added}_over_clustering"] = pd.Categorical(clusters, categories=sorted(set(clusters), key=int))
+    terms, support = vote(predictions, clusters, hierarchy, min_fraction)
+    names = np.array([UNASSIGNED if t == UNASSIGNED else hierarchy.name(t) for t in terms], dtype=object)
+    written[f"{key_added}_majority_voting"] = present_categorical(names, hierarchy, names=True)
+    written[f"{key_added}_majority_voting_ontology_term_id"] = present_categorical(terms, hierarchy)
+    written[f"{key_added}_majority_voting_fraction"] = support
+    changed = float(np.mean(terms != np.asarray(predictions).astype(str)))
+    logger.info("Majority voting changed %.1f%% of the calls (%d clusters).", 100 * changed, len(set(clusters)))
+    return pd.DataFrame(written, index=obs_names)

@@ -80,7 +80,7 @@ class HCEClassifier(SetupMixin, TrainingMixin, FineTuneMixin, InferenceMixin, Pe
         self,
         adata: AnnData | None = None,
         registry: dict | None = None,
-        backbone: Literal["mlp", "linear"] = "mlp",
+        backbone: Literal["mlp", "linear", "tabnet"] = "mlp",
         loss: Literal["hce-aware", "hce", "ce"] | None = None,
         label_semantics: Literal["auto", "inclusive", "exclusive"] = "auto",
         hce_form: Literal["log", "reference"] | None = None,

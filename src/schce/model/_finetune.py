@@ -17,6 +17,7 @@ from schce.hierarchy import Hierarchy
 from schce.nn import extend_head, output_layer
 from schce.train import FrozenModules
 from schce.train._config import TrainConfig
+from schce.vocabulary import map_labels
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,9 @@ class FineTuneMixin:
         """The cells' CL IDs, the labels the model lacks (refused with ``new_labels="error"``), the grown hierarchy."""
         raw = self._labels(adata, labels_key)
         onto = self._ontology(ontology)
-        terms = raw.astype(str).map(onto.map_labels(raw.astype(str).unique())).to_numpy()
+        seen = set(raw.astype(str))
+        known = {k: v for k, v in self.setup_state.label_map.items() if k in seen}  # the training label mapping
+        terms = raw.astype(str).map(map_labels(raw.astype(str).unique(), onto, known)).to_numpy()
         added = sorted(set(terms) - set(self.hierarchy.labels))
         if added and new_labels == "error":
             raise ValueError(

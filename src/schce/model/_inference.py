@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -15,13 +16,27 @@ from anndata import AnnData
 from mudata import MuData
 
 from schce._checks import check_groupby
-from schce._output import check_key_added, check_output_keys, prediction_frame, write_outputs
+from schce._output import (
+    check_key_added,
+    check_output_keys,
+    check_query_columns,
+    prediction_frame,
+    set_colors,
+    write_outputs,
+)
 from schce.data._expression import check_expression, empty_rows, get_matrix, resolve_normalize
 from schce.data._genes import GeneAligner
 from schce.data._loader import make_loader
 from schce.evaluation import DEFAULT_GROUPBY, EvaluationResult, evaluate_predictions
+from schce.model._setup import CUSTOM
 from schce.ontology import load_cell_ontology
 from schce.train._runner import loader_outputs
+from schce.vocabulary import map_labels
+from schce.voting import cluster_column, voting_frame
+
+MIN_GENE_OVERLAP = 0.1  # below 10% of its genes a model's calls are not evidence (a PBMC model on pancreas: ~1%)
+
+logger = logging.getLogger(__name__)
 
 
 class InferenceMixin:
@@ -118,6 +133,11 @@ class InferenceMixin:
         inplace: bool = True,
         calibrated: bool = True,
         overwrite: bool = False,
+        majority_voting: bool = False,
+        over_clustering: str | None = None,
+        min_confidence: float = 0.0,
+        min_gene_overlap: float = MIN_GENE_OVERLAP,
+        truth_key: str | None = None,
     ) -> pd.DataFrame:
         """Predict cell types and write them into ``adata``.
 
@@ -131,8 +151,16 @@ class InferenceMixin:
           labels and their ancestors: the summed probability of each term's subtree), ``obsm["X_{key}"]`` (the
           penultimate-layer embedding);
         - ``obs["{key}_unassigned_reason"]``: why a cell is ``"unassigned"`` (no expression in the model's genes:
-          confidence 0), else missing;
+          confidence 0; gene overlap below ``min_gene_overlap``; confidence below ``min_confidence``), else missing;
+        - with ``majority_voting=True``: ``obs["{key}_majority_voting"]`` (+ ``_ontology_term_id``, ``_fraction``,
+          and ``obs["{key}_over_clustering"]`` when no ``over_clustering`` is given), see
+          :func:`schce.majority_vote`;
+        - ``uns["{column}_colors"]`` for every categorical column above (and ``truth_key``): one colour per cell
+          type, shared by all of them;
         - ``uns["{key}"]``: model, ontology version, threshold, gene overlap, and the keys written.
+
+        Categories are the values present only, in the hierarchy's depth-first order (``"unassigned"`` last), so
+        ``sc.pl.dotplot``, ``sc.tl.rank_genes_groups`` and ``sc.pl.umap`` take any of these columns as they are.
 
         Nothing else in ``adata`` changes: an entry of the same name that schce did not write is an error (before
         any work) unless ``overwrite=True``; schce's own entries from an earlier run are replaced.
@@ -161,6 +189,19 @@ class InferenceMixin:
             call change; the argmax label does not).
         overwrite
             Replace entries of the output names that schce did not write (refused by default).
+        majority_voting
+            Also smooth the calls over clusters (subtree-aware; see :func:`schce.majority_vote`).
+        over_clustering
+            ``obs`` column of clusters to vote in; default: a fine Leiden over-clustering of the embedding.
+        min_confidence
+            Cells whose (calibrated) confidence is below this are called ``"unassigned"``; ``0`` (default) keeps
+            every call.
+        min_gene_overlap
+            Fraction of the model's genes the query must have; below it every cell is ``"unassigned"`` (a model
+            cannot speak for cells it barely sees). ``0`` keeps every call.
+        truth_key
+            ``obs`` column of known labels (CL IDs or names, or the free-text labels of the training mapping) to
+            colour like the predictions: ``uns["{truth_key}_colors"]``.
 
         Returns
         -------
@@ -168,43 +209,73 @@ class InferenceMixin:
         """
         if not 0 < coarse_threshold <= 1:
             raise ValueError(f"coarse_threshold must be in (0, 1], got {coarse_threshold}.")
+        for name, value in (("min_confidence", min_confidence), ("min_gene_overlap", min_gene_overlap)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {value}.")
         check_key_added(key_added)
         mdata = adata if adata is not None else self.adata
-        if inplace and isinstance(target := self._rna(mdata) if mdata is not None else None, AnnData):
-            check_output_keys(target, key_added, overwrite)  # before any work
+        target = self._rna(mdata) if mdata is not None else None
+        if isinstance(target, AnnData):  # before any work
+            check_query_columns(target, truth_key, over_clustering if majority_voting else None)
+            if inplace:
+                check_output_keys(
+                    target, key_added, overwrite, majority_voting=majority_voting, over_clustering=over_clustering
+                )
         layer_used = self._registered_layer() if adata is None and layer is None else layer
         mdata = mdata if isinstance(mdata, MuData) else None
         logits, emb, aligner, normalize_used, adata = self._forward(adata, layer, gene_symbols, batch_size, normalize)
         probs = self._probabilities(logits, calibrated)
         empty = empty_rows(get_matrix(adata, layer_used), adata.n_obs, aligner.query_columns())
+        low_overlap = None
+        if aligner.overlap < min_gene_overlap:
+            low_overlap = (
+                f"gene overlap {100 * aligner.overlap:.1f}% of the model's genes, below min_gene_overlap="
+                f"{min_gene_overlap:g}"
+            )
         obs, probs_df, scores_df = prediction_frame(
-            probs, self.hierarchy, adata.obs_names, key_added, coarse_threshold, empty
+            probs, self.hierarchy, adata.obs_names, key_added, coarse_threshold, empty, min_confidence, low_overlap
         )
+        if majority_voting:
+            clusters = None if over_clustering is None else cluster_column(adata.obs, over_clustering)
+            votes = voting_frame(
+                obs[f"{key_added}_prediction_ontology_term_id"].to_numpy(), adata.obs_names, self.hierarchy,
+                key_added, clusters, emb,
+            )  # fmt: skip
+            obs = pd.concat([obs, votes], axis=1)
         if inplace:
-            from schce import __version__
-
-            uns = {
-                "schce_version": __version__,
-                "backbone": self.backbone,
-                "loss": self.loss,
-                "label_semantics": self.label_semantics,
-                "n_labels": self.hierarchy.n_labels,
-                "ontology_version": self.hierarchy.version,
-                "coarse_threshold": float(coarse_threshold),
-                "temperature": float(self.temperature_ if calibrated else 1.0),
-                "gene_overlap": aligner.summary(),
-                "normalized": bool(normalize_used),
-                "expression": self._query_expression,
-            }
+            uns = self._prediction_uns(coarse_threshold, calibrated, aligner, normalize_used, min_confidence)
             obsm = {f"{key_added}_probabilities": probs_df, f"{key_added}_hierarchical_scores": scores_df}
             obsm[f"X_{key_added}"] = emb
             write_outputs(adata, obs, obsm, uns, key_added, overwrite)
+            coloured = [c for c in obs.columns if isinstance(obs[c].dtype, pd.CategoricalDtype)]
+            coloured = [c for c in coloured if not c.endswith(("_unassigned_reason", "_over_clustering"))]
+            set_colors(
+                adata, [*coloured, *([truth_key] if truth_key else [])], self.hierarchy, self.setup_state.label_map
+            )
             if mdata is not None:  # our columns only, as mdata.obs["rna:schce_prediction"], ...
                 mod = next(name for name, m in mdata.mod.items() if m is adata)
                 with warnings.catch_warnings():  # pandas' copy warning raised inside mudata 0.3's pull_obs
                     warnings.simplefilter("ignore", pd.errors.SettingWithCopyWarning)
                     mdata.pull_obs(columns=list(obs.columns), mods=[mod])
         return obs
+
+    def _prediction_uns(self, coarse_threshold, calibrated, aligner, normalize_used, min_confidence) -> dict:
+        from schce import __version__
+
+        return {
+            "schce_version": __version__,
+            "backbone": self.backbone,
+            "loss": self.loss,
+            "label_semantics": self.label_semantics,
+            "n_labels": self.hierarchy.n_labels,
+            "ontology_version": self.hierarchy.version,
+            "coarse_threshold": float(coarse_threshold),
+            "min_confidence": float(min_confidence),
+            "temperature": float(self.temperature_ if calibrated else 1.0),
+            "gene_overlap": aligner.summary(),
+            "normalized": bool(normalize_used),
+            "expression": self._query_expression,
+        }
 
     def _probabilities(self, logits: np.ndarray, calibrated: bool) -> np.ndarray:
         t = self.temperature_ if calibrated else 1.0
@@ -283,15 +354,13 @@ class InferenceMixin:
             raise TypeError("Pass the labelled AnnData and its labels_key, or datamodule= to score a store's split.")
         raw = self._labels(adata, labels_key)
         check_groupby(self._rna(adata).obs.columns, groupby, DEFAULT_GROUPBY)  # a typo fails here, named
-        onto = self._ontology(ontology)
-        mapping = onto.map_labels(raw.astype(str).unique())
-        true_terms = raw.astype(str).map(mapping).to_numpy()
+        true_terms, ancestors = self._true_terms(raw, ontology)
         logits, _, _, _, adata = self._forward(adata, layer, gene_symbols, batch_size, normalize)
         result = evaluate_predictions(
             true_terms,
             self._probabilities(logits, calibrated),
             self.hierarchy,
-            onto.ancestors,
+            ancestors,
             obs=adata.obs,
             groupby=groupby,
             coarse_threshold=coarse_threshold,
@@ -301,6 +370,25 @@ class InferenceMixin:
         if output_dir is not None:
             result.write(output_dir)
         return result
+
+    def _true_terms(self, raw: pd.Series, ontology) -> tuple[np.ndarray, object]:
+        """True labels as terms (through the training label mapping first) and the ``ancestors`` rule to score them."""
+        state = self.setup_state
+        values = raw.astype(str)
+        if state.ontology_source == CUSTOM:  # the user's own labels: terms of the model's hierarchy, as they are
+            hier = self.hierarchy
+            unknown = sorted(set(values) - set(hier.terms))
+            if unknown:
+                logger.warning(
+                    "%d true label(s) are not terms of the model's hierarchy and cannot be scored: %s.",
+                    len(unknown),
+                    ", ".join(unknown[:10]),
+                )
+            return values.to_numpy(), lambda t: hier.ancestors(t) if t in hier.terms else set()
+        onto = self._ontology(ontology)
+        seen = set(values)
+        mapping = map_labels(values.unique(), onto, {k: v for k, v in state.label_map.items() if k in seen})
+        return values.map(mapping).to_numpy(), onto.ancestors
 
     def _labels(self, data: AnnData | MuData, labels_key: str) -> pd.Series:
         """``obs[labels_key]`` of the RNA cells (for a MuData: the RNA modality's column, else ``mdata.obs``'s)."""

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import numpy as np
@@ -25,6 +29,10 @@ from schce.data._genes import gene_id_type, model_genes
 from schce.hierarchy import Hierarchy
 from schce.model._state import SetupState
 from schce.ontology import load_cell_ontology
+from schce.vocabulary import map_labels, read_label_mapping
+
+logger = logging.getLogger(__name__)
+CUSTOM = "custom hierarchy"  # ontology_source of a model set up with a user's hierarchy instead of the Cell Ontology
 
 
 class SetupMixin:
@@ -40,6 +48,8 @@ class SetupMixin:
         batch_key: str | None = None,
         ontology=None,
         normalize: bool | Literal["auto"] = "auto",
+        label_mapping: Mapping[str, str] | pd.DataFrame | str | os.PathLike | None = None,
+        hierarchy: Hierarchy | Mapping[str, str | Sequence[str] | None] | None = None,
         **kwargs,
     ) -> None:
         """Register ``adata`` for training.
@@ -63,6 +73,15 @@ class SetupMixin:
             ``"auto"``: normalise (size factor to 1e4, log1p) raw counts and count-like values (normalised without
             log, or counts times a factor), use log1p-normalised values as they are, refuse scaled (negative)
             values; what was seen is logged (see :doc:`/checks`). ``True`` / ``False`` to force.
+        label_mapping
+            Free-text labels (``T_CD4``, ``Mono``) to CL IDs or names: a dict, a reviewed table of
+            :func:`~schce.propose_label_mapping` (columns ``label``, ``ontology_term_id``) or a CSV of it. Labels it
+            does not list must be CL IDs, names or synonyms.
+        hierarchy
+            Train without the Cell Ontology: a :class:`~schce.Hierarchy` whose terms include every label, or a dict
+            ``{label: parent}`` / ``{label: [parents]}`` (``None`` for a top-level label) over your own labels.
+            The model's labels are then the values of ``obs[labels_key]`` as they are; ``ontology`` and
+            ``label_mapping`` do not apply.
         **kwargs
             Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
         """
@@ -72,7 +91,9 @@ class SetupMixin:
                     f"{what}={key!r} is not a column of adata.obs. Available columns: {list(adata.obs.columns)}."
                 )
         check_setup_obs(adata, batch_key)  # missing batches, a user's _scvi_labels column: before any change
-        state = cls._setup_state(adata, adata.obs[labels_key], labels_key, layer, ontology, normalize)
+        state = cls._setup_state(
+            adata, adata.obs[labels_key], labels_key, layer, ontology, normalize, label_mapping, hierarchy
+        )
 
         setup_method_args = cls._get_setup_method_args(**locals())
         setup_method_args["setup_args"] = {
@@ -82,6 +103,7 @@ class SetupMixin:
             # a path or URL is kept so evaluate() can reload it; an in-memory ontology is recorded by its source
             "ontology": os.fspath(ontology) if isinstance(ontology, str | os.PathLike) else None,
             "normalize": normalize,
+            **_vocabulary_args(state, label_mapping),
         }
         fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
@@ -89,7 +111,7 @@ class SetupMixin:
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
         ]
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        with obs_restored_on_error(adata):
+        with obs_restored_on_error(adata), _small_groups_named(adata.obs, labels_key, batch_key):
             manager.register_fields(adata, **kwargs)
         state.write(manager.registry)
         cls.register_manager(manager)
@@ -104,6 +126,8 @@ class SetupMixin:
         ontology=None,
         normalize: bool | Literal["auto"] = "auto",
         modalities: dict[str, str] | None = None,
+        label_mapping: Mapping[str, str] | pd.DataFrame | str | os.PathLike | None = None,
+        hierarchy: Hierarchy | Mapping[str, str | Sequence[str] | None] | None = None,
         **kwargs,
     ) -> None:
         """Register a :class:`~mudata.MuData` for training on its RNA modality.
@@ -123,7 +147,7 @@ class SetupMixin:
             Layer of the RNA modality with the expression; default its ``X``.
         batch_key
             ``obs`` column of batches, in ``mdata.obs`` or in the modality named by ``modalities["batch_key"]``.
-        ontology, normalize
+        ontology, normalize, label_mapping, hierarchy
             As in :meth:`setup_anndata`.
         modalities
             Which modality each argument refers to, as in scvi-tools: ``{"rna_layer": "rna"}`` (the default) and
@@ -161,26 +185,36 @@ class SetupMixin:
                     + (f"; it is in modality {hint[0]!r}: add {{{arg!r}: {hint[0]!r}}} to modalities." if hint else ".")
                 )
             obs_of[arg] = obs
-        state = cls._setup_state(rna, obs_of["labels_key"][labels_key], labels_key, rna_layer, ontology, normalize)
+        raw = obs_of["labels_key"][labels_key]
+        state = cls._setup_state(rna, raw, labels_key, rna_layer, ontology, normalize, label_mapping, hierarchy)
         # Every modality's features as registered, so a loaded model knows them without the data.
         state.modality_genes = {m: [str(v) for v in mdata.mod[m].var_names] for m in mdata.mod}
         setup_method_args["setup_args"]["ontology"] = (
             os.fspath(ontology) if isinstance(ontology, str | os.PathLike) else None
         )
         setup_method_args["setup_args"]["modalities"] = modalities
+        setup_method_args["setup_args"].update(_vocabulary_args(state, label_mapping))
         fields = [
             MuDataLayerField(REGISTRY_KEYS.X_KEY, rna_layer, mod_key=mods.rna_layer, is_count_data=False),
             MuDataCategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key, mod_key=mods.labels_key),
             MuDataCategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key, mod_key=mods.batch_key),
         ]
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        manager.register_fields(mdata, **kwargs)
+        with _small_groups_named(obs_of["labels_key"], labels_key, None):
+            manager.register_fields(mdata, **kwargs)
         state.write(manager.registry)
         cls.register_manager(manager)
 
     @staticmethod
     def _setup_state(
-        adata: AnnData, raw: pd.Series, labels_key: str, layer: str | None, ontology, normalize
+        adata: AnnData,
+        raw: pd.Series,
+        labels_key: str,
+        layer: str | None,
+        ontology,
+        normalize,
+        label_mapping=None,
+        hierarchy=None,
     ) -> SetupState:
         """Check the expression and labels of the training cells; schce's section of the registry."""
         if adata.n_obs == 0 or adata.n_vars == 0:
@@ -191,24 +225,38 @@ class SetupMixin:
                 f"{int(raw.isna().sum())} cell(s) have no label in obs[{labels_key!r}]. Drop them "
                 "(adata = adata[adata.obs[key].notna()].copy()) before setup."
             )
-        onto = load_cell_ontology(ontology)
-        label_map = onto.map_labels(raw.astype(str).unique())
+        values = raw.astype(str).unique()
+        if hierarchy is not None:
+            if label_mapping is not None:
+                raise ValueError(
+                    "Pass either hierarchy= (your own labels and their parents) or label_mapping= (labels to Cell "
+                    "Ontology terms), not both."
+                )
+            hier, source = custom_hierarchy(hierarchy, values, labels_key), CUSTOM
+            label_map = {str(v): str(v) for v in values}
+        else:
+            onto = load_cell_ontology(ontology)
+            mapping = read_label_mapping(label_mapping) if label_mapping is not None else None
+            label_map = map_labels(values, onto, mapping)
+            hier, source = None, onto.source
         label_ids = sorted(set(label_map.values()))
         if len(label_ids) < 2:
             raise ValueError(
                 f"obs[{labels_key!r}] has a single cell type ({label_ids[0]}); a classifier needs at least two."
             )
+        if hier is None:
+            hier = Hierarchy.from_ontology(label_ids, onto)
         where = f"adata.layers[{layer!r}]" if layer else "adata.X"
         summary = check_expression(X, adata.n_obs, where)
         normalize_used = resolve_normalize(normalize, summary, where)
         genes = model_genes(adata.var_names)  # duplicated genes are refused, listed
         return SetupState(
             label_map={str(k): v for k, v in label_map.items()},
-            hierarchy=Hierarchy.from_ontology(label_ids, onto).to_dict(),
+            hierarchy=hier.to_dict(),
             genes=[str(g) for g in genes],
             gene_id_type=gene_id_type(genes),
             normalize=bool(normalize_used),
-            ontology_source=onto.source,
+            ontology_source=source,
             expression=summary.kind,  # what the training values looked like; predict prepares queries alike
         )
 
@@ -236,3 +284,64 @@ class SetupMixin:
     def _ontology(self, ontology=None):
         """``ontology`` loaded, else the one set up with (when it was a path or URL), else the embedded CL release."""
         return load_cell_ontology(ontology if ontology is not None else self.registry_["setup_args"].get("ontology"))
+
+
+def custom_hierarchy(hierarchy, values, labels_key: str) -> Hierarchy:
+    """The model's hierarchy over the label ``values`` (sorted) from a user's :class:`Hierarchy` or parent dict."""
+    labels = sorted(str(v) for v in values)
+    if isinstance(hierarchy, Hierarchy):
+        edges, names, version, known = (
+            hierarchy.edges(),
+            {t: hierarchy.name(t) for t in hierarchy.terms},
+            hierarchy.version,
+            set(hierarchy.terms),
+        )
+    elif isinstance(hierarchy, Mapping):
+        edges = []
+        for child, parents in hierarchy.items():
+            if parents is None or (not isinstance(parents, str) and len(parents) == 0):
+                continue
+            for parent in [parents] if isinstance(parents, str) else parents:
+                edges.append((str(parent), str(child)))
+        names, version = None, CUSTOM
+        known = {str(k) for k in hierarchy} | {p for p, _ in edges}
+    else:
+        raise TypeError(
+            "hierarchy must be a schce.Hierarchy or a dict {label: parent or [parents]}, got "
+            f"{type(hierarchy).__name__}."
+        )
+    missing = [label for label in labels if label not in known]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} label(s) of obs[{labels_key!r}] are not in the hierarchy: {missing}. Add each with its "
+            "parent (None for a top-level label)."
+        )
+    return Hierarchy(labels, edges, names=names, version=version)
+
+
+@contextmanager
+def _small_groups_named(obs: pd.DataFrame, labels_key: str, batch_key: str | None):
+    """Replace scvi-tools' "Category 6 in adata.obs['_scvi_labels'] has fewer than 3 cells" by one naming them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*has fewer than 3 cells.*", category=UserWarning)
+        yield
+    for key in (labels_key, batch_key):
+        if key is None:
+            continue
+        counts = obs[key].astype(str).value_counts()
+        small = counts[counts < 3]
+        if len(small):
+            logger.warning(
+                "obs[%r] has fewer than 3 cells of: %s. They barely train and cannot be validated; merge them into "
+                "a broader label or drop them if that is not intended.",
+                key,
+                ", ".join(f"{name!r} ({n})" for name, n in small.items()),
+            )
+
+
+def _vocabulary_args(state: SetupState, label_mapping) -> dict:
+    """``label_mapping`` and ``hierarchy`` as plain data for the registry's setup_args (a reload sets up alike)."""
+    if state.ontology_source == CUSTOM:
+        hier = Hierarchy.from_dict(state.hierarchy)
+        return {"label_mapping": None, "hierarchy": {t: list(hier.parents(t)) for t in hier.terms}}
+    return {"label_mapping": dict(state.label_map) if label_mapping is not None else None, "hierarchy": None}
