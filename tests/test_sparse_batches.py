@@ -200,3 +200,12 @@ def test_parallel_conversion_writes_the_serial_bytes(stores, tmp_path):
     with pytest.raises(ValueError, match="n_jobs must be"):
         convert_sctab_store(stores["dense"], tmp_path / "bad", n_jobs=0)
     assert not (tmp_path / "bad").exists()
+
+
+def test_csr_rows_with_empty_rows_anywhere():
+    from schce.nn._batch import csr_rows
+
+    for lengths in ([0, 3, 0, 0, 2, 1, 0], [4], [0, 0], [1, 0, 5]):
+        indptr = torch.as_tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
+        want = torch.repeat_interleave(torch.arange(len(lengths)), torch.as_tensor(lengths))
+        torch.testing.assert_close(csr_rows(indptr, len(lengths)), want, rtol=0, atol=0)

@@ -45,9 +45,17 @@ def batch_rows(batch: dict) -> int:
     return int(batch["x_shape"][0]) if is_sparse(batch) else len(batch["x"])
 
 
-def csr_rows(indptr: torch.Tensor, n: int) -> torch.Tensor:
-    """The row of every stored value (``indptr`` expanded), on ``indptr``'s device."""
-    return torch.repeat_interleave(torch.arange(n, device=indptr.device), indptr[1:] - indptr[:-1])
+def csr_rows(indptr: torch.Tensor, n: int, nnz: int | None = None) -> torch.Tensor:
+    """The row (int64) of every stored value (``indptr`` expanded), on ``indptr``'s device.
+
+    A cumulative sum of row-start marks: on the CPU several times faster than ``repeat_interleave``, and ``nnz``
+    (the values' length) spares a device sync.
+    """
+    nnz = int(indptr[-1]) if nnz is None else int(nnz)
+    marks = torch.zeros(nnz + 1, dtype=torch.int64, device=indptr.device)
+    if n > 1:  # every row after the first adds one from its first value on (empty rows add at the same place)
+        marks.index_add_(0, indptr[1:n].long(), torch.ones(n - 1, dtype=torch.int64, device=indptr.device))
+    return marks[:nnz].cumsum_(0) if nnz else marks[:0]
 
 
 class Densifier:
@@ -70,7 +78,12 @@ class Densifier:
         device = torch.device(device) if device is not None else batch["x_values"].device
         indptr, indices, values = (batch[k].to(device, non_blocking=True) for k in SPARSE_KEYS[:3])
         out = self.buffer(n, n_genes, device)
-        flat = csr_rows(indptr, n) * n_genes + indices
+        if device.type == "cpu":  # numpy's repeat and scatter: a third of the CPU time of the torch ops here
+            flat = np.repeat(np.arange(n, dtype=np.int64) * n_genes, np.diff(indptr.numpy()))
+            flat += indices.numpy()
+            out.numpy().reshape(-1)[flat] = values.numpy()
+            return out
+        flat = csr_rows(indptr, n, values.numel()).mul_(n_genes).add_(indices)
         out.view(-1).index_put_((flat,), values.to(torch.float32))
         return out
 

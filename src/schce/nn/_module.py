@@ -36,7 +36,7 @@ def _csr_moments(batch: dict, normalize: bool) -> tuple[torch.Tensor, torch.Tens
     n, n_genes = (int(v) for v in batch["x_shape"])
     values, genes = batch["x_values"].float(), batch["x_indices"].long()
     if normalize:
-        rows = csr_rows(batch["x_indptr"], n)
+        rows = csr_rows(batch["x_indptr"], n, values.numel())
         total = torch.zeros(n, dtype=torch.float32).index_add_(0, rows, values)
         values = torch.log1p(values * (TARGET_SUM / total.clamp_min(1e-12))[rows])
     values = values.double()
