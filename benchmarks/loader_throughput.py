@@ -6,8 +6,14 @@ Each figure is measured in a fresh process, which reads one epoch of the trainin
 2 DataLoader workers; memory is the peak RSS of the main process and the peak PSS of it with its workers (shared
 pages split between them, so nothing counts twice). Prints one line per figure.
 
-Run: ``.venv/bin/python benchmarks/loader_throughput.py [--n-cells 200000] [--train]``
+Run: ``.venv/bin/python benchmarks/loader_throughput.py [--n-cells 200000] [--train] [--readers]``
 (``SCHCE_BENCH_CELLS`` also sets the size; ``--train`` adds one epoch of MLP training on the dense store).
+
+``--readers`` adds, from one further process on the same stores, the reader comparison of ``_readers.py`` (plain
+pyarrow on the dense layout as the floor, schce on the dense layout, the compact layout as sparse batches, densified
+into a reused buffer and as fresh dense batches, and a CSR probe written by the benchmark: median cells/s and cells
+per CPU-second of ``--rounds`` interleaved rounds), training cells/s per backbone with the loader's share, and the
+first-layer matmul bound of the machine.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import time
 from pathlib import Path
 
 CACHE = Path(__file__).resolve().parent / ".cache"
+SCTAB_TRAIN = 15_200_000  # cells in scTab's training split (15.2 M)
 
 
 def _memory() -> tuple[int, int]:
@@ -68,7 +75,7 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def prepare(n_cells: int, n_genes: int) -> tuple[Path, Path]:
+def prepare(n_cells: int, n_genes: int, n_jobs: int = 2) -> tuple[Path, Path]:
     """The cached dense and compact stores of this size (built when absent)."""
     import schce
     from schce.data import convert_sctab_store, write_sctab_store
@@ -84,8 +91,15 @@ def prepare(n_cells: int, n_genes: int) -> tuple[Path, Path]:
         del adata
     if not compact.exists():
         t = time.perf_counter()
-        convert_sctab_store(dense, compact)
-        print(f"converted to compact in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        convert_sctab_store(dense, compact, n_jobs=n_jobs)
+        took = time.perf_counter() - t
+        rate = n_cells / took
+        print(
+            f"converted {n_cells:,} cells to compact in {took:.0f} s with {n_jobs} processes: {rate:,.0f} cells/s; "
+            f"the 15.2 M-cell scTab training split would take {SCTAB_TRAIN / rate / 3600:.1f} h at this rate "
+            f"(x {n_jobs}/n for n processes on as many free cores)",
+            file=sys.stderr,
+        )
     return dense, compact
 
 
@@ -134,6 +148,47 @@ def train(dense: Path, batch_size: int, workers: int) -> dict:
     return {"cells": dm.n_cells("train"), "seconds": elapsed, "peak_rss": rss.peak, "peak_tree": rss.peak_tree}
 
 
+def compare_readers(dense: Path, compact: Path, args) -> dict:
+    """The reader comparison, training rates and matmul bound (in the measuring process)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _readers
+
+    probe = _readers.write_probe(dense, CACHE / f"{dense.name}_csr_probe")
+    out = {"readers": _readers.compare(dense, compact, probe, args.batch_size, args.rounds)}
+    out["probe_bytes"] = _dir_size(probe)
+    out["bound"] = _readers.matmul_bound(args.batch_size, args.n_genes, 256, args.threads)
+    out["training"] = _readers.training_rates(
+        compact, args.batch_size, ["linear", "mlp", "tabnet"], args.train_batches, args.threads
+    )
+    return out
+
+
+def print_readers(out: dict, args) -> None:
+    """Print the reader comparison as ratios to the pyarrow floor and the CSR probe."""
+    readers = out["readers"]
+    floor = readers["pyarrow floor (dense layout)"][0]
+    probe = readers["CSR probe (uint16, fp16, .npy)"][0]
+    fresh = readers["schce compact, dense (fresh)"][0]
+    print(f"readers (one process, no workers, batch {args.batch_size}, median of {args.rounds} interleaved rounds):")
+    for name, (rate, per_cpu) in readers.items():
+        print(
+            f"  {name}: {rate:,.0f} cells/s ({rate / floor:.2f}x floor, {rate / probe:.2f}x CSR probe, "
+            f"{rate / fresh:.2f}x compact fresh dense), {per_cpu:,.0f} cells per CPU-second"
+        )
+    print(f"  CSR probe on disk: {out['probe_bytes'] / 2**30:.2f} GiB")
+    gflops, bound = out["bound"]
+    print(
+        f"first-layer matmul bound ({args.batch_size} x {args.n_genes} @ {args.n_genes} x 256, "
+        f"{args.threads} threads): "
+        f"{gflops:.1f} GFLOP/s -> {bound:,.0f} training cells/s (forward + weight gradient)"
+    )
+    for name, (rate, share) in out["training"].items():
+        print(
+            f"training {name} (compact store, sparse batches, {args.threads} threads): {rate:,.0f} cells/s, "
+            f"loader {100 * share:.0f}% of the time, {100 * rate / bound:.0f}% of the first-layer bound"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-cells", type=int, default=int(os.environ.get("SCHCE_BENCH_CELLS", 200_000)))
@@ -142,12 +197,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--train", action="store_true", help="also time one epoch of MLP training (dense store)")
     parser.add_argument("--prepare-only", action="store_true", help="only build the cached stores")
+    parser.add_argument("--readers", action="store_true", help="also compare the readers, training and matmul bound")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the reader comparison")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for training and the matmul bound")
+    parser.add_argument("--train-batches", type=int, default=8, help="timed training batches per backbone")
+    parser.add_argument("--skip-epochs", action="store_true", help="skip the per-format epochs with workers")
     parser.add_argument("--_measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    dense, compact = prepare(args.n_cells, args.n_genes)
+    dense, compact = prepare(args.n_cells, args.n_genes, args.workers)
     if args._measure:
         if args._measure == "train":
             out = train(dense, args.batch_size, args.workers)
+        elif args._measure == "readers":
+            out = compare_readers(dense, compact, args)
         else:
             out = measure(args._measure, dense, compact, args.batch_size, args.workers)
         print(json.dumps(out))
@@ -158,10 +220,16 @@ def main() -> None:
     def child(kind: str) -> dict:
         cmd = [sys.executable, __file__, "--_measure", kind, "--n-cells", str(args.n_cells)]
         cmd += ["--n-genes", str(args.n_genes), "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+        cmd += ["--rounds", str(args.rounds), "--threads", str(args.threads)]
+        cmd += ["--train-batches", str(args.train_batches)]
         res = subprocess.run(cmd, check=True, capture_output=True, text=True)
         return json.loads(res.stdout.strip().splitlines()[-1])
 
     gib = 2**30
+    if args.readers:
+        print_readers(child("readers"), args)
+    if args.skip_epochs:
+        return
     results = {}
     for kind, label in (("dense", "dense scTab store"), ("compact", "compact store"), ("anndata", "in-memory AnnData")):
         r = results[kind] = child(kind)

@@ -14,7 +14,7 @@ from schce._benchmarking import (
 )
 from schce._memory import release_free_memory
 from schce.data._augmentation import augment, published_augmentation_candidates
-from schce.data._loader import EpochBatchSampler, group_split, split_cells
+from schce.data._loader import EpochBatchSampler, group_split, make_loader, split_cells
 from schce.data._protocol import datamodule_class_weights
 from schce.data.sctab._format import (
     _dense_values,
@@ -57,6 +57,7 @@ __all__ = [
     "gene_moments",
     "group_split",
     "leave_one_batch_out",
+    "make_loader",
     "matmul_precision",
     "mix_granularity",
     "per_label_summary",

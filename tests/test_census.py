@@ -17,6 +17,7 @@ import pyarrow as pa  # noqa: E402
 import tiledbsoma.io  # noqa: E402, F811
 
 from schce.data import census as sc_census  # noqa: E402
+from schce.nn import densify  # noqa: E402
 
 N_MISSING = 10  # model genes absent from the census (zero-filled)
 FINER = "CL:0000787"  # memory B cell, a descendant of the model label B cell (CL:0000236)
@@ -229,12 +230,14 @@ def test_census_datamodule_batches(census_paths, census_source, census_model):
     want_codes = pd.Index(labels).get_indexer(src.obs["cell_type_ontology_term_id"].astype(str))
     seen = []
     for batch in dm.train_dataloader():
-        assert batch["x"].dtype.is_floating_point and batch["x"].shape[1] == len(census_model.genes)
+        assert "x_values" in batch  # CSR batches by default
+        x = densify(batch)
+        assert x.dtype.is_floating_point and x.shape[1] == len(census_model.genes)
         rows = batch["soma_joinid"].numpy()  # joinids are the store's row numbers
         np.testing.assert_array_equal(batch["y"].numpy(), want_codes[rows])
         want = src.X[rows].copy()
         want[:, :N_MISSING] = 0
-        np.testing.assert_array_equal(batch["x"].numpy(), want)
+        np.testing.assert_array_equal(x.numpy(), want)
         seen.append(rows)
     seen = np.concatenate(seen)
     val = np.concatenate([b["soma_joinid"].numpy() for b in dm.val_dataloader()])
@@ -245,6 +248,25 @@ def test_census_datamodule_batches(census_paths, census_source, census_model):
     # A new epoch reshuffles.
     again = np.concatenate([b["soma_joinid"].numpy() for b in dm.train_dataloader()])
     assert sorted(again) == sorted(seen) and not np.array_equal(again, seen)
+    # The dense format carries the same values as "x".
+    with tiledbsoma.open(census_paths["new"]) as census:
+        dense = sc_census.CensusDataModule(
+            census,
+            census_model,
+            batch_size=64,
+            validation_size=0.2,
+            io_batch_size=256,
+            shuffle_chunk_size=16,
+            seed=1,
+            use_eager_fetch=False,
+            batch_format="dense",
+        )
+        dense.setup("fit")
+        for batch in dense.val_dataloader():
+            assert "x" in batch
+            want = src.X[batch["soma_joinid"].numpy()].copy()
+            want[:, :N_MISSING] = 0
+            np.testing.assert_array_equal(batch["x"].numpy(), want)
 
 
 def test_census_datamodule_ranks(census_paths, census_model):

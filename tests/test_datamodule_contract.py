@@ -10,6 +10,7 @@ from conftest import SMALL_MLP
 
 import schce
 from schce.data import AnnDataModule, HCEDataModule, SCTabStoreDataModule, balanced_class_weights, write_sctab_store
+from schce.nn import densify
 
 
 def _module(adata, model, batch_size=64, seed=0):
@@ -34,7 +35,7 @@ def test_anndata_and_store_modules_implement_the_contract(pbmc, tmp_path):
     assert dm.n_cells("train") + dm.n_cells("val") == adata.n_obs and dm.n_cells("test") == 0
     assert dm.label_counts("train").sum() == dm.n_cells("train")
     batch = next(iter(dm.train_dataloader()))
-    assert batch["x"].shape == (64, adata.n_vars) and batch["y"].dtype == torch.int64
+    assert densify(batch).shape == (64, adata.n_vars) and batch["y"].dtype == torch.int64
     with pytest.raises(ValueError, match="split must be one of"):
         dm.n_cells("validation")
     store = write_sctab_store(adata, tmp_path / "s", labels_key="cell_type_ontology_term_id", rows_per_part=1024)

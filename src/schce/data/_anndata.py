@@ -52,6 +52,9 @@ class AnnDataModule(pl.LightningDataModule):
         Every row's annotation source, read by :meth:`annotation_targets` (``None``: one source).
     obs
         Cell metadata returned by :meth:`read_obs` (row order of ``X``).
+    batch_format
+        ``"auto"`` (sparse batches for an in-memory scipy sparse ``X``), ``"sparse"`` or ``"dense"``
+        (:func:`~schce.data.make_loader`).
     """
 
     def __init__(
@@ -71,9 +74,11 @@ class AnnDataModule(pl.LightningDataModule):
         n_batches: int = 1,
         sources: np.ndarray | None = None,
         obs: pd.DataFrame | None = None,
+        batch_format: str = "auto",
     ):
         super().__init__()
         check_batch_size(batch_size)
+        self.batch_format = batch_format
         self.X, self.codes, self.labels = X, np.asarray(codes), list(labels)
         self.rows = {
             "train": np.asarray(train),
@@ -112,8 +117,12 @@ class AnnDataModule(pl.LightningDataModule):
         return masks
 
     def scaling_loader(self):
-        """All training cells (no gene alignment: the scaling is fitted on registered data), and no cap."""
-        return make_loader(self.X, self.rows["train"], EVAL_BATCH_SIZE), None
+        """All training cells (no gene alignment: the scaling is fitted on registered data), and no cap.
+
+        Dense batches: the sums of sparse ones differ in the last bits, and the scaling of in-memory and backed
+        copies of the same data must be the same.
+        """
+        return make_loader(self.X, self.rows["train"], EVAL_BATCH_SIZE, batch_format="dense"), None
 
     def resumable_order(self):
         """The training loader's sampler and what a resumed run must share with this one."""
@@ -148,6 +157,7 @@ class AnnDataModule(pl.LightningDataModule):
                 num_workers=self.num_workers,
                 batches=self.batches if train else None,
                 targets=self.targets,
+                batch_format=self.batch_format,
             )
         return self._loaders[split]
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from schce.data._expression import read_rows
 from schce.data._genes import GeneAligner
+from schce.nn._batch import check_batch_format, csr_batch
 
 
 class _RowBatches(Dataset):
@@ -22,19 +24,25 @@ class _RowBatches(Dataset):
         aligner: GeneAligner | None = None,
         batches: np.ndarray | None = None,
         targets: np.ndarray | None = None,
+        batch_format: str = "auto",
     ):
         self.X, self.rows, self.labels, self.aligner, self.batches = X, np.asarray(rows), labels, aligner, batches
         self.targets = targets
+        self.columns = _sparse_columns(X, aligner, check_batch_format(batch_format))
+        self.n_genes = aligner.n_model if aligner is not None else int(X.shape[1])
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, positions: list[int]) -> dict[str, torch.Tensor]:
         rows = self.rows[np.asarray(positions)]
-        x = read_rows(self.X, rows)
-        if self.aligner is not None:
-            x = self.aligner.transform(x)
-        item = {"x": torch.from_numpy(x)}
+        if self.columns is not None:
+            item = _csr_rows(self.X, rows, self.columns, self.n_genes)
+        else:
+            x = read_rows(self.X, rows)
+            if self.aligner is not None:
+                x = self.aligner.transform(x)
+            item = {"x": torch.from_numpy(x)}
         if self.labels is not None:
             item["y"] = torch.from_numpy(self.labels[rows].astype(np.int64))
         if self.batches is not None:
@@ -42,6 +50,46 @@ class _RowBatches(Dataset):
         if self.targets is not None:
             item["target"] = torch.from_numpy(self.targets[rows].astype(np.int64))
         return item
+
+
+def _sparse_columns(X, aligner: GeneAligner | None, batch_format: str) -> np.ndarray | None:
+    """Model column of every column of ``X`` (``-1``: not a model gene) when batches are to be sparse, else ``None``.
+
+    Sparse batches need an in-memory scipy matrix and an aligner that maps each query column to one model gene at
+    most; ``"auto"`` chooses them then (a CSR row read skips densifying on the host), ``"sparse"`` requires them.
+    """
+    if batch_format == "dense":
+        return None
+    n_cols = int(X.shape[1])
+    if aligner is None or aligner.identity:
+        columns = np.arange(n_cols)
+    else:
+        found = np.flatnonzero(aligner.index >= 0)
+        columns = np.full(n_cols, -1, dtype=np.int64)
+        columns[aligner.index[found]] = found
+        if (columns >= 0).sum() != len(found):  # a query column feeding several model genes: dense only
+            columns = None
+    if columns is None or not isinstance(X, sp.spmatrix | sp.sparray):
+        if batch_format == "sparse":
+            raise ValueError(
+                "batch_format='sparse' needs an in-memory scipy sparse X whose genes map one to one onto the model's; "
+                "use batch_format='auto' or 'dense' for dense, backed or duplicated-gene data."
+            )
+        return None
+    return columns
+
+
+def _csr_rows(X, rows: np.ndarray, columns: np.ndarray, n_genes: int) -> dict:
+    """A sparse batch of ``X[rows]`` (requested order) with its columns mapped to model genes by ``columns``."""
+    block = sp.csr_matrix(X[rows])
+    if not block.has_canonical_format:
+        block.sum_duplicates()  # as ``toarray`` adds duplicate entries
+    genes = columns[block.indices]
+    keep = genes >= 0
+    if keep.all():
+        return csr_batch(block.indptr, genes, block.data, n_genes)
+    kept = np.concatenate([[0], np.cumsum(keep)])
+    return csr_batch(kept[block.indptr], genes[keep], block.data[keep], n_genes)
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -155,6 +203,7 @@ def make_loader(
     num_workers: int = 0,
     batches: np.ndarray | None = None,
     targets: np.ndarray | None = None,
+    batch_format: str = "auto",
 ) -> DataLoader:
     """A loader yielding ``{"x": (B, n_genes) float32, "y": (B,) int64, "batch": (B,) int64}`` batches of rows.
 
@@ -164,8 +213,12 @@ def make_loader(
     under :mod:`torch.distributed` each rank reads its own shard (loaders without shuffling are not sharded).
 
     Training loaders (``shuffle=True``) drop a last batch of a single cell, which BatchNorm cannot use.
+
+    ``batch_format="sparse"`` yields the CSR parts of ``x`` instead (``x_indptr``, ``x_indices``, ``x_values``,
+    ``x_shape``; see :mod:`schce.nn._batch`), densified by the model on its device; ``"auto"`` (default) does so
+    for an in-memory scipy sparse ``X``, ``"dense"`` never.
     """
-    ds = _RowBatches(X, rows, labels, aligner, batches, targets)
+    ds = _RowBatches(X, rows, labels, aligner, batches, targets, batch_format)
     if seed is None:
         seed = int(np.random.SeedSequence().generate_state(1)[0])
     # Only training is sharded: every rank evaluates all validation cells, so its metrics agree across ranks.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from schce.nn._tabnet import TabNet
 
@@ -30,6 +31,38 @@ class Linear(nn.Linear):
     def classify(self, h: torch.Tensor) -> torch.Tensor:
         """Logits from the embedding (the identity here)."""
         return h
+
+
+class InputDropout(nn.Module):
+    """Dropout of input genes whose CPU mask is drawn 16 bits per value instead of by ``bernoulli_``.
+
+    ``torch.nn.Dropout`` draws its CPU mask with ``bernoulli_``, one serial call per value: at 2048 cells × 19,331
+    genes it took 22% of an MLP training step. Here the mask comes from 64-bit words of ``torch.randint`` cut into
+    four 16-bit draws, so the probability is ``p`` rounded to a multiple of 2⁻¹⁶ (and kept values are scaled by
+    ``1 / (1 - p)`` of that rounded ``p``, so the expected input is unchanged). It draws from torch's global
+    generator, so ``seed_everything`` makes it repeatable. On a GPU it is ``torch.nn.functional.dropout``.
+    """
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"input_dropout must be in [0, 1), got {p}.")
+        self.p = float(p)
+        self.threshold = round(self.p * 2**16)  # values whose 16-bit draw is below this are dropped
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.threshold == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        n = x.numel()
+        words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+        draws = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-2**15, 2**15)
+        keep = draws >= self.threshold - 2**15
+        return torch.where(keep, x * (2**16 / (2**16 - self.threshold)), 0.0)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class MLP(nn.Module):
@@ -75,7 +108,7 @@ class MLP(nn.Module):
             width = n_hidden
         self.encoder = nn.Sequential(*layers)
         self.linear = nn.Linear(n_hidden, n_labels)
-        self.input_dropout = nn.Dropout(input_dropout)
+        self.input_dropout = InputDropout(input_dropout)
 
     @property
     def n_latent(self) -> int:

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from schce.nn._batch import csr_rows, is_sparse
+
 TARGET_SUM = 1e4
 # Standardised inputs are clipped here, as scanpy's ``sc.pp.scale(max_value=10)`` does.
 CLIP = 10.0
@@ -29,6 +31,20 @@ def normalize_counts(x: torch.Tensor, target_sum: float = TARGET_SUM) -> torch.T
     return torch.log1p(x * (target_sum / total.clamp_min(1e-12)))
 
 
+def _csr_moments(batch: dict, normalize: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-gene float64 sums and sums of squares of a sparse batch, from its stored values only (zeros add 0)."""
+    n, n_genes = (int(v) for v in batch["x_shape"])
+    values, genes = batch["x_values"].float(), batch["x_indices"].long()
+    if normalize:
+        rows = csr_rows(batch["x_indptr"], n, values.numel())
+        total = torch.zeros(n, dtype=torch.float32).index_add_(0, rows, values)
+        values = torch.log1p(values * (TARGET_SUM / total.clamp_min(1e-12))[rows])
+    values = values.double()
+    total = torch.zeros(n_genes, dtype=torch.float64).index_add_(0, genes, values)
+    total_sq = torch.zeros(n_genes, dtype=torch.float64).index_add_(0, genes, values.square())
+    return total, total_sq, n
+
+
 def gene_moments(
     batches: Iterable[dict], normalize: bool, max_cells: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -37,7 +53,8 @@ def gene_moments(
     Parameters
     ----------
     batches
-        Batches with an ``"x"`` tensor ``(B, n_genes)``, as the training loaders yield them.
+        Batches with an ``"x"`` tensor ``(B, n_genes)`` or sparse ones (:mod:`schce.nn._batch`), as the training
+        loaders yield them; sparse batches are summed from their stored values alone (one pass, no dense batch).
     normalize
         Whether ``x`` holds counts to pass through :func:`normalize_counts` first.
     max_cells
@@ -49,13 +66,16 @@ def gene_moments(
     """
     n, total, total_sq = 0, 0.0, 0.0
     for batch in batches:
-        x = batch["x"].float()
-        if normalize:
-            x = normalize_counts(x)
         # float64 sums (the batch itself stays float32, its size in memory): one pass over millions of cells must
         # not lose the variance to cancellation.
-        total = total + x.sum(0, dtype=torch.float64)
-        total_sq, n = total_sq + x.square().sum(0, dtype=torch.float64), n + len(x)
+        if is_sparse(batch):
+            part, part_sq, rows = _csr_moments(batch, normalize)
+        else:
+            x = batch["x"].float()
+            if normalize:
+                x = normalize_counts(x)
+            part, part_sq, rows = x.sum(0, dtype=torch.float64), x.square().sum(0, dtype=torch.float64), len(x)
+        total, total_sq, n = total + part, total_sq + part_sq, n + rows
         if max_cells is not None and n >= max_cells:
             break
     if n == 0:
@@ -97,7 +117,27 @@ class HCEModule(nn.Module):
         """Width of the embedding."""
         return self.classifier.n_latent
 
-    def forward(self, x: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(self, x: torch.Tensor, normalize: bool = True, inplace: bool = False) -> torch.Tensor:
+        """The backbone's input: normalisation and the standardisation with its clamp, in place when allowed.
+
+        ``inplace=True`` overwrites ``x`` (a batch buffer of the caller's, e.g. :class:`~schce.nn.Densifier`'s):
+        the same operations on the same values, without a new ``(B, n_genes)`` tensor at each of the five steps.
+        """
+        if not inplace or x.requires_grad:
+            if normalize:
+                x = normalize_counts(x)
+            if hasattr(self, "input_mean"):
+                x = ((x - self.input_mean) / self.input_scale).clamp(-CLIP, CLIP)
+            return x
+        if normalize:
+            x.mul_(TARGET_SUM / x.sum(dim=1, keepdim=True).clamp_min(1e-12)).log1p_()
+        if hasattr(self, "input_mean"):
+            x.sub_(self.input_mean).div_(self.input_scale).clamp_(-CLIP, CLIP)
+        return x
+
+    def forward(
+        self, x: torch.Tensor, normalize: bool = True, inplace: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and penultimate embedding.
 
         Parameters
@@ -106,14 +146,12 @@ class HCEModule(nn.Module):
             ``(B, n_genes)`` counts (``normalize=True``) or already log-normalised values.
         normalize
             Whether to apply :func:`normalize_counts` first (before the standardisation, when set).
+        inplace
+            Preprocess ``x`` in place (:meth:`prepare`); for batch buffers the caller does not keep.
 
         Returns
         -------
         ``(logits (B, n_labels), embedding (B, n_latent))``.
         """
-        if normalize:
-            x = normalize_counts(x)
-        if hasattr(self, "input_mean"):
-            x = ((x - self.input_mean) / self.input_scale).clamp(-CLIP, CLIP)
-        h = self.classifier.embed(x)
+        h = self.classifier.embed(self.prepare(x, normalize, inplace))
         return self.classifier.classify(h), h

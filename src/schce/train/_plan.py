@@ -17,6 +17,7 @@ from schce.losses import (
     log_mask_probability,
 )
 from schce.metrics import code_scores, paper_report
+from schce.nn._batch import Densifier, is_sparse
 from schce.nn._module import normalize_counts
 
 # Terms that can be added to the task loss, computed on the penultimate embedding.
@@ -140,6 +141,8 @@ class HCETrainingPlan(pl.LightningModule):
         self.register_buffer("target_masks", masks, persistent=False)
         augs = None if augmentations is None or not len(augmentations) else torch.as_tensor(augmentations).float()
         self.register_buffer("augmentations", augs, persistent=False)
+        # Sparse batches are densified on the device into one reused buffer (preprocessed there in place).
+        self._densify = Densifier()
         self._val_true: list[torch.Tensor] = []
         self._val_pred: list[torch.Tensor] = []
 
@@ -157,10 +160,10 @@ class HCETrainingPlan(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One optimisation step on the weighted training loss."""
-        x, normalize = batch["x"], self.normalize
+        x, normalize, own = self._densify(batch, self.device), self.normalize, is_sparse(batch)
         if self.augmentations is not None:
             x, normalize = augment(normalize_counts(x) if normalize else x, self.augmentations), False
-        logits, h = self.module(x, normalize=normalize)
+        logits, h = self.module(x, normalize=normalize, inplace=own)
         task = self._loss(logits, batch, self.class_weights)
         n = len(batch["y"])
         terms: dict[str, torch.Tensor] = {}
@@ -192,7 +195,8 @@ class HCETrainingPlan(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Validation loss; predictions are gathered for the epoch metrics."""
-        logits, _ = self.module(batch["x"], normalize=self.normalize)
+        x = self._densify(batch, self.device)
+        logits, _ = self.module(x, normalize=self.normalize, inplace=is_sparse(batch))
         y, pred = batch["y"], logits.argmax(dim=1)
         targets = batch
         if self.paper_validation:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from schce._memory import release_free_memory
 from schce.data._protocol import check_datamodule, datamodule_class_weights
+from schce.nn._batch import Densifier, batch_rows, is_sparse
 from schce.nn._module import gene_moments
 from schce.train._calibration import fit_temperature
 from schce.train._callbacks import BestWeights, HistoryRecorder, TrainingProgress
@@ -63,10 +64,11 @@ def loader_outputs(module, loader, normalize: bool, desc: str = "Predicting") ->
         total = len(loader)
     except TypeError:
         total = None
+    densify = Densifier()  # sparse batches: densified on the device into one reused buffer
     with torch.inference_mode():
         # A bar only when the pass is long enough to wait for.
         for batch in tqdm(loader, desc=desc, unit="batch", total=total, disable=total is not None and total < 20):
-            logits, h = module(batch["x"].to(device), normalize=normalize)
+            logits, h = module(densify(batch, device), normalize=normalize, inplace=is_sparse(batch))
             out["logits"].append(logits.float().cpu())
             out["embeddings"].append(h.float().cpu())
             for key in ("y", "idx"):
@@ -76,22 +78,37 @@ def loader_outputs(module, loader, normalize: bool, desc: str = "Predicting") ->
 
 
 def fit_input_scaling(module, datamodule, normalize: bool) -> None:
-    """Set the module's per-gene standardisation from the training cells (a sample of an atlas data module)."""
+    """Set the module's per-gene standardisation from the training cells (a sample of an atlas data module).
+
+    One pass over the data module's :meth:`scaling_loader`; sparse batches are summed from their stored values alone.
+    A progress bar counts cells (shown when the pass reads 20 batches or more).
+    """
     loader, max_cells = datamodule.scaling_loader()
-    n_batches = len(loader) if max_cells is None else None
-    iterator = iter(loader)
     try:
-        # A bar only when the pass is long enough to wait for.
-        batches = tqdm(
-            iterator,
-            desc="Gene scaling",
-            unit="batch",
-            leave=False,
-            total=n_batches,
-            disable=n_batches is not None and n_batches < 20,
-        )
-        mean, std, n = gene_moments(batches, normalize, max_cells)
+        n_batches = len(loader)
+    except TypeError:
+        n_batches = None
+    n_cells = datamodule.n_cells("train")
+    total = n_cells if max_cells is None else min(max_cells, n_cells)
+    iterator = iter(loader)
+    bar = tqdm(
+        desc="Gene scaling",
+        unit="cell",
+        unit_scale=True,
+        leave=False,
+        total=total,
+        disable=n_batches is not None and n_batches < 20,
+    )
+
+    def counted():
+        for batch in iterator:
+            yield batch
+            bar.update(batch_rows(batch))
+
+    try:
+        mean, std, n = gene_moments(counted(), normalize, max_cells)
     finally:
+        bar.close()
         # Stop this pass's loader workers now (it ends early on an atlas), before training starts its own.
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:

@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -25,6 +26,7 @@ from schce.data.census._soma import (
     _require_soma_ml,
     _value_filter,
 )
+from schce.nn._batch import check_batch_format, csr_batch
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ class _LabelledBatches(IterableDataset):
         self.dataset = dataset
         # Annotation-aware targets: "target" is pair_rows[index of the cell's source in sources, label code].
         self.source_column, self.sources, self.pair_rows = source_column, sources, pair_rows
+        # Sparse X (``return_sparse_X``) becomes a CSR batch when every query column has its own model gene.
+        self.sparse = bool(getattr(dataset, "return_sparse_X", False)) and len(np.unique(positions)) == len(positions)
         self.training = bool(dataset.shuffle)
         self.positions, self.n_model = positions, n_model
         self.labels = pd.Index(list(labels))
@@ -73,17 +77,12 @@ class _LabelledBatches(IterableDataset):
         for X, obs in self.dataset:
             if self.training and len(obs) < 2:
                 continue  # a last batch of one cell: BatchNorm cannot train on it
-            X = np.asarray(X, dtype=np.float32).reshape(len(obs), -1)
-            if len(self.positions) == self.n_model and np.array_equal(self.positions, np.arange(self.n_model)):
-                x = X
-            else:
-                x = np.zeros((len(obs), self.n_model), dtype=np.float32)
-                x[:, self.positions] = X
+            expression = self._expression(X, len(obs))
             codes = self.labels.get_indexer(obs[LABEL_COLUMN].astype(str))
             if (codes < 0).any():  # the value filter admits model labels only; anything else is a bug upstream
                 raise RuntimeError(f"Streamed cells with labels outside the model: {obs[LABEL_COLUMN][codes < 0]}")
             batch = {
-                "x": torch.from_numpy(np.ascontiguousarray(x)),
+                **expression,
                 "y": torch.from_numpy(codes.astype(np.int64)),
                 "soma_joinid": torch.from_numpy(obs["soma_joinid"].to_numpy().astype(np.int64)),
             }
@@ -91,6 +90,23 @@ class _LabelledBatches(IterableDataset):
                 source = self.sources.get_indexer(obs[self.source_column].astype(str))
                 batch["target"] = torch.from_numpy(self.pair_rows[source, codes])
             yield batch
+
+    def _expression(self, X, n: int) -> dict:
+        """``{"x": dense}`` or the CSR keys of a batch, in the model's gene order."""
+        if sp.issparse(X):
+            if self.sparse:
+                X = sp.csr_matrix(X)
+                if not X.has_canonical_format:
+                    X.sum_duplicates()
+                return csr_batch(X.indptr, self.positions[X.indices], X.data, self.n_model)
+            X = X.toarray()
+        X = np.asarray(X, dtype=np.float32).reshape(n, -1)
+        if len(self.positions) == self.n_model and np.array_equal(self.positions, np.arange(self.n_model)):
+            x = X
+        else:
+            x = np.zeros((n, self.n_model), dtype=np.float32)
+            x[:, self.positions] = X
+        return {"x": torch.from_numpy(np.ascontiguousarray(x))}
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -114,7 +130,8 @@ class CensusDataModule(pl.LightningDataModule):
     ``io_batch_size``, not by the size of the census.
 
     Batches are ``{"x": (B, n_model_genes) float32 raw counts in model gene order, "y": (B,) int64 codes into
-    model.hierarchy.labels, "soma_joinid": (B,) int64}``.
+    model.hierarchy.labels, "soma_joinid": (B,) int64}``, with the CSR parts of ``x`` in its place by default
+    (``batch_format``).
 
     Under DDP every rank reads a disjoint, equally sized share of the cells (``ExperimentDataset`` partitions by
     rank and by DataLoader worker; the rank is taken from the Lightning trainer in :meth:`setup`), and every epoch
@@ -150,6 +167,9 @@ class CensusDataModule(pl.LightningDataModule):
     source_column
         ``obs`` column naming each cell's annotation source, read by :meth:`annotation_targets`
         (``loss="hce-aware"``).
+    batch_format
+        ``"auto"`` / ``"sparse"`` (default): batches carry the CSR parts of ``x`` (``x_indptr``, ``x_indices``,
+        ``x_values``, ``x_shape``), densified by the model on its device; ``"dense"``: batches carry ``"x"``.
 
     Attributes
     ----------
@@ -185,8 +205,10 @@ class CensusDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         source_column: str = "dataset_id",
+        batch_format: str = "auto",
     ):
         super().__init__()
+        check_batch_format(batch_format)
         tiledbsoma = _require_soma()
         ml = _require_soma_ml()
         _cache_soma_ml_kernels()
@@ -226,6 +248,8 @@ class CensusDataModule(pl.LightningDataModule):
                 shuffle_chunk_size=shuffle_chunk_size,
                 seed=seed,
                 use_eager_fetch=use_eager_fetch,
+                # CSR batches straight from the SOMA reads: no dense batch on the host ("auto" and "sparse").
+                return_sparse_X=batch_format != "dense",
             )
         # X columns arrive in the query's var order; place them at the model's gene positions.
         var_order = base.query_ids.var_joinids

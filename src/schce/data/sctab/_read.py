@@ -51,6 +51,25 @@ class _Block:
         flat = np.repeat(dest.astype(np.int64) * self.n_genes, lens) + self.indices[pos]
         out.reshape(-1)[flat] = self.values[pos]
 
+    def row_lengths(self, rows: np.ndarray) -> np.ndarray:
+        """Stored values per row (non-zeros for the dense layout)."""
+        if self.dense is not None:
+            return np.count_nonzero(self.dense[rows], axis=1)
+        return self.offsets[rows + 1] - self.offsets[rows]
+
+    def write_csr(self, rows: np.ndarray, indptr: np.ndarray, dest: np.ndarray, indices, values) -> None:
+        """Place the entries of ``rows`` as rows ``dest`` of a CSR batch with ``indptr`` (from :meth:`row_lengths`)."""
+        if self.dense is not None:
+            sub = self.dense[rows]
+            r, c = np.nonzero(sub)  # row-major: each row's entries together, in gene order
+            lens = np.bincount(r, minlength=len(rows))
+            out = np.arange(len(r)) + np.repeat(indptr[dest] - (np.cumsum(lens) - lens), lens)
+            indices[out], values[out] = c, sub[r, c]
+            return
+        pos, lens = self._csr_positions(rows)
+        out = np.arange(len(pos)) + np.repeat(indptr[dest] - (np.cumsum(lens) - lens), lens)
+        indices[out], values[out] = self.indices[pos], self.values[pos]
+
     def to_csr(self, n: int):
         import scipy.sparse as sp
 

@@ -252,6 +252,7 @@ def convert_sctab_store(
     compression: str = "zstd",
     compression_level: int | None = None,
     overwrite: bool = False,
+    n_jobs: int = 1,
 ) -> Path:
     """Convert a dense scTab store into the compact CSR layout, part by part and row group by row group.
 
@@ -279,8 +280,14 @@ def convert_sctab_store(
         and up shrink integer counts by about another 5%.
     overwrite
         Replace an existing ``dst``.
+    n_jobs
+        Parts converted at once, one process each (``-1``: one per CPU core). The parts written are byte-identical
+        to a serial conversion. A progress bar counts the cells converted.
     """
     src, dst = Path(src), Path(dst)
+    if not isinstance(n_jobs, int | np.integer) or n_jobs == 0 or n_jobs < -1:
+        raise ValueError(f"n_jobs must be a positive number of processes or -1 (one per core), got {n_jobs!r}.")
+    n_jobs = (os.cpu_count() or 1) if n_jobs == -1 else int(n_jobs)
     if store_layout(src) != "dense":
         raise ValueError(f"{src} is already a compact store.")
     if float_dtype not in ("float16", "float32"):
@@ -304,20 +311,51 @@ def convert_sctab_store(
         for name in ("categorical_lookup", "cell_type_hierarchy"):
             if (src / name).exists():
                 shutil.copytree(src / name, tmp / name)
+        jobs = []
         for split in SPLITS:
             (tmp / split).mkdir()
-            stats = {"n_cells": 0, "nnz": 0, "parts": 0}
-            for part in split_parts(src, split):
-                n, nnz = _convert_part(part, tmp / split / part.name, n_genes, float_dtype, options)
-                stats["n_cells"] += n
-                stats["nnz"] += nnz
-                stats["parts"] += 1
-            summary["splits"][split] = stats
+            jobs += [(split, part, tmp / split / part.name) for part in split_parts(src, split)]
+        done = _convert_parts(jobs, n_genes, float_dtype, options, n_jobs)
+        for split in SPLITS:
+            counts = [done[k] for k, job in enumerate(jobs) if job[0] == split]
+            summary["splits"][split] = {
+                "n_cells": sum(n for n, _ in counts),
+                "nnz": sum(nnz for _, nnz in counts),
+                "parts": len(counts),
+            }
         (tmp / COMPACT_META).write_text(json.dumps(summary, indent=1))
 
     _io.write_dir_atomically(dst, overwrite, write)
     logger.info("Converted %s to the compact layout at %s.", src, dst)
     return dst
+
+
+def _convert_parts(jobs: list, n_genes: int, float_dtype: str, options: dict, n_jobs: int) -> list[tuple[int, int]]:
+    """``(cells, non-zeros)`` of every ``(split, src, dst)`` part converted, in this process or ``n_jobs`` others."""
+    total = sum(pq.ParquetFile(src).metadata.num_rows for _, src, _ in jobs)
+    done: list[tuple[int, int]] = [(0, 0)] * len(jobs)
+    with tqdm(total=total, desc="Converting", unit="cell", unit_scale=True, disable=total < 100_000) as bar:
+        if n_jobs == 1 or len(jobs) < 2:
+            for k, (_, src, dst) in enumerate(jobs):
+                done[k] = _convert_part(src, dst, n_genes, float_dtype, options)
+                bar.update(done[k][0])
+            return done
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # Not forked from this process, which may hold arrow and torch thread pools mid-state: from a fork server
+        # that imports this module once (spawning would import it again in every worker).
+        context = mp.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        with ProcessPoolExecutor(min(n_jobs, len(jobs)), mp_context=context) as pool:
+            futures = {
+                pool.submit(_convert_part, src, dst, n_genes, float_dtype, options): k
+                for k, (_, src, dst) in enumerate(jobs)
+            }
+            for future in as_completed(futures):
+                done[futures[future]] = future.result()
+                bar.update(done[futures[future]][0])
+    return done
 
 
 def _convert_part(src: Path, dst: Path, n_genes: int, float_dtype: str, options: dict) -> tuple[int, int]:
