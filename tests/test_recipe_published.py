@@ -20,6 +20,7 @@ from sklearn.metrics import f1_score
 from sklearn.utils.class_weight import compute_class_weight
 
 import schce
+from schce.nn import densify
 
 # The published optimiser settings per backbone (lr, weight decay), written out independently of schce.train.RECIPES.
 PUBLISHED = {"linear": (5e-4, 0.01), "mlp": (2e-3, 0.05), "tabnet": (5e-3, 0.05)}
@@ -54,7 +55,8 @@ class Probe(pl.Callback):
             self.first = {
                 "state": copy.deepcopy(pl_module.module.state_dict()),
                 "rng": torch.get_rng_state(),
-                "batch": {k: v.clone() for k, v in batch.items()},
+                # the input as the model sees it (loaders may hand over CSR parts), and the labels
+                "batch": {"x": densify(batch).clone(), "y": batch["y"].clone()},
                 "augmentations": None if pl_module.augmentations is None else pl_module.augmentations.clone(),
                 "class_weights": pl_module.class_weights.clone(),
             }
