@@ -6,7 +6,6 @@ They need the ``benchmark`` extra (``pip install -e ".[benchmark]"``); the libra
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 import anndata as ad
@@ -76,8 +75,6 @@ def celltypist_predict(train: ad.AnnData, test: ad.AnnData, seed: int) -> np.nda
         sys.modules["celltypist.train"].LogisticRegression = _OneVsRestLogisticRegression
 
     np.random.seed(seed)  # CellTypist draws from numpy's global generator
-    for name in ("celltypist",):
-        logging.getLogger(name).setLevel(logging.WARNING)
     ref = _lognorm(train)
     model = celltypist.train(ref, labels=train.obs["training_label"].astype(str).to_numpy(), n_jobs=1)
     result = celltypist.annotate(_lognorm(test), model=model, majority_voting=False)

@@ -8,7 +8,6 @@ the user gave.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import re
@@ -70,15 +69,6 @@ def _tokens(label: str) -> str:
     return " ".join(sorted(w for w in words if w))
 
 
-def _close_terms(onto: CellOntology, label: str, n: int = 3) -> list[str]:
-    """Live terms whose names are closest to ``label`` (``_`` read as a space), best first."""
-    by_name: dict[str, str] = {}
-    for term in onto.terms:
-        by_name.setdefault(onto.name(term).lower(), term)
-    query = re.sub(r"[_]+", " ", label).lower()
-    return [by_name[name] for name in difflib.get_close_matches(query, list(by_name), n=n, cutoff=0.6)]
-
-
 def propose_label_mapping(labels: Iterable[str], ontology: CellOntology | str | None = None) -> pd.DataFrame:
     """Propose a Cell Ontology term for every distinct label, saying how each was found.
 
@@ -103,7 +93,7 @@ def propose_label_mapping(labels: Iterable[str], ontology: CellOntology | str | 
         if term is None and (abbrev := _ABBREVIATIONS.get(_tokens(label))) is not None:
             term, how = onto.resolve(abbrev), "abbreviation"
         if term is None:
-            candidates = _close_terms(onto, label)
+            candidates = onto.close_terms(re.sub(r"_+", " ", label))  # T_CD4 reads as 'T CD4'
             term, how = (candidates[0], "close name") if candidates else (None, "none")
             candidates = candidates[1:]
         rows.append(

@@ -182,19 +182,23 @@ class _NameResolution:
             out.update([live] if live is not None else self._consider_options(term))
         return sorted(out)
 
-    def _close_matches(self, value: str) -> list[str]:
+    def close_terms(self, text: str, n: int = 3) -> list[str]:
+        """Live terms whose names are closest to ``text`` (case-insensitive, difflib ratio ≥ 0.6), best first."""
         if self._close_names is None:
             close: dict[str, str] = {}
             for term in self._terms:
                 close.setdefault(self._names[term].lower(), term)
             self._close_names = close
-        query = value.lower()
+        found = difflib.get_close_matches(text.lower(), list(self._close_names), n=n, cutoff=0.6)
+        return [self._close_names[name] for name in found]
+
+    def _close_matches(self, value: str) -> list[str]:
+        query = value
         match = _ID_RE.match(value.strip())
         if match and self._names.get(f"CL:{match.group(1)}"):
             # For an obsolete ID the old name says best what was meant.
             query = self._names[f"CL:{match.group(1)}"].lower().removeprefix("obsolete ")
-        found = difflib.get_close_matches(query, list(self._close_names), n=3, cutoff=0.6)
-        return [f"{self._names[self._close_names[name]]!r} ({self._close_names[name]})" for name in found]
+        return [f"{self._names[term]!r} ({term})" for term in self.close_terms(query)]
 
     def _listing(self, terms: Iterable[str]) -> str:
         return ", ".join(f"{self._names[t]!r} ({t})" for t in terms)
