@@ -13,6 +13,7 @@ from schce._benchmarking import (
     per_label_summary,
 )
 from schce._memory import release_free_memory
+from schce._output import CHUNK_CELLS, SPARSE_SCORE_MIN, SPARSE_TOP, PredictionAccumulator, prediction_frame
 from schce.data._augmentation import augment, published_augmentation_candidates
 from schce.data._loader import EpochBatchSampler, group_split, make_loader, split_cells
 from schce.data._protocol import datamodule_class_weights
@@ -35,6 +36,7 @@ from schce.train._recipe import LBFGS_MAX_VALUES, PAPER_MONITOR, RECIPES, matmul
 
 __all__ = [
     "BACKBONES",
+    "CHUNK_CELLS",
     "CLIP",
     "COARSEN",
     "DEFAULT_BACKBONE_KWARGS",
@@ -46,7 +48,10 @@ __all__ = [
     "LBFGS_MAX_VALUES",
     "PBMC68K_T_CELLS",
     "PAPER_MONITOR",
+    "PredictionAccumulator",
     "RECIPES",
+    "SPARSE_SCORE_MIN",
+    "SPARSE_TOP",
     "T_CELL",
     "TrainConfig",
     "TrainingProgress",
@@ -61,6 +66,7 @@ __all__ = [
     "matmul_precision",
     "mix_granularity",
     "per_label_summary",
+    "prediction_frame",
     "published_augmentation_candidates",
     "read_part_metadata",
     "release_free_memory",

@@ -188,3 +188,18 @@ def test_hierarchy_scores_draws_ontology_only_terms_less_prominently(predicted, 
     # without a hierarchy, the labels are the columns of the probabilities
     sizes_default = np.broadcast_to(_nodes(pl.hierarchy_scores(predicted)).get_sizes(), (len(terms),))
     np.testing.assert_allclose(sizes_default, sizes)
+
+
+def test_hierarchy_scores_plot_reads_sparse_scores(predicted, trained):
+    """``hierarchical_scores="sparse"``: the terms come from uns; each node is the mean with left-out scores as 0."""
+    query = predicted.copy()
+    trained.predict(query, hierarchical_scores="sparse")
+    scores = query.obsm["schce_hierarchical_scores"]
+    ax = pl.hierarchy_scores(query)
+    nodes = _nodes(ax)
+    assert len(nodes.get_offsets()) == len(trained.hierarchy.terms)
+    np.testing.assert_allclose(nodes.get_array(), np.asarray(scores.mean(axis=0)).ravel(), rtol=1e-5)
+    dense = predicted.obsm["schce_hierarchical_scores"].to_numpy().mean(0)
+    assert (nodes.get_array() <= dense + 1e-5).all()  # left-out scores count as 0
+    root = list(query.uns["schce"]["terms"]).index("CL:0000000")
+    assert nodes.get_array()[root] == pytest.approx(1.0, abs=1e-5)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from anndata import AnnData
 
 from schce.hierarchy import Hierarchy
@@ -31,7 +32,10 @@ def check_key_added(key_added) -> None:
 
 
 def output_keys(
-    key_added: str, majority_voting: bool = False, over_clustering: str | None = None
+    key_added: str,
+    majority_voting: bool = False,
+    over_clustering: str | None = None,
+    hierarchical_scores: str = "dense",
 ) -> dict[str, list[str]]:
     """Every key :meth:`~schce.HCEClassifier.predict` writes, by place."""
     obs = ["prediction", "prediction_ontology_term_id", "confidence", "prediction_coarse"]
@@ -39,10 +43,10 @@ def output_keys(
     if majority_voting:
         obs += ["majority_voting", "majority_voting_ontology_term_id", "majority_voting_fraction"]
         obs += ["over_clustering"] if over_clustering is None else []
-    return {
-        "obs": [f"{key_added}_{c}" for c in obs],
-        "obsm": [f"{key_added}_probabilities", f"{key_added}_hierarchical_scores", f"X_{key_added}"],
-    }
+    obsm = [f"{key_added}_probabilities", f"{key_added}_hierarchical_scores", f"X_{key_added}"]
+    if hierarchical_scores == "none":
+        obsm.remove(f"{key_added}_hierarchical_scores")
+    return {"obs": [f"{key_added}_{c}" for c in obs], "obsm": obsm}
 
 
 def _written_before(adata: AnnData, key_added: str) -> set[tuple[str, str]]:
@@ -89,6 +93,157 @@ def check_output_keys(adata: AnnData, key_added: str, overwrite: bool = False, *
     return [f"{place}[{key!r}]" for place, key in present]
 
 
+SCORE_FORMATS = ("dense", "sparse", "none")
+SPARSE_TOP = 32  # the sparse hierarchical scores keep each cell's 32 highest subtree scores ...
+SPARSE_SCORE_MIN = 1e-3  # ... of at least this
+CHUNK_CELLS = 4096  # cells scored at a time when a whole probability matrix is given
+
+
+def check_score_format(hierarchical_scores) -> None:
+    """Refuse a ``hierarchical_scores`` choice other than ``"dense"``, ``"sparse"`` or ``"none"``."""
+    if hierarchical_scores not in SCORE_FORMATS:
+        raise ValueError(
+            f"hierarchical_scores must be one of {list(SCORE_FORMATS)}, got {hierarchical_scores!r}: 'dense' stores "
+            f"cells × terms, 'sparse' each cell's {SPARSE_TOP} highest scores of at least {SPARSE_SCORE_MIN:g} (a CSR "
+            "matrix), 'none' nothing."
+        )
+
+
+class PredictionAccumulator:
+    """The per-cell calls and the per-cell matrices asked for, filled batch by batch with :meth:`add`.
+
+    Memory: the kept outputs in float32 (``probabilities``: cells × labels; ``hierarchical_scores="dense"``: cells ×
+    terms; ``"sparse"``: each cell's :data:`SPARSE_TOP` highest scores of at least :data:`SPARSE_SCORE_MIN`, at most
+    ``SPARSE_TOP × 8`` bytes a cell; ``"none"``: nothing), plus one batch's subtree scores. No cells × terms matrix is
+    built otherwise, whatever the number of cells.
+
+    Parameters
+    ----------
+    hierarchy
+        The model's hierarchy.
+    n_cells
+        Number of cells that :meth:`add` will receive, in order.
+    coarse_threshold
+        Subtree probability needed for the coarse call, in ``(0, 1]``.
+    probabilities
+        Keep the per-label probabilities.
+    hierarchical_scores
+        ``"dense"``, ``"sparse"`` or ``"none"``: which form of the subtree scores to keep.
+    """
+
+    def __init__(
+        self,
+        hierarchy: Hierarchy,
+        n_cells: int,
+        coarse_threshold: float,
+        probabilities: bool = True,
+        hierarchical_scores: str = "dense",
+    ):
+        check_score_format(hierarchical_scores)
+        if not 0 < coarse_threshold <= 1:
+            raise ValueError(f"coarse_threshold must be in (0, 1], got {coarse_threshold}.")
+        n_labels, n_terms = hierarchy.n_labels, len(hierarchy.terms)
+        self.hierarchy, self.n_cells, self.threshold = hierarchy, int(n_cells), float(coarse_threshold)
+        self.hierarchical_scores = hierarchical_scores
+        self.best = np.zeros(self.n_cells, dtype=np.int64)
+        self.coarse = np.zeros(self.n_cells, dtype=np.int64)
+        self.confidence = np.zeros(self.n_cells, dtype=np.float32)
+        self.probabilities = np.zeros((self.n_cells, n_labels), np.float32) if probabilities else None
+        self.scores = np.zeros((self.n_cells, n_terms), np.float32) if hierarchical_scores == "dense" else None
+        self._sparse: tuple[list, list, list] = ([], [], [])  # per batch: entries per cell, columns, values
+        self.filled = 0
+
+    def add(self, probabilities: np.ndarray) -> None:
+        """Score the next cells: ``(n, n_labels)`` per-label probabilities, rows in cell order."""
+        p = np.asarray(probabilities, dtype=np.float64)
+        start, stop = self.filled, self.filled + len(p)
+        if stop > self.n_cells:
+            raise ValueError(f"{stop} cells added to a prediction of {self.n_cells} cells.")
+        best = p.argmax(axis=1)
+        scores = self.hierarchy.subtree_scores(p)  # this batch only
+        self.best[start:stop] = best
+        self.confidence[start:stop] = p[np.arange(len(p)), best]
+        self.coarse[start:stop] = self.hierarchy.coarse_terms(scores, self.threshold)
+        if self.probabilities is not None:
+            self.probabilities[start:stop] = p
+        if self.scores is not None:
+            self.scores[start:stop] = scores
+        elif self.hierarchical_scores == "sparse":
+            self._add_sparse(scores)
+        self.filled = stop
+
+    def _add_sparse(self, scores: np.ndarray) -> None:
+        """Keep each row's :data:`SPARSE_TOP` highest scores of at least :data:`SPARSE_SCORE_MIN` (columns sorted)."""
+        k = min(SPARSE_TOP, scores.shape[1])
+        top = np.sort(np.argpartition(-scores, k - 1, axis=1)[:, :k], axis=1)
+        values = np.take_along_axis(scores, top, axis=1)
+        keep = values >= SPARSE_SCORE_MIN
+        counts, columns, data = self._sparse
+        counts.append(keep.sum(axis=1))
+        columns.append(top[keep].astype(np.int32))
+        data.append(values[keep].astype(np.float32))
+
+    def frame(
+        self,
+        obs_names: pd.Index,
+        key_added: str,
+        empty: np.ndarray | None = None,
+        min_confidence: float = 0.0,
+        low_overlap: str | None = None,
+    ) -> tuple[pd.DataFrame, dict[str, pd.DataFrame | sp.csr_matrix]]:
+        """The ``obs`` columns and the kept ``obsm`` matrices (by key), indexed by ``obs_names``.
+
+        Cells are called ``"unassigned"``, with the reason in ``{key}_unassigned_reason``, when flagged in ``empty``
+        (no expression in the model's genes: confidence 0; their probability rows are the model's output for a zero
+        input), when ``low_overlap`` gives a reason (the query shares too few of the model's genes: every cell), or
+        when their confidence is below ``min_confidence``. Their probabilities and (except empty cells) confidence
+        stay as computed.
+        """
+        if self.filled != self.n_cells:
+            raise ValueError(f"{self.filled} of {self.n_cells} cells were scored.")
+        hierarchy = self.hierarchy
+        labels = np.asarray(hierarchy.labels, dtype=object)
+        terms = np.asarray(hierarchy.terms, dtype=object)
+        pred_ids, pred_names = labels[self.best], np.asarray(hierarchy.names(labels), dtype=object)[self.best]
+        coarse_ids = terms[self.coarse]
+        coarse_names = np.asarray(hierarchy.names(hierarchy.terms), dtype=object)[self.coarse]
+        confidence = self.confidence.copy()
+        empty = np.zeros(self.n_cells, dtype=bool) if empty is None else np.asarray(empty, dtype=bool)
+        reasons = unassigned_reasons(confidence, empty, min_confidence, low_overlap, key_added)
+        unassigned = np.asarray(reasons.notna())
+        for column in (pred_names, pred_ids, coarse_ids, coarse_names):
+            column[unassigned] = UNASSIGNED
+        confidence[empty] = 0.0
+        obs = pd.DataFrame(
+            {
+                f"{key_added}_prediction": present_categorical(pred_names, hierarchy, names=True),
+                f"{key_added}_prediction_ontology_term_id": present_categorical(pred_ids, hierarchy),
+                f"{key_added}_confidence": confidence,
+                f"{key_added}_prediction_coarse": present_categorical(coarse_names, hierarchy, names=True),
+                f"{key_added}_prediction_coarse_ontology_term_id": present_categorical(coarse_ids, hierarchy),
+                f"{key_added}_unassigned_reason": reasons,
+            },
+            index=obs_names,
+        )
+        obsm: dict[str, pd.DataFrame | sp.csr_matrix] = {}
+        if self.probabilities is not None:
+            obsm[f"{key_added}_probabilities"] = _frame(self.probabilities, obs_names, list(hierarchy.labels))
+        if self.scores is not None:
+            obsm[f"{key_added}_hierarchical_scores"] = _frame(self.scores, obs_names, list(hierarchy.terms))
+        elif self.hierarchical_scores == "sparse":
+            counts, columns, data = (np.concatenate(part) if part else np.zeros(0) for part in self._sparse)
+            indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            matrix = (data.astype(np.float32), columns.astype(np.int32), indptr)
+            obsm[f"{key_added}_hierarchical_scores"] = sp.csr_matrix(matrix, shape=(self.n_cells, len(terms)))
+            self._sparse = ([], [], [])
+        return obs, obsm
+
+
+def _frame(values: np.ndarray, index: pd.Index, columns: list[str]) -> pd.DataFrame:
+    """``values`` as a DataFrame without a copy (pandas ≥ 3 copies arrays unless told not to)."""
+    return pd.DataFrame(values, index=index, columns=columns, copy=False)
+
+
 def prediction_frame(
     probabilities: np.ndarray,
     hierarchy: Hierarchy,
@@ -98,51 +253,28 @@ def prediction_frame(
     empty: np.ndarray | None = None,
     min_confidence: float = 0.0,
     low_overlap: str | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Per-cell predictions, per-label probabilities and per-term subtree scores.
+    hierarchical_scores: str = "dense",
+) -> tuple[pd.DataFrame, dict[str, pd.DataFrame | sp.csr_matrix]]:
+    """Per-cell predictions and the ``obsm`` matrices of a whole probability matrix, scored in chunks of cells.
 
-    Cells are called ``"unassigned"``, with the reason in ``{key}_unassigned_reason``, when flagged in ``empty`` (no
-    expression in the model's genes: confidence 0; their probability rows are the model's output for a zero input),
-    when ``low_overlap`` gives a reason (the query shares too few of the model's genes: every cell), or when their
-    confidence is below ``min_confidence``. Their probabilities and (except empty cells) confidence stay as computed.
+    See :class:`PredictionAccumulator` (this is it, fed :data:`CHUNK_CELLS` rows at a time).
 
     Returns
     -------
-    ``(obs columns, probabilities, hierarchical scores)``, all indexed by ``obs_names``.
+    ``(obs columns, obsm matrices by key)``, indexed by ``obs_names``.
     """
-    labels = list(hierarchy.labels)
-    label_names = hierarchy.names(labels)
-    best = probabilities.argmax(axis=1)
-    scores = hierarchy.subtree_scores(probabilities)
-    coarse = hierarchy.coarse_terms(scores, coarse_threshold)
-    terms = np.asarray(hierarchy.terms, dtype=object)
-    term_names = np.asarray(hierarchy.names(hierarchy.terms), dtype=object)
-    coarse_ids = terms[coarse]
-    coarse_names = term_names[coarse]
-    pred_names = np.asarray(label_names, dtype=object)[best]
-    pred_ids = np.asarray(labels, dtype=object)[best]
-    confidence = probabilities[np.arange(len(best)), best].astype(np.float32)
-    empty = np.zeros(len(best), dtype=bool) if empty is None else np.asarray(empty, dtype=bool)
-    reasons = unassigned_reasons(confidence, empty, min_confidence, low_overlap, key_added)
-    unassigned = np.asarray(reasons.notna())
-    for column in (pred_names, pred_ids, coarse_ids, coarse_names):
-        column[unassigned] = UNASSIGNED
-    confidence[empty] = 0.0
+    acc = PredictionAccumulator(hierarchy, len(probabilities), coarse_threshold, True, hierarchical_scores)
+    for start in range(0, len(probabilities), CHUNK_CELLS):
+        acc.add(probabilities[start : start + CHUNK_CELLS])
+    return acc.frame(obs_names, key_added, empty, min_confidence, low_overlap)
 
-    obs = pd.DataFrame(
-        {
-            f"{key_added}_prediction": present_categorical(pred_names, hierarchy, names=True),
-            f"{key_added}_prediction_ontology_term_id": present_categorical(pred_ids, hierarchy),
-            f"{key_added}_confidence": confidence,
-            f"{key_added}_prediction_coarse": present_categorical(coarse_names, hierarchy, names=True),
-            f"{key_added}_prediction_coarse_ontology_term_id": present_categorical(coarse_ids, hierarchy),
-            f"{key_added}_unassigned_reason": reasons,
-        },
-        index=obs_names,
-    )
-    probs = pd.DataFrame(probabilities.astype(np.float32), index=obs_names, columns=labels)
-    hier = pd.DataFrame(scores.astype(np.float32), index=obs_names, columns=list(hierarchy.terms))
-    return obs, probs, hier
+
+def coarse_calls(probabilities: np.ndarray, hierarchy: Hierarchy, coarse_threshold: float) -> np.ndarray:
+    """Index into ``hierarchy.terms`` of every cell's coarse call, scored :data:`CHUNK_CELLS` cells at a time."""
+    acc = PredictionAccumulator(hierarchy, len(probabilities), coarse_threshold, False, "none")
+    for start in range(0, len(probabilities), CHUNK_CELLS):
+        acc.add(probabilities[start : start + CHUNK_CELLS])
+    return acc.coarse
 
 
 def unassigned_reasons(
@@ -289,18 +421,25 @@ def write_outputs(
 ) -> None:
     """Write predictions into ``adata``; only schce's own keys change, and overwriting them is logged.
 
-    What is written is recorded in ``uns[key_added]["written"]``, so a later run knows which keys are schce's. Columns
-    an earlier run wrote that this one does not (its majority vote) are removed, so no stale call stays beside new
-    ones.
+    What is written is recorded in ``uns[key_added]["written"]``, so a later run knows which keys are schce's. Entries
+    an earlier run wrote that this one does not (its majority vote, its hierarchical scores) are removed, so no stale
+    output stays beside new ones.
     """
-    replaced = check_output_keys(adata, key_added, overwrite)
+    planned = {"majority_voting": f"{key_added}_majority_voting" in obs.columns}
+    planned["over_clustering"] = None if f"{key_added}_over_clustering" in obs.columns else "given"
+    planned["hierarchical_scores"] = "dense" if f"{key_added}_hierarchical_scores" in obsm else "none"
+    replaced = check_output_keys(adata, key_added, overwrite, **planned)
     if replaced:
         logger.info("Overwriting earlier schce outputs: %s.", ", ".join(replaced))
-    stale = sorted(k for place, k in _written_before(adata, key_added) if place == "obs" and k not in obs.columns)
-    stale = [k for k in stale if k in adata.obs.columns]
-    for column in stale:
-        del adata.obs[column]
-        adata.uns.pop(f"{column}_colors", None)
+    before = _written_before(adata, key_added)
+    stale = sorted(f"obs[{k!r}]" for place, k in before if place == "obs" and k not in obs and k in adata.obs)
+    stale += sorted(f"obsm[{k!r}]" for place, k in before if place == "obsm" and k not in obsm and k in adata.obsm)
+    for place, key in sorted(before):
+        if place == "obs" and key not in obs.columns and key in adata.obs.columns:
+            del adata.obs[key]
+            adata.uns.pop(f"{key}_colors", None)
+        elif place == "obsm" and key not in obsm and key in adata.obsm:
+            del adata.obsm[key]
     if stale:
         logger.info("Removed the earlier run's %s (not written by this run).", ", ".join(stale))
     for column in obs.columns:

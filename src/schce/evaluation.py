@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from schce._io import write_file_atomically
+from schce._output import coarse_calls
 from schce.hierarchy import Hierarchy
 from schce.metrics import expected_calibration_error, f1, paper_report, per_class_table
 
@@ -187,7 +188,7 @@ def evaluate_predictions(
     corrected = np.where(correct, effective, predicted)
 
     terms = np.asarray(hierarchy.terms, dtype=object)
-    coarse = terms[hierarchy.coarse_terms(hierarchy.subtree_scores(probabilities), coarse_threshold)]
+    coarse = terms[coarse_calls(probabilities, hierarchy, coarse_threshold)]  # in chunks: no cells × terms matrix
     # A coarse call is right when it is the truth or an ancestor of it: it may say less, never something else.
     coarse_ok = np.zeros(len(true_terms), dtype=bool)
     c_idx = pd.Index(hierarchy.terms).get_indexer(coarse[scored])

@@ -350,7 +350,8 @@ def hierarchy_scores(
 
     Reads ``adata.obsm[f"{key_added}_hierarchical_scores"]`` (written by :meth:`schce.HCEClassifier.predict`):
     for each term, the summed probability of the term and its descendant labels, averaged over all cells or over
-    the cells of one group.
+    the cells of one group. Scores stored sparse (``predict(..., hierarchical_scores="sparse")``) are averaged with
+    the left-out scores as 0 (each below 0.001 or below the cell's 32 highest).
 
     Parameters
     ----------
@@ -403,9 +404,16 @@ def hierarchy_scores(
             f"(obsm holds: {sorted(adata.obsm.keys()) or 'nothing'})."
         )
     scores = adata.obsm[key]
+    info = adata.uns.get(key_added)
+    stored_terms = info.get("terms") if isinstance(info, dict) else None
     if isinstance(scores, pd.DataFrame):
         terms = [str(c) for c in scores.columns]
         values = scores.to_numpy(dtype=np.float64)
+    elif hasattr(scores, "tocsr") and stored_terms is not None and len(stored_terms) == scores.shape[1]:
+        # hierarchical_scores="sparse": each cell's highest scores, columns named in uns; the mean counts the
+        # left-out scores (each below the smallest kept one) as 0
+        terms = [str(t) for t in stored_terms]
+        values = scores.tocsr()
     else:
         values = np.asarray(scores, dtype=np.float64)
         if hierarchy is None or values.shape[1] != len(hierarchy.terms):
@@ -427,7 +435,7 @@ def hierarchy_scores(
             present = sorted(pd.unique(col))
             shown = ", ".join(map(repr, present[:20])) + (", …" if len(present) > 20 else "")
             raise ValueError(f"group={group!r} is not a value of adata.obs[{groupby!r}]; values: {shown}.")
-    mean = values[mask].mean(axis=0)
+    mean = np.asarray(values[mask].mean(axis=0), dtype=np.float64).ravel()
     probabilities = adata.obsm.get(f"{key_added}_probabilities")
     if hierarchy is not None:
         model_labels = set(hierarchy.labels)

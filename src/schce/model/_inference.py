@@ -17,10 +17,13 @@ from mudata import MuData
 
 from schce._checks import check_groupby
 from schce._output import (
+    SPARSE_SCORE_MIN,
+    SPARSE_TOP,
+    PredictionAccumulator,
     check_key_added,
     check_output_keys,
     check_query_columns,
-    prediction_frame,
+    check_score_format,
     set_colors,
     write_outputs,
 )
@@ -30,7 +33,7 @@ from schce.data._loader import make_loader
 from schce.evaluation import DEFAULT_GROUPBY, EvaluationResult, evaluate_predictions
 from schce.model._setup import CUSTOM
 from schce.ontology import load_cell_ontology
-from schce.train._runner import loader_outputs
+from schce.train._runner import iter_loader_outputs, loader_outputs
 from schce.vocabulary import map_labels
 from schce.voting import cluster_column, voting_frame
 
@@ -106,6 +109,10 @@ class InferenceMixin:
         self._query_expression = summary.kind  # recorded in uns by predict
         return adata, X, aligner, normalize_used
 
+    def _require_trained(self) -> None:
+        if not self.is_trained_:
+            raise RuntimeError("The model is not trained yet: call model.train() first, or HCEClassifier.load(...).")
+
     def _forward(
         self,
         adata: AnnData | MuData | None,
@@ -115,11 +122,30 @@ class InferenceMixin:
         normalize: bool | Literal["auto"],
     ) -> tuple[np.ndarray, np.ndarray, GeneAligner, bool, AnnData]:
         """Logits and embeddings of every cell, after all input checks."""
-        if not self.is_trained_:
-            raise RuntimeError("The model is not trained yet: call model.train() first, or HCEClassifier.load(...).")
+        self._require_trained()
         adata, X, aligner, normalize_used = self._prepare(adata, layer, gene_symbols, normalize)
         logits, embeddings = self._run(X, np.arange(adata.n_obs), normalize_used, aligner, batch_size)
         return logits, embeddings, aligner, normalize_used, adata
+
+    def _score(
+        self, X, acc: PredictionAccumulator, normalize: bool, aligner: GeneAligner, batch_size: int, calibrated: bool,
+        keep_embedding: bool,
+    ) -> np.ndarray | None:  # fmt: skip
+        """Feed every cell's probabilities to ``acc`` batch by batch; the embedding (cells × latent) if asked for.
+
+        Memory: the accumulator's outputs and the embedding, plus one batch; never all logits or probabilities.
+        """
+        loader = make_loader(X, np.arange(acc.n_cells), batch_size, aligner=aligner)
+        embedding, start = None, 0
+        for out in iter_loader_outputs(self.module, loader, normalize):
+            acc.add(self._probabilities(out["logits"].numpy(), calibrated))
+            h = out["embeddings"].numpy()
+            if keep_embedding:
+                if embedding is None:
+                    embedding = np.zeros((acc.n_cells, h.shape[1]), dtype=np.float32)
+                embedding[start : start + len(h)] = h
+            start += len(h)
+        return embedding
 
     def predict(
         self,
@@ -138,6 +164,7 @@ class InferenceMixin:
         min_confidence: float = 0.0,
         min_gene_overlap: float = MIN_GENE_OVERLAP,
         truth_key: str | None = None,
+        hierarchical_scores: Literal["dense", "sparse", "none"] = "dense",
     ) -> pd.DataFrame:
         """Predict cell types and write them into ``adata``.
 
@@ -148,8 +175,8 @@ class InferenceMixin:
         - ``obs["{key}_prediction_coarse"]`` (+ ``_ontology_term_id``): the deepest term (label or ancestor) whose
           subtree probability is at least ``coarse_threshold`` — a back-off when the model is unsure;
         - ``obsm["{key}_probabilities"]`` (cells × labels), ``obsm["{key}_hierarchical_scores"]`` (cells ×
-          labels and their ancestors: the summed probability of each term's subtree), ``obsm["X_{key}"]`` (the
-          penultimate-layer embedding);
+          labels and their ancestors: the summed probability of each term's subtree; see ``hierarchical_scores``),
+          ``obsm["X_{key}"]`` (the penultimate-layer embedding);
         - ``obs["{key}_unassigned_reason"]``: why a cell is ``"unassigned"`` (no expression in the model's genes:
           confidence 0; gene overlap below ``min_gene_overlap``; confidence below ``min_confidence``), else missing;
         - with ``majority_voting=True``: ``obs["{key}_majority_voting"]`` (+ ``_ontology_term_id``, ``_fraction``,
@@ -164,6 +191,10 @@ class InferenceMixin:
 
         Nothing else in ``adata`` changes: an entry of the same name that schce did not write is an error (before
         any work) unless ``overwrite=True``; schce's own entries from an earlier run are replaced.
+
+        Memory: cells are scored batch by batch (a backed file is read a batch at a time); what grows with the number
+        of cells is only what is stored: the obs columns, the probabilities (cells × labels), the embedding and the
+        hierarchical scores in the form asked for (with ``inplace=False``: the obs columns alone).
 
         Parameters
         ----------
@@ -202,6 +233,11 @@ class InferenceMixin:
         truth_key
             ``obs`` column of known labels (CL IDs or names, or the free-text labels of the training mapping) to
             colour like the predictions: ``uns["{truth_key}_colors"]``.
+        hierarchical_scores
+            Form of ``obsm["{key}_hierarchical_scores"]``: ``"dense"`` a float32 DataFrame, cells × terms;
+            ``"sparse"`` a float32 CSR matrix of each cell's 32 highest scores of at least 0.001 (at most 256 bytes a
+            cell; columns: ``uns["{key}"]["terms"]``), for large queries; ``"none"``: not stored. The calls are the
+            same for all three.
 
         Returns
         -------
@@ -213,18 +249,25 @@ class InferenceMixin:
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {value}.")
         check_key_added(key_added)
+        check_score_format(hierarchical_scores)
         mdata = adata if adata is not None else self.adata
         target = self._rna(mdata) if mdata is not None else None
         if isinstance(target, AnnData):  # before any work
             check_query_columns(target, truth_key, over_clustering if majority_voting else None)
             if inplace:
                 check_output_keys(
-                    target, key_added, overwrite, majority_voting=majority_voting, over_clustering=over_clustering
-                )
+                    target, key_added, overwrite, majority_voting=majority_voting, over_clustering=over_clustering,
+                    hierarchical_scores=hierarchical_scores,
+                )  # fmt: skip
         layer_used = self._registered_layer() if adata is None and layer is None else layer
         mdata = mdata if isinstance(mdata, MuData) else None
-        logits, emb, aligner, normalize_used, adata = self._forward(adata, layer, gene_symbols, batch_size, normalize)
-        probs = self._probabilities(logits, calibrated)
+        self._require_trained()
+        adata, X, aligner, normalize_used = self._prepare(adata, layer, gene_symbols, normalize)
+        acc = PredictionAccumulator(
+            self.hierarchy, adata.n_obs, coarse_threshold, inplace, hierarchical_scores if inplace else "none"
+        )
+        keep_embedding = inplace or (majority_voting and over_clustering is None)
+        emb = self._score(X, acc, normalize_used, aligner, batch_size, calibrated, keep_embedding)
         empty = empty_rows(get_matrix(adata, layer_used), adata.n_obs, aligner.query_columns())
         low_overlap = None
         if aligner.overlap < min_gene_overlap:
@@ -232,9 +275,7 @@ class InferenceMixin:
                 f"gene overlap {100 * aligner.overlap:.1f}% of the model's genes, below min_gene_overlap="
                 f"{min_gene_overlap:g}"
             )
-        obs, probs_df, scores_df = prediction_frame(
-            probs, self.hierarchy, adata.obs_names, key_added, coarse_threshold, empty, min_confidence, low_overlap
-        )
+        obs, obsm = acc.frame(adata.obs_names, key_added, empty, min_confidence, low_overlap)
         if majority_voting:
             clusters = None if over_clustering is None else cluster_column(adata.obs, over_clustering)
             votes = voting_frame(
@@ -244,7 +285,10 @@ class InferenceMixin:
             obs = pd.concat([obs, votes], axis=1)
         if inplace:
             uns = self._prediction_uns(coarse_threshold, calibrated, aligner, normalize_used, min_confidence)
-            obsm = {f"{key_added}_probabilities": probs_df, f"{key_added}_hierarchical_scores": scores_df}
+            uns["hierarchical_scores"] = hierarchical_scores
+            if hierarchical_scores == "sparse":
+                uns.update(terms=np.asarray(self.hierarchy.terms, dtype=object), sparse_top=SPARSE_TOP)
+                uns["sparse_score_min"] = SPARSE_SCORE_MIN
             obsm[f"X_{key_added}"] = emb
             write_outputs(adata, obs, obsm, uns, key_added, overwrite)
             coloured = [c for c in obs.columns if isinstance(obs[c].dtype, pd.CategoricalDtype)]

@@ -55,25 +55,33 @@ def quiet_lightning_info():
         rank_zero.setLevel(level)
 
 
-def loader_outputs(module, loader, normalize: bool, desc: str = "Predicting") -> dict[str, np.ndarray]:
-    """Logits and embeddings of every batch of ``loader`` (eval mode, no gradients), with ``y`` / ``idx`` if given."""
+def iter_loader_outputs(module, loader, normalize: bool, desc: str = "Predicting"):
+    """Yield ``{"logits", "embeddings"}`` (float32, CPU), with ``y`` / ``idx`` if given, batch by batch.
+
+    Eval mode, no gradients; only one batch's outputs are alive at a time unless the caller keeps them.
+    """
     device = next(module.parameters()).device
     module.eval()
-    out: dict[str, list] = {"logits": [], "embeddings": []}
     try:
         total = len(loader)
     except TypeError:
         total = None
     densify = Densifier()  # sparse batches: densified on the device into one reused buffer
-    with torch.inference_mode():
-        # A bar only when the pass is long enough to wait for.
-        for batch in tqdm(loader, desc=desc, unit="batch", total=total, disable=total is not None and total < 20):
+    # A bar only when the pass is long enough to wait for.
+    for batch in tqdm(loader, desc=desc, unit="batch", total=total, disable=total is not None and total < 20):
+        with torch.inference_mode():
             logits, h = module(densify(batch, device), normalize=normalize, inplace=is_sparse(batch))
-            out["logits"].append(logits.float().cpu())
-            out["embeddings"].append(h.float().cpu())
-            for key in ("y", "idx"):
-                if key in batch:
-                    out.setdefault(key, []).append(batch[key].cpu())
+            out = {"logits": logits.float().cpu(), "embeddings": h.float().cpu()}
+            out.update({key: batch[key].cpu() for key in ("y", "idx") if key in batch})
+        yield out
+
+
+def loader_outputs(module, loader, normalize: bool, desc: str = "Predicting") -> dict[str, np.ndarray]:
+    """Logits and embeddings of every batch of ``loader`` (eval mode, no gradients), with ``y`` / ``idx`` if given."""
+    out: dict[str, list] = {"logits": [], "embeddings": []}
+    for batch in iter_loader_outputs(module, loader, normalize, desc):
+        for key, value in batch.items():
+            out.setdefault(key, []).append(value)
     return {k: torch.cat(v).numpy() if v else np.empty((0, 0), np.float32) for k, v in out.items()}
 
 
