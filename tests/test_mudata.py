@@ -125,3 +125,71 @@ def test_predict_needs_the_rna_modality(pbmc, mudata_model):
         mudata_model.predict(other)
     df = mudata_model.predict(other["gex"], inplace=False)  # the modality itself works
     assert len(df) == pbmc.n_obs
+
+
+def _with_batches(obs: pd.DataFrame, missing: list[int]) -> None:
+    obs["batch"] = np.where(np.arange(len(obs)) % 2, "a", "b")
+    obs.loc[obs.index[missing], "batch"] = np.nan
+
+
+@pytest.mark.parametrize("place", ["mdata", "rna"])
+def test_missing_batch_values_are_named_and_every_obs_is_left_alone(pbmc, place):
+    """As setup_anndata (issue 24): the column, the count and the cells are named; nothing is written."""
+    mdata = _mudata(pbmc)
+    _with_batches(mdata.obs if place == "mdata" else mdata["rna"].obs, [4, 9])
+    modalities = {"rna_layer": "rna", "labels_key": "rna", **({"batch_key": "rna"} if place == "rna" else {})}
+    obs = {name: data.obs.copy() for name, data in [("mdata", mdata), *mdata.mod.items()]}
+    where = r"mdata\.obs" if place == "mdata" else r"mdata\['rna'\]\.obs"
+    with pytest.raises(
+        ValueError, match=rf"batch_key='batch': {where}\['batch'\] has 2 missing value\(s\) \(NaN\), in "
+    ):
+        schce.HCEClassifier.setup_mudata(mdata, LABELS, rna_layer="counts", batch_key="batch", modalities=modalities)
+    for name, data in [("mdata", mdata), *mdata.mod.items()]:
+        pd.testing.assert_frame_equal(data.obs, obs[name])
+    assert "_scvi_manager_uuid" not in mdata.uns
+
+
+@pytest.mark.parametrize(("place", "column"), [("rna", "_scvi_labels"), ("mdata", "_scvi_batch")])
+def test_a_users_scvi_named_column_in_a_mudata_is_not_overwritten(pbmc, place, column):
+    mdata = _mudata(pbmc)
+    obs = mdata.obs if place == "mdata" else mdata["rna"].obs
+    obs[column] = "mine"
+    where = r"mdata\.obs" if place == "mdata" else r"mdata\['rna'\]\.obs"
+    with pytest.raises(ValueError, match=rf"{where} has column\(s\) \['{column}'\], which scvi-tools' set-up would"):
+        schce.HCEClassifier.setup_mudata(
+            mdata, LABELS, rna_layer="counts", modalities={"rna_layer": "rna", "labels_key": "rna"}
+        )
+    assert (obs[column] == "mine").all()
+    assert not [c for c in mdata.obs.columns if c.startswith("_scvi") and c != column]
+    obs.rename(columns={column: "mine"}, inplace=True)  # the fix the message names
+    schce.HCEClassifier.setup_mudata(
+        mdata, LABELS, rna_layer="counts", modalities={"rna_layer": "rna", "labels_key": "rna"}
+    )
+    assert (obs["mine"] == "mine").all()
+    # a set-up scvi-tools did itself is replaced as scvi-tools does
+    schce.HCEClassifier.setup_mudata(
+        mdata, LABELS, rna_layer="counts", modalities={"rna_layer": "rna", "labels_key": "rna"}
+    )
+
+
+def test_a_failed_mudata_registration_leaves_every_obs_as_it_was(pbmc, monkeypatch):
+    """scvi-tools writes _scvi_labels, then fails on the batch field: both obs are restored."""
+    from scvi.data.fields import MuDataCategoricalObsField
+
+    original = MuDataCategoricalObsField.register_field
+
+    def failing(self, mdata):
+        out = original(self, mdata)
+        if self.registry_key == "batch":
+            raise RuntimeError("registration failed after writing")
+        return out
+
+    monkeypatch.setattr(MuDataCategoricalObsField, "register_field", failing)
+    mdata = _mudata(pbmc)
+    obs = {name: data.obs.copy() for name, data in [("mdata", mdata), *mdata.mod.items()]}
+    with pytest.raises(RuntimeError, match="registration failed after writing"):
+        schce.HCEClassifier.setup_mudata(
+            mdata, LABELS, rna_layer="counts", modalities={"rna_layer": "rna", "labels_key": "rna"}
+        )
+    for name, data in [("mdata", mdata), *mdata.mod.items()]:
+        pd.testing.assert_frame_equal(data.obs, obs[name])

@@ -61,30 +61,48 @@ def check_groupby(columns, groupby, default) -> None:
 SCVI_COLUMNS = ("_scvi_labels", "_scvi_batch")
 
 
-def check_setup_obs(adata, batch_key: str | None) -> None:
+def check_setup_obs(adata, batch_key: str | None, places: dict | None = None) -> None:
     """Checks on ``obs`` before scvi-tools registers it, so a failure leaves ``obs`` as it was.
+
+    Parameters
+    ----------
+    adata
+        The AnnData, or the MuData, being set up.
+    batch_key
+        The batch column, or ``None``.
+    places
+        For a MuData: ``{"labels_key": (obs, name), "batch_key": (obs, name)}``, the ``obs`` frame each field is read
+        from (where scvi-tools writes its ``_scvi_labels`` / ``_scvi_batch`` column) and how to name it in messages
+        (``"mdata.obs"``, ``"mdata['rna'].obs"``). Default: ``adata.obs`` for both.
 
     Raises
     ------
     ValueError
-        When ``batch_key`` has missing values (naming how many and some of the cells), or when ``obs`` holds a
+        When ``batch_key`` has missing values (naming how many and some of the cells), or when an ``obs`` holds a
         column named like scvi-tools' registry columns that an earlier set-up did not write.
     """
-    obs = adata.obs
+    places = places or {"labels_key": (adata.obs, "adata.obs"), "batch_key": (adata.obs, "adata.obs")}
     if batch_key is not None:
+        obs, where = places["batch_key"]
         missing = obs[batch_key].isna().to_numpy()
         if missing.any():
             cells = ", ".join(map(str, obs.index[missing][:5])) + (" ..." if missing.sum() > 5 else "")
             raise ValueError(
-                f"batch_key={batch_key!r}: obs[{batch_key!r}] has {int(missing.sum())} missing value(s) (NaN), in "
-                f"cells {cells}. Fill them (e.g. with 'unknown') or drop those cells before set-up."
+                f"batch_key={batch_key!r}: {where}[{batch_key!r}] has {int(missing.sum())} missing value(s) (NaN), "
+                f"in cells {cells}. Fill them (e.g. with 'unknown') or drop those cells before set-up."
             )
-    registered_before = "_scvi_manager_uuid" in adata.uns  # scvi-tools wrote those columns itself
-    clash = [c for c in SCVI_COLUMNS if c in obs.columns and not registered_before]
-    if clash:
+    if "_scvi_manager_uuid" in adata.uns:  # scvi-tools wrote those columns itself
+        return
+    clashes: dict[str, list[str]] = {}
+    for (obs, where), column in zip((places["labels_key"], places["batch_key"]), SCVI_COLUMNS, strict=True):
+        if column in obs.columns:
+            clashes.setdefault(where, []).append(column)
+    if clashes:
+        found = "; ".join(f"{where} has column(s) {columns}" for where, columns in clashes.items())
+        where, columns = next(iter(clashes.items()))
         raise ValueError(
-            f"adata.obs has column(s) {clash}, which scvi-tools' set-up would overwrite with its own codes. Rename "
-            "them first (adata.obs.rename(columns={...}))."
+            f"{found}, which scvi-tools' set-up would overwrite with its own codes. Rename them first, e.g. "
+            f"{where}.rename(columns={{{columns[0]!r}: 'my{columns[0]}'}}, inplace=True)."
         )
 
 

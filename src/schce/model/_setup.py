@@ -6,7 +6,7 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Literal
 
 import numpy as np
@@ -175,7 +175,7 @@ class SetupMixin:
                 f"The RNA modality {mods.rna_layer!r} has {rna.n_obs} of mdata's {mdata.n_obs} cells (or another "
                 "order); keep the cells measured in every modality first (muon.pp.intersect_obs(mdata))."
             )
-        obs_of = {}
+        obs_of, places = {}, {}
         for key, arg in ((labels_key, "labels_key"), (batch_key, "batch_key")):
             obs, where = (mdata.obs, "mdata.obs") if mods[arg] is None else (mdata[mods[arg]].obs, mods[arg])
             if key is not None and key not in obs.columns:
@@ -185,6 +185,8 @@ class SetupMixin:
                     + (f"; it is in modality {hint[0]!r}: add {{{arg!r}: {hint[0]!r}}} to modalities." if hint else ".")
                 )
             obs_of[arg] = obs
+            places[arg] = (obs, "mdata.obs" if mods[arg] is None else f"mdata[{mods[arg]!r}].obs")
+        check_setup_obs(mdata, batch_key, places)  # as setup_anndata: before any change
         raw = obs_of["labels_key"][labels_key]
         state = cls._setup_state(rna, raw, labels_key, rna_layer, ontology, normalize, label_mapping, hierarchy)
         # Every modality's features as registered, so a loaded model knows them without the data.
@@ -200,7 +202,10 @@ class SetupMixin:
             MuDataCategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key, mod_key=mods.batch_key),
         ]
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        with _small_groups_named(obs_of["labels_key"], labels_key, None):
+        with ExitStack() as restore:  # a failure leaves every obs scvi-tools writes to as it was
+            for data in (mdata, *mdata.mod.values()):
+                restore.enter_context(obs_restored_on_error(data))
+            restore.enter_context(_small_groups_named(obs_of["labels_key"], labels_key, None))
             manager.register_fields(mdata, **kwargs)
         state.write(manager.registry)
         cls.register_manager(manager)
