@@ -104,3 +104,64 @@ def test_majority_vote_over_clusters_the_embedding_itself(trained, pbmc):
 def test_majority_vote_explains_missing_inputs(pbmc):
     with pytest.raises(KeyError, match=r"run model.predict\(adata, key_added='schce'\) first"):
         majority_vote(pbmc.copy(), TOY)
+    with pytest.raises(ValueError, match="key_added must be a non-empty name"):
+        majority_vote(pbmc.copy(), TOY, key_added="")
+
+
+def _voted_query(pbmc, model):
+    query = pbmc.copy()
+    query.obs["cluster"] = pd.Categorical(query.obs["bulk_labels"].astype(str).str[:6])
+    model.predict(query)
+    return query
+
+
+def test_majority_vote_never_overwrites_a_users_column(trained, pbmc):
+    """The rule predict uses (issue 24): a column of an output name that schce did not write is refused, named,
+    before any work; overwrite=True replaces it."""
+    query = _voted_query(pbmc, trained)
+    mine = np.where(np.arange(query.n_obs) % 2, "x", "y")
+    query.obs["schce_majority_voting"] = mine
+    before = query.obs.copy()
+    with pytest.raises(ValueError, match=r"obs\['schce_majority_voting'\], which schce did not write.*overwrite=True"):
+        majority_vote(query, trained.hierarchy, over_clustering="cluster")
+    pd.testing.assert_frame_equal(query.obs, before)  # nothing written
+    out = majority_vote(query, trained.hierarchy, over_clustering="cluster", overwrite=True)
+    assert (query.obs["schce_majority_voting"].astype(str) == out["schce_majority_voting"].astype(str)).all()
+
+
+def test_majority_vote_reruns_replace_its_own_columns(trained, pbmc, caplog):
+    import logging
+
+    query = _voted_query(pbmc, trained)
+    majority_vote(query, trained.hierarchy)  # automatic over-clustering
+    assert "schce_over_clustering" in query.uns["schce"]["written"]["obs"]
+    with caplog.at_level(logging.INFO, logger="schce"):
+        out = majority_vote(query, trained.hierarchy, over_clustering="cluster")  # recognised as schce's own
+    assert "Overwriting earlier schce outputs: obs['schce_majority_voting']" in caplog.text
+    assert "schce_over_clustering" not in query.obs  # the earlier vote's clusters go with it
+    written = list(query.uns["schce"]["written"]["obs"])
+    assert "schce_over_clustering" not in written and "schce_majority_voting_fraction" in written
+    assert "schce_prediction" in written  # predict's record is kept
+    np.testing.assert_array_equal(query.obs["schce_majority_voting_fraction"], out["schce_majority_voting_fraction"])
+    trained.predict(query)  # predict recognises the vote as schce's and removes it (it did not vote this time)
+    assert "schce_majority_voting" not in query.obs
+
+
+def test_majority_vote_on_predictions_schce_did_not_record(pbmc):
+    """Predictions from elsewhere (no uns record): the vote is written and recorded, so a rerun replaces it."""
+    query = pbmc.copy()
+    labels = np.array(["CD4", "CD8", "B"])[np.arange(query.n_obs) % 3]
+    query.obs["schce_prediction_ontology_term_id"] = labels
+    query.obs["cluster"] = np.arange(query.n_obs) % 4
+    majority_vote(query, TOY, over_clustering="cluster")
+    assert list(query.uns["schce"]["written"]["obs"]) == [
+        "schce_majority_voting",
+        "schce_majority_voting_ontology_term_id",
+        "schce_majority_voting_fraction",
+    ]
+    majority_vote(query, TOY, over_clustering="cluster", min_fraction=0.6)  # its own columns: replaced
+    assert (query.obs["schce_prediction_ontology_term_id"] == labels).all()
+    query.uns["schce"] = {"mine": 1}  # a foreign uns entry of that name is refused as predict refuses it
+    with pytest.raises(ValueError, match=r"uns\['schce'\], which schce did not write"):
+        majority_vote(query, TOY, over_clustering="cluster")
+    assert query.uns["schce"] == {"mine": 1}

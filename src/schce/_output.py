@@ -40,16 +40,20 @@ def output_keys(
     """Every key :meth:`~schce.HCEClassifier.predict` writes, by place."""
     obs = ["prediction", "prediction_ontology_term_id", "confidence", "prediction_coarse"]
     obs += ["prediction_coarse_ontology_term_id", "unassigned_reason"]
-    if majority_voting:
-        obs += ["majority_voting", "majority_voting_ontology_term_id", "majority_voting_fraction"]
-        obs += ["over_clustering"] if over_clustering is None else []
+    obs = [f"{key_added}_{c}" for c in obs] + (voting_keys(key_added, over_clustering) if majority_voting else [])
     obsm = [f"{key_added}_probabilities", f"{key_added}_hierarchical_scores", f"X_{key_added}"]
     if hierarchical_scores == "none":
         obsm.remove(f"{key_added}_hierarchical_scores")
-    return {"obs": [f"{key_added}_{c}" for c in obs], "obsm": obsm}
+    return {"obs": obs, "obsm": obsm}
 
 
-def _written_before(adata: AnnData, key_added: str) -> set[tuple[str, str]]:
+def voting_keys(key_added: str, over_clustering: str | None = None) -> list[str]:
+    """The ``obs`` columns of a majority vote (:func:`schce.majority_vote`, ``predict(majority_voting=True)``)."""
+    obs = ["majority_voting", "majority_voting_ontology_term_id", "majority_voting_fraction"]
+    return [f"{key_added}_{c}" for c in obs + (["over_clustering"] if over_clustering is None else [])]
+
+
+def written_before(adata: AnnData, key_added: str) -> set[tuple[str, str]]:
     """The ``(place, key)`` entries an earlier ``predict`` recorded in ``uns[key_added]``; empty when none."""
     prev = adata.uns.get(key_added)
     if not isinstance(prev, Mapping) or "schce_version" not in prev:
@@ -77,11 +81,20 @@ def check_output_keys(adata: AnnData, key_added: str, overwrite: bool = False, *
     go to :func:`output_keys` (majority voting adds its columns).
     """
     check_key_added(key_added)
-    planned = output_keys(key_added, **planned_options)
-    present = [("obs", c) for c in planned["obs"] if c in adata.obs.columns]
-    present += [("obsm", k) for k in planned["obsm"] if k in adata.obsm]
+    return check_foreign_keys(adata, key_added, output_keys(key_added, **planned_options), overwrite)
+
+
+def check_foreign_keys(adata: AnnData, key_added: str, planned: Mapping[str, list[str]], overwrite: bool) -> list[str]:
+    """The one rule for every schce writer: refuse entries of the ``planned`` names that schce did not write.
+
+    ``planned`` lists the ``obs`` columns and ``obsm`` keys to be written (``uns[key_added]`` always is). Entries an
+    earlier schce call recorded in ``uns[key_added]["written"]`` are schce's own and returned (to be replaced, with a
+    log line); any other is an error naming it and the ways out, unless ``overwrite=True`` (then a warning).
+    """
+    present = [("obs", c) for c in planned.get("obs", []) if c in adata.obs.columns]
+    present += [("obsm", k) for k in planned.get("obsm", []) if k in adata.obsm]
     present += [("uns", key_added)] if key_added in adata.uns else []
-    ours = _written_before(adata, key_added)
+    ours = written_before(adata, key_added)
     foreign = [f"{place}[{key!r}]" for place, key in present if (place, key) not in ours]
     if foreign and not overwrite:
         raise ValueError(
@@ -91,6 +104,22 @@ def check_output_keys(adata: AnnData, key_added: str, overwrite: bool = False, *
     if foreign:
         logger.warning("Overwriting entries schce did not write (overwrite=True): %s.", ", ".join(foreign))
     return [f"{place}[{key!r}]" for place, key in present]
+
+
+def record_written(adata: AnnData, key_added: str, obs_columns: list[str], dropped: list[str] = ()) -> None:
+    """Add ``obs_columns`` to the keys ``uns[key_added]["written"]`` records as schce's (``dropped`` leave it).
+
+    Creates a minimal record (schce's version and the keys) when ``uns[key_added]`` is not schce's, so a later call
+    recognises these columns as its own. Run after :func:`check_foreign_keys`.
+    """
+    from schce import __version__
+
+    before = sorted(written_before(adata, key_added))
+    record = dict(adata.uns[key_added]) if before else {"schce_version": __version__}
+    obs = [key for place, key in before if place == "obs" and key not in dropped]
+    obsm = [key for place, key in before if place == "obsm"]
+    record["written"] = {"obs": obs + [c for c in obs_columns if c not in obs], "obsm": obsm}
+    adata.uns[key_added] = record
 
 
 SCORE_FORMATS = ("dense", "sparse", "none")
@@ -431,7 +460,7 @@ def write_outputs(
     replaced = check_output_keys(adata, key_added, overwrite, **planned)
     if replaced:
         logger.info("Overwriting earlier schce outputs: %s.", ", ".join(replaced))
-    before = _written_before(adata, key_added)
+    before = written_before(adata, key_added)
     stale = sorted(f"obs[{k!r}]" for place, k in before if place == "obs" and k not in obs and k in adata.obs)
     stale += sorted(f"obsm[{k!r}]" for place, k in before if place == "obsm" and k not in obsm and k in adata.obsm)
     for place, key in sorted(before):

@@ -13,6 +13,14 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from schce._output import (
+    check_foreign_keys,
+    check_key_added,
+    present_categorical,
+    record_written,
+    voting_keys,
+    written_before,
+)
 from schce.hierarchy import Hierarchy
 
 logger = logging.getLogger(__name__)
@@ -104,6 +112,7 @@ def majority_vote(
     resolution: float | None = None,
     min_fraction: float = 0.5,
     random_state: int = 0,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Smooth schce's predictions over clusters, writing the vote beside them.
 
@@ -130,14 +139,22 @@ def majority_vote(
         Support the voted term needs, strictly more than this (see :func:`vote`).
     random_state
         Seed of the neighbour graph and of Leiden.
+    overwrite
+        Replace ``obs`` columns of the output names that schce did not write (refused by default, before any work,
+        as in :meth:`~schce.HCEClassifier.predict`). A vote written earlier by schce is replaced (logged), and its
+        automatic over-clustering removed when this vote uses ``over_clustering``; the columns written are recorded
+        in ``uns["{key_added}"]["written"]``.
 
     Returns
     -------
     The written columns as a DataFrame indexed by ``obs_names``.
     """
+    check_key_added(key_added)
     pred_key = f"{key_added}_prediction_ontology_term_id"
     if pred_key not in adata.obs:
         raise KeyError(f"adata.obs has no {pred_key!r}: run model.predict(adata, key_added={key_added!r}) first.")
+    planned = voting_keys(key_added, over_clustering)
+    replaced = check_foreign_keys(adata, key_added, {"obs": planned}, overwrite)  # before any work
     clusters, embedding = None, None
     if over_clustering is None:
         emb_key = f"X_{key_added}"
@@ -150,8 +167,16 @@ def majority_vote(
         adata.obs[pred_key].to_numpy(), adata.obs_names, hierarchy, key_added, clusters, embedding, resolution,
         min_fraction, random_state,
     )  # fmt: skip
+    if replaced:
+        logger.info("Overwriting earlier schce outputs: %s.", ", ".join(replaced))
+    ours = written_before(adata, key_added)  # the earlier vote's automatic clusters, unless voted over now
+    stale = [c for c in voting_keys(key_added) if ("obs", c) in ours and c not in out.columns and c != over_clustering]
+    stale = [c for c in stale if c in adata.obs.columns]
+    for column in stale:
+        del adata.obs[column]
     for column in out.columns:
         adata.obs[column] = out[column].values
+    record_written(adata, key_added, list(out.columns), dropped=stale)
     return out
 
 
@@ -179,8 +204,6 @@ def voting_frame(
 
     ``clusters`` per cell, or ``embedding`` to over-cluster (then ``{key_added}_over_clustering`` is included).
     """
-    from schce._output import present_categorical
-
     written = {}
     if clusters is None:
         clusters = over_cluster(embedding, resolution, random_state)
