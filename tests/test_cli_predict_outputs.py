@@ -39,3 +39,21 @@ def test_predict_writes_the_calls_as_csv_with_votes_and_the_figures(trained, pbm
     assert "X_umap" not in annotated.obsm  # the figures did not change the output
     again = _run("predict", tmp_path / "model", query, "--out", tmp_path / "other.h5ad", "--over-clustering", "x")
     assert again.exit_code != 0 and "over-clustering" in again.output
+
+
+def test_predict_stores_the_hierarchical_scores_asked_for(trained, pbmc, tmp_path):
+    import scipy.sparse as sp
+
+    trained.save(tmp_path / "model")
+    query = tmp_path / "query.h5ad"
+    pbmc[:200].copy().write_h5ad(query)
+    for choice in ("sparse", "none"):
+        out = tmp_path / f"{choice}.h5ad"
+        result = _run("predict", tmp_path / "model", query, "--out", out, "--hierarchical-scores", choice)
+        assert result.exit_code == 0, result.output
+        annotated = ad.read_h5ad(out)
+        assert annotated.uns["schce"]["hierarchical_scores"] == choice
+        assert ("schce_hierarchical_scores" in annotated.obsm) == (choice == "sparse")
+    assert sp.issparse(ad.read_h5ad(tmp_path / "sparse.h5ad").obsm["schce_hierarchical_scores"])
+    bad = _run("predict", tmp_path / "model", query, "--out", tmp_path / "x.h5ad", "--hierarchical-scores", "top")
+    assert bad.exit_code != 0 and "'top' is not one of 'dense', 'sparse', 'none'" in bad.output

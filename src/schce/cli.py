@@ -314,6 +314,14 @@ def train(
     type=click.Path(file_okay=False, path_type=Path),
     help="Directory for umap.png, prediction_counts.png and confidence.png.",
 )
+@click.option(
+    "--hierarchical-scores",
+    type=click.Choice(["dense", "sparse", "none"]),
+    default="dense",
+    show_default=True,
+    help="obsm['schce_hierarchical_scores']: cells × terms, each cell's 32 highest scores (CSR), or none (large "
+    "queries).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file (and its .csv).")
 def predict(
     model_dir: Path,
@@ -327,6 +335,7 @@ def predict(
     min_confidence: float,
     min_gene_overlap: float,
     figures_dir: Path | None,
+    hierarchical_scores: str,
     overwrite: bool,
 ) -> None:
     """Annotate INPUT.h5ad with a saved model and write the result to --out, and a CSV of the calls beside it.
@@ -355,7 +364,7 @@ def predict(
     obs = model.predict(
         adata, layer=layer, gene_symbols=gene_symbols, coarse_threshold=coarse_threshold,
         majority_voting=majority_voting, over_clustering=over_clustering, min_confidence=min_confidence,
-        min_gene_overlap=min_gene_overlap,
+        min_gene_overlap=min_gene_overlap, hierarchical_scores=hierarchical_scores,
     )  # fmt: skip
     write_file_atomically(out_path, lambda tmp: adata.write_h5ad(tmp))
     table = obs.drop(columns=[c for c in obs.columns if c.endswith("_over_clustering")])
