@@ -110,3 +110,19 @@ def test_evaluate_names_a_missing_groupby_column(trained, pbmc):
     assert result.per_group == {} or all(k in adata.obs for k in result.per_group)
     grouped = trained.evaluate(adata, "cell_type_ontology_term_id", groupby=["phase"])
     assert set(grouped.per_group) == {"phase"}
+
+
+def test_evaluate_on_a_store_names_a_missing_groupby_column_before_any_work(tmp_path, monkeypatch):
+    """The datamodule path too: a named column the split's metadata lacks is an error, not silently skipped."""
+    import schce
+    from schce.data import SCTabStoreDataModule, write_sctab_store
+
+    atlas = schce.datasets.simulate_atlas(400, n_genes=40, n_cell_types=4, library_size=200, seed=0, progress=False)
+    store = write_sctab_store(atlas, tmp_path / "store", split_key="donor_id")
+    dm = SCTabStoreDataModule(store, batch_size=64, num_workers=0)
+    model = schce.HCEClassifier.from_sctab_store(store, n_hidden=8, n_layers=1)
+    model.is_trained_ = True  # the check comes first: no pass over the data is needed to fail
+    monkeypatch.setattr(dm, "test_dataloader", lambda: pytest.fail("the data were read before the check"))
+    expected = r"groupby column\(s\) \['tisue'\] are not in the test split's obs; available: \["
+    with pytest.raises(KeyError, match=expected):
+        model.evaluate(datamodule=dm, groupby=["tisue"])

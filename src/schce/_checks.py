@@ -36,7 +36,7 @@ def check_checkpoint_file(path: str | os.PathLike | None, what: str = "ckpt_path
         raise ValueError(f"{what}={str(path)!r} is damaged (entry {bad!r} fails its checksum). {fix}")
 
 
-def check_groupby(columns, groupby, default) -> None:
+def check_groupby(columns, groupby, default, where: str = "adata.obs") -> None:
     """Refuse ``groupby`` columns the user named that ``obs`` lacks (the defaults are optional and skipped).
 
     Raises
@@ -51,7 +51,7 @@ def check_groupby(columns, groupby, default) -> None:
     missing = [c for c in groupby if c not in columns]
     if missing:
         raise KeyError(
-            f"groupby column(s) {missing} are not in adata.obs; available: {list(columns)}. Pass existing columns, "
+            f"groupby column(s) {missing} are not in {where}; available: {list(columns)}. Pass existing columns, "
             "or leave groupby out for the default (those of assay, dataset_id, disease, tissue, tissue_general "
             "that exist)."
         )

@@ -385,6 +385,8 @@ class InferenceMixin:
         if datamodule is not None:
             from schce.model._store import datamodule_predictions
 
+            if groupby is not DEFAULT_GROUPBY:  # a named column the split's metadata lacks fails here, named
+                check_groupby(datamodule.read_obs(split).columns, groupby, DEFAULT_GROUPBY, f"the {split} split's obs")
             onto = load_cell_ontology(ontology)
             true_terms, logits, obs = datamodule_predictions(self, datamodule, split)
             probs = self._probabilities(logits, calibrated)
