@@ -193,3 +193,26 @@ def test_a_failed_mudata_registration_leaves_every_obs_as_it_was(pbmc, monkeypat
         )
     for name, data in [("mdata", mdata), *mdata.mod.items()]:
         pd.testing.assert_frame_equal(data.obs, obs[name])
+
+
+def test_predict_never_overwrites_a_users_column_in_mdata_obs(pbmc, mudata_model):
+    """The copies pulled into mdata.obs follow the rule of the modality's own keys (issue 24)."""
+    query = _mudata(pbmc)
+    query.obs["rna:schce_prediction"] = "mine"
+    with pytest.raises(ValueError, match=r"mdata already holds obs\['rna:schce_prediction'\], which schce did not"):
+        mudata_model.predict(query, layer="counts")
+    assert (query.obs["rna:schce_prediction"] == "mine").all()
+    assert "schce_prediction" not in query["rna"].obs  # refused before any work
+    mudata_model.predict(query, layer="counts", overwrite=True)
+    assert (query.obs["rna:schce_prediction"].astype(str) == query["rna"].obs["schce_prediction"].astype(str)).all()
+
+
+def test_predict_reruns_replace_the_pulled_copies(pbmc, mudata_model):
+    query = _mudata(pbmc)
+    query["rna"].obs["cluster"] = pd.Categorical(pbmc.obs["bulk_labels"].astype(str).str[:6])
+    mudata_model.predict(query, layer="counts", majority_voting=True, over_clustering="cluster")
+    assert "rna:schce_majority_voting" in query.obs
+    mudata_model.predict(query, layer="counts", coarse_threshold=0.9)  # schce's own copies: replaced, none stale
+    assert "rna:schce_majority_voting" not in query.obs and "schce_majority_voting" not in query["rna"].obs
+    pulled = query.obs["rna:schce_prediction_coarse"].astype(str)
+    assert (pulled == query["rna"].obs["schce_prediction_coarse"].astype(str)).all()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -84,26 +85,66 @@ def check_output_keys(adata: AnnData, key_added: str, overwrite: bool = False, *
     return check_foreign_keys(adata, key_added, output_keys(key_added, **planned_options), overwrite)
 
 
-def check_foreign_keys(adata: AnnData, key_added: str, planned: Mapping[str, list[str]], overwrite: bool) -> list[str]:
+def check_foreign_keys(
+    adata: AnnData,
+    key_added: str,
+    planned: Mapping[str, list[str]],
+    overwrite: bool,
+    ours: set[tuple[str, str]] | None = None,
+    name: str = "adata",
+) -> list[str]:
     """The one rule for every schce writer: refuse entries of the ``planned`` names that schce did not write.
 
-    ``planned`` lists the ``obs`` columns and ``obsm`` keys to be written (``uns[key_added]`` always is). Entries an
-    earlier schce call recorded in ``uns[key_added]["written"]`` are schce's own and returned (to be replaced, with a
-    log line); any other is an error naming it and the ways out, unless ``overwrite=True`` (then a warning).
+    ``planned`` lists the ``obs`` columns and ``obsm`` keys to be written (``uns[key_added]`` always is, unless
+    ``ours`` is given). Entries an earlier schce call recorded in ``uns[key_added]["written"]`` (or listed in
+    ``ours``) are schce's own and returned (to be replaced, with a log line); any other is an error naming it and the
+    ways out, unless ``overwrite=True`` (then a warning). ``name`` names ``adata`` in the message.
     """
     present = [("obs", c) for c in planned.get("obs", []) if c in adata.obs.columns]
     present += [("obsm", k) for k in planned.get("obsm", []) if k in adata.obsm]
-    present += [("uns", key_added)] if key_added in adata.uns else []
-    ours = written_before(adata, key_added)
+    if ours is None:
+        present += [("uns", key_added)] if key_added in adata.uns else []
+        ours = written_before(adata, key_added)
     foreign = [f"{place}[{key!r}]" for place, key in present if (place, key) not in ours]
     if foreign and not overwrite:
         raise ValueError(
-            f"adata already holds {', '.join(foreign)}, which schce did not write. Pass key_added= another prefix "
+            f"{name} already holds {', '.join(foreign)}, which schce did not write. Pass key_added= another prefix "
             "(e.g. key_added='schce2'), rename that entry, or pass overwrite=True to replace it."
         )
     if foreign:
         logger.warning("Overwriting entries schce did not write (overwrite=True): %s.", ", ".join(foreign))
     return [f"{place}[{key!r}]" for place, key in present]
+
+
+def pulled_columns(mdata, rna: AnnData, key_added: str) -> set[tuple[str, str]]:
+    """The ``mdata.obs`` copies of schce's columns of the RNA modality ``rna`` (``"rna:schce_prediction"``)."""
+    mod = next(name for name, m in mdata.mod.items() if m is rna)
+    return {("obs", f"{mod}:{k}") for place, k in written_before(rna, key_added) if place == "obs"}
+
+
+def check_pulled_keys(mdata, rna: AnnData, key_added: str, overwrite: bool = False, **planned_options) -> None:
+    """For a MuData, the ``mdata.obs`` copies ``predict`` pulls of its columns follow the same rule.
+
+    A copy is schce's when the modality's record lists its column. Run before any work.
+    """
+    mod = next(name for name, m in mdata.mod.items() if m is rna)
+    ours = pulled_columns(mdata, rna, key_added)
+    planned = {"obs": [f"{mod}:{c}" for c in output_keys(key_added, **planned_options)["obs"]]}
+    check_foreign_keys(mdata, key_added, planned, overwrite, ours=ours, name="mdata")
+
+
+def pull_outputs(mdata, rna: AnnData, key_added: str, columns: list[str], before: set[tuple[str, str]]) -> None:
+    """Copy ``columns`` of the RNA modality into ``mdata.obs`` (``"rna:<column>"``); drop stale copies of schce's.
+
+    ``before``: the copies that were schce's before this run (:func:`pulled_columns`, read before writing).
+    """
+    mod = next(name for name, m in mdata.mod.items() if m is rna)
+    stale = [k for place, k in sorted(before) if k not in {f"{mod}:{c}" for c in columns} and k in mdata.obs]
+    if stale:
+        mdata.obs.drop(columns=stale, inplace=True)
+    with warnings.catch_warnings():  # pandas' copy warning raised inside mudata 0.3's pull_obs
+        warnings.simplefilter("ignore", pd.errors.SettingWithCopyWarning)
+        mdata.pull_obs(columns=columns, mods=[mod])
 
 
 def record_written(adata: AnnData, key_added: str, obs_columns: list[str], dropped: list[str] = ()) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -22,8 +21,11 @@ from schce._output import (
     PredictionAccumulator,
     check_key_added,
     check_output_keys,
+    check_pulled_keys,
     check_query_columns,
     check_score_format,
+    pull_outputs,
+    pulled_columns,
     set_colors,
     write_outputs,
 )
@@ -255,10 +257,10 @@ class InferenceMixin:
         if isinstance(target, AnnData):  # before any work
             check_query_columns(target, truth_key, over_clustering if majority_voting else None)
             if inplace:
-                check_output_keys(
-                    target, key_added, overwrite, majority_voting=majority_voting, over_clustering=over_clustering,
-                    hierarchical_scores=hierarchical_scores,
-                )  # fmt: skip
+                planned = {"majority_voting": majority_voting, "over_clustering": over_clustering}
+                check_output_keys(target, key_added, overwrite, hierarchical_scores=hierarchical_scores, **planned)
+                if isinstance(mdata, MuData):  # and the copies pulled into mdata.obs
+                    check_pulled_keys(mdata, target, key_added, overwrite, **planned)
         layer_used = self._registered_layer() if adata is None and layer is None else layer
         mdata = mdata if isinstance(mdata, MuData) else None
         self._require_trained()
@@ -290,6 +292,7 @@ class InferenceMixin:
                 uns.update(terms=np.asarray(self.hierarchy.terms, dtype=object), sparse_top=SPARSE_TOP)
                 uns["sparse_score_min"] = SPARSE_SCORE_MIN
             obsm[f"X_{key_added}"] = emb
+            pulled_before = pulled_columns(mdata, adata, key_added) if mdata is not None else set()
             write_outputs(adata, obs, obsm, uns, key_added, overwrite)
             coloured = [c for c in obs.columns if isinstance(obs[c].dtype, pd.CategoricalDtype)]
             coloured = [c for c in coloured if not c.endswith(("_unassigned_reason", "_over_clustering"))]
@@ -297,10 +300,7 @@ class InferenceMixin:
                 adata, [*coloured, *([truth_key] if truth_key else [])], self.hierarchy, self.setup_state.label_map
             )
             if mdata is not None:  # our columns only, as mdata.obs["rna:schce_prediction"], ...
-                mod = next(name for name, m in mdata.mod.items() if m is adata)
-                with warnings.catch_warnings():  # pandas' copy warning raised inside mudata 0.3's pull_obs
-                    warnings.simplefilter("ignore", pd.errors.SettingWithCopyWarning)
-                    mdata.pull_obs(columns=list(obs.columns), mods=[mod])
+                pull_outputs(mdata, adata, key_added, list(obs.columns), pulled_before)
         return obs
 
     def _prediction_uns(self, coarse_threshold, calibrated, aligner, normalize_used, min_confidence) -> dict:
