@@ -24,6 +24,7 @@ LAYERS = [
         "schce._constants",
         "schce._graph",
         "schce._io",
+        "schce._keys",
         "schce._memory",
         "schce._model_file",
         "schce._output",

@@ -13,14 +13,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from schce._output import (
-    check_foreign_keys,
-    check_key_added,
-    present_categorical,
-    record_written,
-    voting_keys,
-    written_before,
-)
+from schce._keys import check_foreign_keys, check_key_added, record_written, voting_keys, written_before
+from schce._output import present_categorical
 from schce.hierarchy import Hierarchy
 
 logger = logging.getLogger(__name__)

@@ -15,20 +15,16 @@ from anndata import AnnData
 from mudata import MuData
 
 from schce._checks import check_groupby
-from schce._output import (
-    SPARSE_SCORE_MIN,
-    SPARSE_TOP,
-    PredictionAccumulator,
+from schce._keys import (
     check_key_added,
     check_output_keys,
     check_pulled_keys,
     check_query_columns,
-    check_score_format,
     pull_outputs,
     pulled_columns,
-    set_colors,
     write_outputs,
 )
+from schce._output import SPARSE_SCORE_MIN, SPARSE_TOP, PredictionAccumulator, check_score_format, set_colors
 from schce.data._expression import check_expression, empty_rows, get_matrix, resolve_normalize
 from schce.data._genes import GeneAligner
 from schce.data._loader import make_loader
