@@ -120,7 +120,7 @@ def test_weights_of_another_model_with_the_same_shapes_are_refused(saved):
 @pytest.mark.parametrize("which", ["labels", "genes"])
 def test_a_reversed_label_or_gene_list_is_refused(saved, which):
     meta = _meta(saved)
-    setup = meta["registry"]["schce"]
+    setup = meta["setup"]
     if which == "labels":
         setup["hierarchy"]["labels"] = setup["hierarchy"]["labels"][::-1]
     else:
@@ -141,7 +141,7 @@ def test_bad_temperature_is_refused(saved, value, shown):
         schce.HCEClassifier.load(saved)
 
 
-@pytest.mark.parametrize("key", ["registry", "init_params", "temperature", "history"])
+@pytest.mark.parametrize("key", ["registry", "setup", "init_params", "temperature", "history"])
 def test_missing_required_keys_are_named(saved, key):
     meta = _meta(saved)
     del meta[key]
@@ -152,9 +152,9 @@ def test_missing_required_keys_are_named(saved, key):
 
 def test_bad_nested_fields_are_named(saved):
     meta = _meta(saved)
-    del meta["registry"]["schce"]["hierarchy"]
+    del meta["setup"]["hierarchy"]
     _write_meta(saved, meta)
-    with pytest.raises(ValueError, match=r"registry.schce.hierarchy must be an object, got None"):
+    with pytest.raises(ValueError, match=r"setup.hierarchy must be an object, got None"):
         schce.HCEClassifier.load(saved)
 
 
@@ -179,6 +179,7 @@ def test_files_from_format_1_load_with_a_warning(saved, trained, caplog):
     meta = _meta(saved)
     del meta["checksums"]
     meta["format_version"] = 1
+    meta["registry"]["schce"] = meta.pop("setup")  # where formats 1 and 2 kept the set-up
     _write_meta(saved, meta)
     with caplog.at_level("WARNING", logger="schce"):
         loaded = schce.HCEClassifier.load(saved)

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 
 FORMAT = "schce-model"
-FORMAT_VERSION = 2  # 2: checksums of the weights and of the label, gene and hierarchy lists
+# 2: checksums of the weights and of the label, gene and hierarchy lists; 3: the model's set-up as its own "setup"
+# field instead of a section of scvi-tools' registry
+FORMAT_VERSION = 3
 META_FILE = "schce.json"
 WEIGHTS_FILE = "model.pt"
 ADATA_FILE = "adata.h5ad"

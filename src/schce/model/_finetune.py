@@ -142,7 +142,7 @@ class FineTuneMixin:
         setup.fine_tuning.append(
             {"n_cells": int(data.n_obs), "labels_added": added, "freeze_encoder": bool(freeze_encoder)}
         )
-        setup.write(self.registry_)
+        self._setup = setup
         n_old = len(saved[1].labels)
         self._model_summary_string = self._model_summary_string.replace(
             f"{n_old} labels", f"{hierarchy.n_labels} labels", 1
