@@ -217,3 +217,53 @@ def test_a_failed_save_leaves_the_old_model_intact(trained, tmp_path, monkeypatc
         trained.save(target, overwrite=True)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary directory left behind
+
+
+def test_models_saved_with_prefixes_share_a_folder_and_keep_the_users_files(trained, tmp_path):
+    """scvi-tools' ``save(dir, prefix=...)`` / ``load(dir, prefix=...)``: only the prefix's own files are written."""
+    from pathlib import Path
+
+    other = schce.HCEClassifier.load(Path(__file__).parent / "data" / "model_format2", accelerator="cpu")
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    trained.save(folder, prefix="pbmc_", save_anndata=True)
+    other.save(folder, prefix="small_")  # no overwrite needed: none of its files exist yet
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "notes.txt",
+        "pbmc_adata.h5ad",
+        "pbmc_model.pt",
+        "pbmc_schce.json",
+        "small_model.pt",
+        "small_schce.json",
+    ]
+    a = schce.HCEClassifier.load(folder, prefix="pbmc_", accelerator="cpu")
+    b = schce.HCEClassifier.load(folder, accelerator="cpu", prefix="small_")
+    assert a.genes == trained.genes and a.hierarchy.labels == trained.hierarchy.labels
+    assert b.genes == other.genes and b.hierarchy.labels == other.hierarchy.labels
+    for name, value in trained.module.state_dict().items():
+        torch.testing.assert_close(a.module.state_dict()[name], value.cpu(), rtol=0, atol=0)
+
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith("pbmc_")}
+    with pytest.raises(FileExistsError, match=r"already holds pbmc_adata.h5ad, pbmc_model.pt, pbmc_schce.json"):
+        trained.save(folder, prefix="pbmc_")
+    trained.save(folder, prefix="pbmc_", overwrite=True)  # replaces that prefix's files, the old AnnData included
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith("pbmc_")} == before
+    assert sorted(p.name for p in folder.glob("pbmc_*")) == ["pbmc_model.pt", "pbmc_schce.json"]
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    assert schce.HCEClassifier.load(folder, prefix="pbmc_").hierarchy.labels == trained.hierarchy.labels
+    # the folder as a whole is still not schce's to replace
+    with pytest.raises(FileExistsError, match="did not write"):
+        trained.save(folder, overwrite=True)
+
+
+def test_a_missing_or_bad_prefix_is_named(trained, tmp_path):
+    trained.save(tmp_path, prefix="a_", overwrite=True)
+    with pytest.raises(ValueError, match=r"expected b_schce.json and b_model.pt.*models of prefix 'a_'"):
+        schce.HCEClassifier.load(tmp_path, prefix="b_")
+    with pytest.raises(ValueError, match=r"expected schce.json and model.pt.*models of prefix 'a_'"):
+        schce.HCEClassifier.load(tmp_path)
+    for bad in ("../up_", ".hidden_", 3):
+        with pytest.raises(ValueError, match="prefix must be a file-name prefix"):
+            trained.save(tmp_path / "x", prefix=bad)
+    assert not (tmp_path / "x").exists()

@@ -59,28 +59,40 @@ def _content_checksums(meta: dict) -> dict[str, str]:
 
 
 def write_model(
-    dir_path: str | os.PathLike, overwrite: bool, meta: dict, state: dict, adata: AnnData | None = None
+    dir_path: str | os.PathLike,
+    overwrite: bool,
+    meta: dict,
+    state: dict,
+    adata: AnnData | None = None,
+    prefix: str | None = None,
 ) -> None:
     """Write ``model.pt`` and ``schce.json`` (with checksums), and ``adata.h5ad`` when given, atomically.
 
-    Only a new path, or with ``overwrite=True`` a directory holding nothing but schce's model files, is written;
-    this is checked before anything is written.
+    Without ``prefix`` the directory is the model: only a new path, or with ``overwrite=True`` a directory holding
+    nothing but schce's model files, is written. With a ``prefix`` the files (``<prefix>model.pt``, ...) go into
+    ``dir_path`` beside anything else there, and only files of that prefix are ever replaced (``overwrite=True``).
+    Either is checked before anything is written.
     """
-    _io.check_save_target(dir_path, overwrite)
+    meta_name, weights_name, adata_name = names = _io.model_files(prefix)
+    if not prefix:
+        _io.check_save_target(dir_path, overwrite)
     meta = {**meta, "format": _io.FORMAT, "format_version": _io.FORMAT_VERSION}
-    validate_meta(meta, Path(dir_path) / _io.META_FILE, check_sums=False)
+    validate_meta(meta, Path(dir_path) / meta_name, check_sums=False)
 
     def write(tmp: Path) -> None:
-        torch.save(state, tmp / _io.WEIGHTS_FILE)
-        checksums = {"weights": file_sha256(tmp / _io.WEIGHTS_FILE), **_content_checksums(meta)}
-        (tmp / _io.META_FILE).write_text(_io.dumps({**meta, "checksums": checksums}))
+        torch.save(state, tmp / weights_name)
+        checksums = {"weights": file_sha256(tmp / weights_name), **_content_checksums(meta)}
+        (tmp / meta_name).write_text(_io.dumps({**meta, "checksums": checksums}))
         if adata is not None:
-            adata.write_h5ad(tmp / _io.ADATA_FILE)
+            adata.write_h5ad(tmp / adata_name)
 
-    _io.write_dir_atomically(dir_path, overwrite, write, own=_io.MODEL_FILES)
+    if not prefix:
+        _io.write_dir_atomically(dir_path, overwrite, write, own=_io.MODEL_FILES)
+    else:
+        _io.write_files_atomically(dir_path, overwrite, write, names)
 
 
-def read_model(dir_path: str | os.PathLike, model_class: str) -> tuple[dict, dict]:
+def read_model(dir_path: str | os.PathLike, model_class: str, prefix: str | None = None) -> tuple[dict, dict]:
     """The checked metadata and the weights of a model directory.
 
     Raises
@@ -90,8 +102,9 @@ def read_model(dir_path: str | os.PathLike, model_class: str) -> tuple[dict, dic
         or the metadata field.
     """
     path = Path(dir_path)
-    meta = _io.read_meta(path)
-    meta_file, weights_file = path / _io.META_FILE, path / _io.WEIGHTS_FILE
+    meta = _io.read_meta(path, prefix)
+    meta_name, weights_name, _ = _io.model_files(prefix)
+    meta_file, weights_file = path / meta_name, path / weights_name
     if meta.get("model_class") != model_class:
         raise ValueError(f"{path} holds a {meta.get('model_class')}, not a {model_class}.")
     validate_meta(meta, meta_file, check_sums=meta.get("format_version", 1) >= 2)

@@ -67,19 +67,31 @@ class PersistMixin:
     """Saving, loading and building models from published files."""
 
     # ------------------------------------------------------------------ persistence
-    def save(self, dir_path: str | os.PathLike, overwrite: bool = False, save_anndata: bool = False) -> None:
+    def save(
+        self,
+        dir_path: str | os.PathLike,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+    ) -> None:
         """Save the model to a directory, atomically.
 
-        Writes ``model.pt`` (weights only) and ``schce.json`` (labels, hierarchy, genes, setup, history).
+        Writes ``model.pt`` (weights only) and ``schce.json`` (labels, hierarchy, genes, setup, history). The
+        signature is scvi-tools' :meth:`~scvi.model.base.BaseModelClass.save`.
 
         Parameters
         ----------
         dir_path
             Target directory.
+        prefix
+            Prepended to the file names (``<prefix>model.pt``, ``<prefix>schce.json``), so one folder can hold
+            several models: they are written beside whatever the folder holds, which is never touched. ``None``: the
+            directory is the model's.
         overwrite
-            Replace an existing directory.
+            Without ``prefix``: replace an existing directory, only when it holds nothing but schce's model files
+            (the user's files are never deleted). With ``prefix``: replace that prefix's files.
         save_anndata
-            Also write the registered AnnData as ``adata.h5ad``.
+            Also write the registered AnnData as ``adata.h5ad`` (``<prefix>adata.h5ad``).
 
         Under distributed training (``strategy="ddp"``) only rank 0 writes; the other ranks return.
         """
@@ -113,7 +125,7 @@ class PersistMixin:
             "test_indices": None if self.test_indices_ is None else np.asarray(self.test_indices_).tolist(),
         }
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-        _model_file.write_model(dir_path, overwrite, meta, state, self.adata if save_anndata else None)
+        _model_file.write_model(dir_path, overwrite, meta, state, self.adata if save_anndata else None, prefix)
         logger.info("Saved the model to %s.", dir_path)
 
     @classmethod
@@ -123,6 +135,7 @@ class PersistMixin:
         adata: AnnData | MuData | None = None,
         accelerator: str = "auto",
         device: int | str = "auto",
+        prefix: str | None = None,
     ) -> HCEClassifier:
         """Load a model written by :meth:`save`; predict on any AnnData with :meth:`predict`.
 
@@ -139,9 +152,11 @@ class PersistMixin:
             (:meth:`predict` aligns any query's genes itself).
         accelerator, device
             Where to put the weights (``"auto"``: a GPU when there is one).
+        prefix
+            The ``prefix`` the model was saved with.
         """
         target = torch_device(accelerator, device)
-        meta, state = _model_file.read_model(dir_path, cls.__name__)  # checksums and every field checked
+        meta, state = _model_file.read_model(dir_path, cls.__name__, prefix)  # checksums and every field checked
         setup, registry = _model_file.setup_and_registry(meta)
         setup = SetupState.from_dict(setup)
         if adata is not None:
