@@ -185,7 +185,7 @@ class CensusDataModule(pl.LightningDataModule):
     class_weights = None
     n_batches = 1
 
-    def __init__(
+    def __init__(  # long: one open census query serves the checks, the split, the label counts and label usage
         self,
         census,
         model: HCEClassifier,
