@@ -29,7 +29,8 @@ from schce.data.sctab._format import (
 from schce.model._store import store_setup
 from schce.nn._backbones import BACKBONES
 from schce.nn._module import CLIP, gene_moments
-from schce.nn._tabnet import GhostBatchNorm, entmax15, sparsemax
+from schce.nn._sparse_mappings import entmax15, sparsemax
+from schce.nn._tabnet import GhostBatchNorm
 from schce.train._callbacks import HistoryRecorder, TrainingProgress
 from schce.train._config import DEFAULT_BACKBONE_KWARGS, TrainConfig
 from schce.train._recipe import LBFGS_MAX_VALUES, PAPER_MONITOR, RECIPES, matmul_precision, resolve_optimizer

@@ -145,3 +145,51 @@ def test_lazy_names_load_on_use():
     assert schce.data.AnnDataModule is not None and schce.train.TrainConfig is not None
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         schce.nope  # noqa: B018
+
+
+# Size limits: a file is read whole, a function at once. Docstrings do not count towards a function's length (they
+# are what a reader wants more of); a longer function says why with ``# long: <reason>`` on its def line.
+MAX_FILE_LINES = 520
+MAX_FUNCTION_LINES = 80
+
+
+def _function_lengths(path: Path) -> list[tuple[str, int, int, str]]:
+    """``(name, def line, lines without the docstring, def line text)`` of every function in ``path``."""
+    text = path.read_text()
+    lines = text.splitlines()
+    found = []
+    for node in ast.walk(ast.parse(text)):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        length = node.end_lineno - node.lineno + 1
+        first = node.body[0]
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            length -= first.end_lineno - first.lineno + 1
+        found.append((node.name, node.lineno, length, lines[node.lineno - 1]))
+    return found
+
+
+def test_no_file_is_too_long():
+    long = {
+        str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES
+    }
+    assert not long, f"split these files along a seam (at most {MAX_FILE_LINES} lines): {long}"
+
+
+def test_no_function_is_too_long_without_a_reason():
+    long = [
+        f"{path.relative_to(SRC)}:{line} {name} ({length} lines)"
+        for path in sorted(SRC.rglob("*.py"))
+        for name, line, length, text in _function_lengths(path)
+        if length > MAX_FUNCTION_LINES and "# long:" not in text
+    ]
+    assert not long, f"split these into named helpers, or say why on the def line (# long: ...): {long}"
+
+
+def test_the_size_checks_can_fail(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    path = tmp_path / "m.py"
+    path.write_text(f'def f():\n    """Doc.\n\n    More.\n    """\n{body}\n\n\ndef g():  # long: a table\n{body}\n')
+    lengths = {name: (length, text) for name, _, length, text in _function_lengths(path)}
+    assert lengths["f"][0] == MAX_FUNCTION_LINES + 1 and "# long:" not in lengths["f"][1]  # the docstring is free
+    assert "# long:" in lengths["g"][1]

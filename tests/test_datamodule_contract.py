@@ -75,3 +75,33 @@ def test_a_module_missing_members_is_refused_before_training(pbmc):
     with pytest.raises(TypeError, match="lacks .*n_genes"):
         model.train(datamodule=Loaders(), max_epochs=1)
     assert not model.is_trained_
+
+
+def test_each_data_path_refuses_the_train_options_it_cannot_serve(pbmc, tmp_path):
+    """train() has one path: the data module (registered AnnData, store) names the option it cannot serve."""
+    adata = pbmc.copy()
+    schce.HCEClassifier.setup_anndata(adata, labels_key="cell_type_ontology_term_id")
+    model = schce.HCEClassifier(adata, **SMALL_MLP)
+    with pytest.raises(ValueError, match="no batch_key was registered: call HCEClassifier.setup_anndata"):
+        model.train(max_epochs=1, adversarial_weight=0.1)
+    with pytest.raises(ValueError, match="augment=True learns batch shifts .* pass split_key"):
+        model.train(max_epochs=1, augment=True)
+    with pytest.raises(KeyError, match="split_key='donor' is not a column of adata.obs"):
+        model.train(max_epochs=1, split_key="donor")
+    one_batch = pbmc.copy()
+    one_batch.obs["batch"] = "only"
+    schce.HCEClassifier.setup_anndata(one_batch, labels_key="cell_type_ontology_term_id", batch_key="batch")
+    with pytest.raises(ValueError, match="The data has 1 batch; the batch terms .* need at least two"):
+        schce.HCEClassifier(one_batch, **SMALL_MLP).train(max_epochs=1, batch_mixing_weight=0.1)
+    store = write_sctab_store(adata, tmp_path / "s", labels_key="cell_type_ontology_term_id", rows_per_part=1024)
+    sdm = SCTabStoreDataModule(store, num_workers=0)
+    on_store = schce.HCEClassifier.from_sctab_store(store, **SMALL_MLP)
+    with pytest.raises(ValueError, match="augment=True builds the matrix .* SCTabStoreDataModule streams"):
+        on_store.train(datamodule=sdm, max_epochs=1, augment=True)
+    with pytest.raises(ValueError, match="The data has 1 batch"):
+        on_store.train(datamodule=sdm, max_epochs=1, adversarial_weight=0.1)
+    assert not model.is_trained_ and not on_store.is_trained_
+    # split groups stand in for batches when augment=True learns shifts (the registered path, one rule)
+    dm = _module(adata, model)
+    dm.groups = np.asarray(adata.obs["cell_type"].astype(str))
+    dm.check_train_options(batch_terms=False, augment=True)  # does not raise

@@ -76,9 +76,7 @@ def test_fine_tune_adds_a_label_and_keeps_the_old_outputs(pbmc, without_treg, tm
     model.save(tmp_path / "tuned")
     again = schce.HCEClassifier.load(tmp_path / "tuned")
     assert again.hierarchy.labels == model.hierarchy.labels
-    assert again.registry_["schce"]["fine_tuning"] == [
-        {"n_cells": pbmc.n_obs, "labels_added": [TREG], "freeze_encoder": False}
-    ]
+    assert again.setup_state.fine_tuning == [{"n_cells": pbmc.n_obs, "labels_added": [TREG], "freeze_encoder": False}]
     np.testing.assert_allclose(
         again.predict(pbmc.copy(), inplace=False)["schce_confidence"], query.obs["schce_confidence"], atol=1e-6
     )
@@ -119,7 +117,7 @@ def test_new_labels_error_and_bad_input_leave_the_model_unchanged(pbmc, without_
     with pytest.raises(ValueError, match="new_labels must be"):
         model.fine_tune(pbmc, LABELS, new_labels="ignore")
     _assert_same_state(model, state)
-    assert model.hierarchy.labels == labels and model.registry_["schce"].get("fine_tuning") is None
+    assert model.hierarchy.labels == labels and model.setup_state.fine_tuning == []
 
 
 def test_fine_tune_interrupted_leaves_the_model_unchanged(pbmc, without_treg):

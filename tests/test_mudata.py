@@ -81,7 +81,7 @@ def test_evaluate_accepts_mudata(pbmc, mudata_model):
 def test_save_load_keeps_modalities_and_gene_lists(tmp_path, pbmc, mudata_model):
     mudata_model.save(tmp_path / "m")
     loaded = schce.HCEClassifier.load(tmp_path / "m")
-    genes = loaded.registry_["schce"]["modality_genes"]
+    genes = loaded.setup_state.modality_genes
     assert genes == {"rna": list(pbmc.var_names), "prot": [f"CD{i}_TotalSeqB" for i in range(12)]}
     assert loaded.registry_["setup_args"]["modalities"] == {"rna_layer": "rna", "labels_key": "rna"}
     assert loaded.genes == list(pbmc.var_names)

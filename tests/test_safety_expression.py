@@ -77,7 +77,7 @@ def test_a_model_trained_without_normalising_predicts_without_normalising(pbmc, 
     schce.HCEClassifier.setup_anndata(adata, labels_key="cell_type_ontology_term_id", normalize=False)
     model = schce.HCEClassifier(adata, **SMALL_MLP)
     model.train(max_epochs=2, seed=0, enable_progress_bar=False)
-    assert model.registry_["schce"]["expression"] == "counts"
+    assert model.setup_state.expression == "counts"
     default = model.predict(adata, key_added="auto")
     forced = model.predict(adata, normalize=False, key_added="forced")
     assert adata.uns["auto"]["normalized"] is False and adata.uns["auto"]["expression"] == "counts"

@@ -120,7 +120,7 @@ def test_weights_of_another_model_with_the_same_shapes_are_refused(saved):
 @pytest.mark.parametrize("which", ["labels", "genes"])
 def test_a_reversed_label_or_gene_list_is_refused(saved, which):
     meta = _meta(saved)
-    setup = meta["registry"]["schce"]
+    setup = meta["setup"]
     if which == "labels":
         setup["hierarchy"]["labels"] = setup["hierarchy"]["labels"][::-1]
     else:
@@ -141,7 +141,7 @@ def test_bad_temperature_is_refused(saved, value, shown):
         schce.HCEClassifier.load(saved)
 
 
-@pytest.mark.parametrize("key", ["registry", "init_params", "temperature", "history"])
+@pytest.mark.parametrize("key", ["registry", "setup", "init_params", "temperature", "history"])
 def test_missing_required_keys_are_named(saved, key):
     meta = _meta(saved)
     del meta[key]
@@ -152,9 +152,9 @@ def test_missing_required_keys_are_named(saved, key):
 
 def test_bad_nested_fields_are_named(saved):
     meta = _meta(saved)
-    del meta["registry"]["schce"]["hierarchy"]
+    del meta["setup"]["hierarchy"]
     _write_meta(saved, meta)
-    with pytest.raises(ValueError, match=r"registry.schce.hierarchy must be an object, got None"):
+    with pytest.raises(ValueError, match=r"setup.hierarchy must be an object, got None"):
         schce.HCEClassifier.load(saved)
 
 
@@ -179,6 +179,7 @@ def test_files_from_format_1_load_with_a_warning(saved, trained, caplog):
     meta = _meta(saved)
     del meta["checksums"]
     meta["format_version"] = 1
+    meta["registry"]["schce"] = meta.pop("setup")  # where formats 1 and 2 kept the set-up
     _write_meta(saved, meta)
     with caplog.at_level("WARNING", logger="schce"):
         loaded = schce.HCEClassifier.load(saved)
@@ -216,3 +217,53 @@ def test_a_failed_save_leaves_the_old_model_intact(trained, tmp_path, monkeypatc
         trained.save(target, overwrite=True)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary directory left behind
+
+
+def test_models_saved_with_prefixes_share_a_folder_and_keep_the_users_files(trained, tmp_path):
+    """scvi-tools' ``save(dir, prefix=...)`` / ``load(dir, prefix=...)``: only the prefix's own files are written."""
+    from pathlib import Path
+
+    other = schce.HCEClassifier.load(Path(__file__).parent / "data" / "model_format2", accelerator="cpu")
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    trained.save(folder, prefix="pbmc_", save_anndata=True)
+    other.save(folder, prefix="small_")  # no overwrite needed: none of its files exist yet
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "notes.txt",
+        "pbmc_adata.h5ad",
+        "pbmc_model.pt",
+        "pbmc_schce.json",
+        "small_model.pt",
+        "small_schce.json",
+    ]
+    a = schce.HCEClassifier.load(folder, prefix="pbmc_", accelerator="cpu")
+    b = schce.HCEClassifier.load(folder, accelerator="cpu", prefix="small_")
+    assert a.genes == trained.genes and a.hierarchy.labels == trained.hierarchy.labels
+    assert b.genes == other.genes and b.hierarchy.labels == other.hierarchy.labels
+    for name, value in trained.module.state_dict().items():
+        torch.testing.assert_close(a.module.state_dict()[name], value.cpu(), rtol=0, atol=0)
+
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith("pbmc_")}
+    with pytest.raises(FileExistsError, match=r"already holds pbmc_adata.h5ad, pbmc_model.pt, pbmc_schce.json"):
+        trained.save(folder, prefix="pbmc_")
+    trained.save(folder, prefix="pbmc_", overwrite=True)  # replaces that prefix's files, the old AnnData included
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith("pbmc_")} == before
+    assert sorted(p.name for p in folder.glob("pbmc_*")) == ["pbmc_model.pt", "pbmc_schce.json"]
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    assert schce.HCEClassifier.load(folder, prefix="pbmc_").hierarchy.labels == trained.hierarchy.labels
+    # the folder as a whole is still not schce's to replace
+    with pytest.raises(FileExistsError, match="did not write"):
+        trained.save(folder, overwrite=True)
+
+
+def test_a_missing_or_bad_prefix_is_named(trained, tmp_path):
+    trained.save(tmp_path, prefix="a_", overwrite=True)
+    with pytest.raises(ValueError, match=r"expected b_schce.json and b_model.pt.*models of prefix 'a_'"):
+        schce.HCEClassifier.load(tmp_path, prefix="b_")
+    with pytest.raises(ValueError, match=r"expected schce.json and model.pt.*models of prefix 'a_'"):
+        schce.HCEClassifier.load(tmp_path)
+    for bad in ("../up_", ".hidden_", 3):
+        with pytest.raises(ValueError, match="prefix must be a file-name prefix"):
+            trained.save(tmp_path / "x", prefix=bad)
+    assert not (tmp_path / "x").exists()

@@ -371,7 +371,7 @@ def test_train_evaluate_predict_on_a_store(stores, atlas, tmp_path):
     dm = SCTabStoreDataModule(stores["compact"], batch_size=256, num_workers=0, seed=0)
     model = schce.HCEClassifier.from_sctab_store(stores["compact"], **SMALL_MLP)
     assert model.genes == atlas.var["feature_id"].tolist()
-    assert model.hierarchy.n_labels == len(dm.labels) and model.registry_["schce"]["normalize"]
+    assert model.hierarchy.n_labels == len(dm.labels) and model.setup_state.normalize
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
     model.train(datamodule=dm, max_epochs=2, seed=0, enable_progress_bar=False)
     assert model.is_trained_ and "validation_corrected_macro_f1" in model.history_ and model.temperature_ != 1.0

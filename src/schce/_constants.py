@@ -1,9 +1,9 @@
-"""Names shared across layers: the registry section, the monitored metric, output and sampling constants.
+"""Names shared across layers: the legacy registry section, the monitored metric, output and sampling constants.
 
 Kept free of heavy imports so every layer (and ``schce --help``) can read them cheaply.
 """
 
-#: schce's section of the scvi-tools registry (``model.registry_[SETUP_KEY]``).
+#: Where model files of format 2 and earlier kept schce's set-up: inside the saved scvi-tools registry.
 SETUP_KEY = "schce"
 #: The validation metric that early stopping, best-weight selection and checkpoints follow.
 MONITOR = "validation_corrected_macro_f1"

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 
 FORMAT = "schce-model"
-FORMAT_VERSION = 2  # 2: checksums of the weights and of the label, gene and hierarchy lists
+# 2: checksums of the weights and of the label, gene and hierarchy lists; 3: the model's set-up as its own "setup"
+# field instead of a section of scvi-tools' registry
+FORMAT_VERSION = 3
 META_FILE = "schce.json"
 WEIGHTS_FILE = "model.pt"
 ADATA_FILE = "adata.h5ad"
@@ -125,22 +127,76 @@ def write_dir_atomically(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_meta(dir_path: str | os.PathLike) -> dict:
-    """The metadata of a saved model, with a clear error when ``dir_path`` is not a schce model."""
+def model_files(prefix: str | None = None) -> tuple[str, str, str]:
+    """The names of the metadata, weights and AnnData files of a model saved with ``prefix`` (``""``: none)."""
+    if prefix is None or prefix == "":
+        return MODEL_FILES
+    if not isinstance(prefix, str) or prefix.startswith(".") or any(c in prefix for c in "/\\\0"):
+        raise ValueError(
+            f"prefix must be a file-name prefix (no path separators, not starting with '.'), got "
+            f"{prefix!r}; put the folder in dir_path."
+        )
+    return tuple(prefix + name for name in MODEL_FILES)
+
+
+def write_files_atomically(
+    dir_path: str | os.PathLike, overwrite: bool, write: Callable[[Path], None], names: Collection[str]
+) -> None:
+    """Write the files ``names`` into the directory ``dir_path`` beside whatever else it holds.
+
+    ``write(tmp)`` fills a temporary directory inside ``dir_path``; each file then replaces its namesake. Existing
+    files of these ``names`` need ``overwrite=True`` (those ``write`` did not produce this time are removed then);
+    no other entry of ``dir_path`` is touched, so one folder can hold several models saved with different prefixes
+    and the user's own files.
+    """
+    target = Path(dir_path)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise FileExistsError(
+            f"{target} exists and is not a directory (a file or a link); save into a directory, or choose another path."
+        )
+    existing = sorted(n for n in names if (target / n).exists() or (target / n).is_symlink())
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{target} already holds {', '.join(existing)}. Pass overwrite=True to replace them, or choose another "
+            "prefix."
+        )
+    odd = [n for n in existing if (target / n).is_symlink() or not (target / n).is_file()]
+    if odd:
+        raise FileExistsError(
+            f"{', '.join(str(target / n) for n in odd)} is not a plain file; schce will not replace it."
+        )
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".schce-save-", dir=target))
+    try:
+        write(tmp)
+        written = [n for n in names if (tmp / n).exists()]
+        for name in written:
+            os.replace(tmp / name, target / name)
+        for name in set(existing) - set(written):  # a previous save's AnnData of the same prefix
+            (target / name).unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_meta(dir_path: str | os.PathLike, prefix: str | None = None) -> dict:
+    """The metadata of a saved model, with a clear error when ``dir_path`` holds no schce model (of ``prefix``)."""
     path = Path(dir_path)
+    meta_name, weights_name, _ = model_files(prefix)
     if not path.exists():
         raise FileNotFoundError(f"No model at {path}: the path does not exist.")
-    if not path.is_dir() or not (path / META_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+    if not path.is_dir() or not (path / meta_name).is_file() or not (path / weights_name).is_file():
+        found = sorted(p.name[: -len(META_FILE)] for p in path.glob(f"*{META_FILE}")) if path.is_dir() else []
+        hint = f" It holds models of prefix {', '.join(repr(f or None) for f in found)}." if found else ""
         raise ValueError(
-            f"{path} is not a schce model directory (expected {META_FILE} and {WEIGHTS_FILE}, as written by "
-            "HCEClassifier.save)."
+            f"{path} is not a schce model directory (expected {meta_name} and {weights_name}, as written by "
+            f"HCEClassifier.save).{hint}"
         )
     try:
-        meta = loads((path / META_FILE).read_text())
+        meta = loads((path / meta_name).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path / META_FILE} is corrupt (not valid JSON: {err}). Save the model again.") from err
+        raise ValueError(f"{path / meta_name} is corrupt (not valid JSON: {err}). Save the model again.") from err
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path / META_FILE} is not schce model metadata (format {FORMAT!r} expected).")
+        raise ValueError(f"{path / meta_name} is not schce model metadata (format {FORMAT!r} expected).")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(
             f"{path} was written by a newer schce (format {meta['format_version']}); upgrade schce to load it."

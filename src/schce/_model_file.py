@@ -2,7 +2,9 @@
 
 A model directory holds ``model.pt`` (weights) and ``schce.json`` (metadata, see :mod:`schce._io`). Since format 2
 the metadata carries the sha256 of ``model.pt`` and of the label, gene and hierarchy lists, so a damaged, swapped or
-edited file is refused on load, naming what differs, instead of predicting garbage.
+edited file is refused on load, naming what differs, instead of predicting garbage. Since format 3 the model's own
+set-up (:class:`~schce.model.SetupState`) is the field ``setup``; earlier files kept it inside the registry, and
+:func:`setup_and_registry` reads both.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from anndata import AnnData
 
 from schce import _io
+from schce._constants import SETUP_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +42,14 @@ def json_sha256(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def setup_and_registry(meta: dict) -> tuple[dict, dict]:
+    """The model's own set-up and scvi-tools' registry (format 2 and earlier kept the set-up inside the registry)."""
+    registry = {k: v for k, v in meta["registry"].items() if k != SETUP_KEY}
+    return (meta["setup"] if "setup" in meta else meta["registry"][SETUP_KEY]), registry
+
+
 def _content_checksums(meta: dict) -> dict[str, str]:
-    setup = meta["registry"]["schce"]
+    setup = setup_and_registry(meta)[0]
     hierarchy = setup["hierarchy"]
     return {
         "labels": json_sha256([str(x) for x in hierarchy["labels"]]),
@@ -50,28 +59,40 @@ def _content_checksums(meta: dict) -> dict[str, str]:
 
 
 def write_model(
-    dir_path: str | os.PathLike, overwrite: bool, meta: dict, state: dict, adata: AnnData | None = None
+    dir_path: str | os.PathLike,
+    overwrite: bool,
+    meta: dict,
+    state: dict,
+    adata: AnnData | None = None,
+    prefix: str | None = None,
 ) -> None:
     """Write ``model.pt`` and ``schce.json`` (with checksums), and ``adata.h5ad`` when given, atomically.
 
-    Only a new path, or with ``overwrite=True`` a directory holding nothing but schce's model files, is written;
-    this is checked before anything is written.
+    Without ``prefix`` the directory is the model: only a new path, or with ``overwrite=True`` a directory holding
+    nothing but schce's model files, is written. With a ``prefix`` the files (``<prefix>model.pt``, ...) go into
+    ``dir_path`` beside anything else there, and only files of that prefix are ever replaced (``overwrite=True``).
+    Either is checked before anything is written.
     """
-    _io.check_save_target(dir_path, overwrite)
+    meta_name, weights_name, adata_name = names = _io.model_files(prefix)
+    if not prefix:
+        _io.check_save_target(dir_path, overwrite)
     meta = {**meta, "format": _io.FORMAT, "format_version": _io.FORMAT_VERSION}
-    validate_meta(meta, Path(dir_path) / _io.META_FILE, check_sums=False)
+    validate_meta(meta, Path(dir_path) / meta_name, check_sums=False)
 
     def write(tmp: Path) -> None:
-        torch.save(state, tmp / _io.WEIGHTS_FILE)
-        checksums = {"weights": file_sha256(tmp / _io.WEIGHTS_FILE), **_content_checksums(meta)}
-        (tmp / _io.META_FILE).write_text(_io.dumps({**meta, "checksums": checksums}))
+        torch.save(state, tmp / weights_name)
+        checksums = {"weights": file_sha256(tmp / weights_name), **_content_checksums(meta)}
+        (tmp / meta_name).write_text(_io.dumps({**meta, "checksums": checksums}))
         if adata is not None:
-            adata.write_h5ad(tmp / _io.ADATA_FILE)
+            adata.write_h5ad(tmp / adata_name)
 
-    _io.write_dir_atomically(dir_path, overwrite, write, own=_io.MODEL_FILES)
+    if not prefix:
+        _io.write_dir_atomically(dir_path, overwrite, write, own=_io.MODEL_FILES)
+    else:
+        _io.write_files_atomically(dir_path, overwrite, write, names)
 
 
-def read_model(dir_path: str | os.PathLike, model_class: str) -> tuple[dict, dict]:
+def read_model(dir_path: str | os.PathLike, model_class: str, prefix: str | None = None) -> tuple[dict, dict]:
     """The checked metadata and the weights of a model directory.
 
     Raises
@@ -81,8 +102,9 @@ def read_model(dir_path: str | os.PathLike, model_class: str) -> tuple[dict, dic
         or the metadata field.
     """
     path = Path(dir_path)
-    meta = _io.read_meta(path)
-    meta_file, weights_file = path / _io.META_FILE, path / _io.WEIGHTS_FILE
+    meta = _io.read_meta(path, prefix)
+    meta_name, weights_name, _ = _io.model_files(prefix)
+    meta_file, weights_file = path / meta_name, path / weights_name
     if meta.get("model_class") != model_class:
         raise ValueError(f"{path} holds a {meta.get('model_class')}, not a {model_class}.")
     validate_meta(meta, meta_file, check_sums=meta.get("format_version", 1) >= 2)
@@ -138,29 +160,33 @@ def _check_indices(meta_file: Path, field: str, value) -> None:
         _fail(meta_file, field, "null or a list of non-negative integers", value)
 
 
-def _check_registry(meta_file: Path, registry) -> None:
+def _check_setup(meta_file: Path, meta: dict) -> None:
+    registry = meta["registry"]
     if not isinstance(registry, dict):
         _fail(meta_file, "registry", "an object", registry)
-    for key in ("schce", "setup_args"):
-        if not isinstance(registry.get(key), dict):
-            _fail(meta_file, f"registry.{key}", "an object", registry.get(key))
-    setup = registry["schce"]
+    if not isinstance(registry.get("setup_args"), dict):
+        _fail(meta_file, "registry.setup_args", "an object", registry.get("setup_args"))
+    where = "setup" if meta.get("format_version", 1) >= 3 else f"registry.{SETUP_KEY}"
+    setup = meta.get("setup") if where == "setup" else registry.get(SETUP_KEY)
+    if not isinstance(setup, dict):
+        _fail(meta_file, where, "an object", setup)
     hierarchy = setup.get("hierarchy")
     if not isinstance(hierarchy, dict):
-        _fail(meta_file, "registry.schce.hierarchy", "an object", hierarchy)
-    _check_strings(meta_file, "registry.schce.hierarchy.labels", hierarchy.get("labels"))
+        _fail(meta_file, f"{where}.hierarchy", "an object", hierarchy)
+    _check_strings(meta_file, f"{where}.hierarchy.labels", hierarchy.get("labels"))
     edges = hierarchy.get("edges")
     if not isinstance(edges, list) or not all(isinstance(e, list | tuple) and len(e) == 2 for e in edges):
-        _fail(meta_file, "registry.schce.hierarchy.edges", "a list of [child, parent] pairs", edges)
-    _check_strings(meta_file, "registry.schce.genes", setup.get("genes"))
+        _fail(meta_file, f"{where}.hierarchy.edges", "a list of [child, parent] pairs", edges)
+    _check_strings(meta_file, f"{where}.genes", setup.get("genes"))
     if not isinstance(setup.get("normalize"), bool):
-        _fail(meta_file, "registry.schce.normalize", "true or false", setup.get("normalize"))
+        _fail(meta_file, f"{where}.normalize", "true or false", setup.get("normalize"))
 
 
 def validate_meta(meta: dict, meta_file: Path, check_sums: bool = True) -> None:
     """Check the type and range of every field of a model's metadata; a ``ValueError`` names the first bad one."""
     required = ("model_class", "init_params", "registry", "is_trained", "temperature", "history", "train_indices")
-    missing = [k for k in (*required, "validation_indices") if k not in meta]
+    since_3 = ("setup",) if meta.get("format_version", 1) >= 3 else ()
+    missing = [k for k in (*required, *since_3, "validation_indices") if k not in meta]
     if missing:
         raise ValueError(
             f"{meta_file} lacks the required field(s) {', '.join(missing)}. The file is damaged or was edited; "
@@ -169,7 +195,7 @@ def validate_meta(meta: dict, meta_file: Path, check_sums: bool = True) -> None:
     params = meta["init_params"]
     if not isinstance(params, dict) or not all(isinstance(params.get(k), dict) for k in ("non_kwargs", "kwargs")):
         _fail(meta_file, "init_params", "an object with 'non_kwargs' and 'kwargs' objects", params)
-    _check_registry(meta_file, meta["registry"])
+    _check_setup(meta_file, meta)
     if not isinstance(meta["is_trained"], bool):
         _fail(meta_file, "is_trained", "true or false", meta["is_trained"])
     t = meta["temperature"]

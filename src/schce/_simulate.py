@@ -111,6 +111,51 @@ def simulate_atlas(
     """
     from schce.ontology import load_cell_ontology
 
+    _check_sizes(n_cells, n_genes, n_datasets, n_donors, n_cell_types, coarse_fraction)
+    onto = load_cell_ontology()
+    if root not in onto:
+        raise ValueError(f"root={root!r} is not a live term of the embedded Cell Ontology {onto.version}.")
+    rng = np.random.default_rng(seed)  # one generator drawn from in a fixed order: the same seed, the same atlas
+    subtree = onto.descendants(root, include_self=True)
+    types = _cell_types(onto, root, subtree, n_cell_types, cell_types, rng)
+    type_means, coarse_of = _type_profiles(onto, types, subtree, n_genes, rng)
+    ds = _datasets(rng, n_datasets, n_donors, n_genes, len(types), batch_effect, library_size, coarse_fraction)
+
+    # Per-cell attributes, grouped by donor (hence by dataset).
+    donor = np.sort(rng.integers(0, n_donors, n_cells))
+    dataset = ds["donor_dataset"][donor]
+    cum = ds["type_mix"].cumsum(1)
+    cell_type = (rng.random(n_cells)[:, None] > cum[dataset]).sum(1).clip(0, len(types) - 1)
+    lib = ds["library"][dataset] * np.exp(rng.normal(0.0, 0.4, n_cells))
+    # Dataset and donor effects combined per donor: one gather per chunk instead of two.
+    donor_scale = ds["effect"][ds["donor_dataset"]] * ds["donor_effect"]
+    X = _counts(type_means, cell_type, donor_scale, donor, lib, rng, chunk_size, progress)
+
+    true_ids = np.array(types)[cell_type]
+    labels = np.where(ds["coarse"][dataset], coarse_of[cell_type], true_ids)
+    feature_id = [f"ENSG{i + 100000:011d}" for i in range(n_genes)]
+    var = pd.DataFrame({"feature_name": [f"SIM{i:05d}" for i in range(n_genes)]}, index=pd.Index(feature_id))
+    var["feature_id"] = var.index.to_numpy()
+    var.index.name = None
+    adata = AnnData(X=X, obs=_obs(onto, labels, true_ids, ds, dataset, donor, rng), var=var)
+    adata.uns["simulation"] = {
+        "root": root,
+        "cell_types": types,
+        "seed": seed,
+        "coarse_datasets": list(ds["ids"][ds["coarse"]]),
+    }
+    logger.info(
+        "Simulated %d cells × %d genes, %d types under %s, %.1f%% non-zeros.",
+        n_cells,
+        n_genes,
+        len(types),
+        onto.name(root),
+        100 * X.nnz / max(1, n_cells * n_genes),
+    )
+    return adata
+
+
+def _check_sizes(n_cells, n_genes, n_datasets, n_donors, n_cell_types, coarse_fraction) -> None:
     for name, value in (("n_cells", n_cells), ("n_genes", n_genes), ("n_datasets", n_datasets)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}.")
@@ -120,22 +165,23 @@ def simulate_atlas(
         raise ValueError(f"n_cell_types must be at least 2, got {n_cell_types}.")
     if not 0 <= coarse_fraction < 1:
         raise ValueError(f"coarse_fraction must be in [0, 1), got {coarse_fraction}.")
-    onto = load_cell_ontology()
-    if root not in onto:
-        raise ValueError(f"root={root!r} is not a live term of the embedded Cell Ontology {onto.version}.")
-    rng = np.random.default_rng(seed)
-    subtree = onto.descendants(root, include_self=True)
-    if cell_types is None:
-        types = _pick_types(onto, root, n_cell_types, rng)
-    else:
-        types = list(dict.fromkeys(cell_types))
-        outside = [t for t in types if t not in subtree]
-        if len(types) < 2 or outside:
-            raise ValueError(
-                f"cell_types must be at least two CL terms under root={root!r}; got {len(types)}, not under it: "
-                f"{outside}."
-            )
 
+
+def _cell_types(onto, root: str, subtree, n_cell_types: int, cell_types, rng: np.random.Generator) -> list[str]:
+    """The true cell types: the user's (checked to lie under ``root``), else ``n_cell_types`` drawn."""
+    if cell_types is None:
+        return _pick_types(onto, root, n_cell_types, rng)
+    types = list(dict.fromkeys(cell_types))
+    outside = [t for t in types if t not in subtree]
+    if len(types) < 2 or outside:
+        raise ValueError(
+            f"cell_types must be at least two CL terms under root={root!r}; got {len(types)}, not under it: {outside}."
+        )
+    return types
+
+
+def _type_profiles(onto, types: list[str], subtree, n_genes: int, rng: np.random.Generator):
+    """Each type's expression proportions (types × genes), and the coarse annotation of each type."""
     # Log-mean profiles, parents before children (a term has more ancestors than any of its ancestors).
     terms = set(types)
     for t in types:
@@ -155,39 +201,41 @@ def simulate_atlas(
     type_means = (type_means / type_means.sum(1, keepdims=True)).astype(np.float32)  # (types, genes) proportions
     # A coarse annotation is the type's first parent inside the subtree (the root itself for its children).
     coarse_of = np.array([min([p for p in onto.parents(t) if p in subtree] or [t]) for t in types])
+    return type_means, coarse_of
 
-    # Datasets and donors.
-    dataset_ids = np.array(
-        [f"{rng.integers(16**8):08x}-{rng.integers(16**4):04x}-sim-{i:03d}" for i in range(n_datasets)]
-    )
-    dataset_effect = np.exp(rng.normal(0.0, batch_effect, (n_datasets, n_genes))).astype(np.float32)
-    dataset_lib = library_size * np.exp(rng.normal(0.0, 0.3, n_datasets))
-    n_coarse = int(round(coarse_fraction * n_datasets))
-    coarse_dataset = np.zeros(n_datasets, bool)
-    coarse_dataset[rng.choice(n_datasets, n_coarse, replace=False)] = True
+
+def _datasets(rng, n_datasets, n_donors, n_genes, n_types, batch_effect, library_size, coarse_fraction) -> dict:
+    """Datasets (ids, gene effects, library sizes, coarse annotation, type mix, metadata) and their donors."""
+    ids = np.array([f"{rng.integers(16**8):08x}-{rng.integers(16**4):04x}-sim-{i:03d}" for i in range(n_datasets)])
+    effect = np.exp(rng.normal(0.0, batch_effect, (n_datasets, n_genes))).astype(np.float32)
+    library = library_size * np.exp(rng.normal(0.0, 0.3, n_datasets))
+    coarse = np.zeros(n_datasets, bool)
+    coarse[rng.choice(n_datasets, int(round(coarse_fraction * n_datasets)), replace=False)] = True
     donor_dataset = np.concatenate([np.arange(n_datasets), rng.integers(0, n_datasets, n_donors - n_datasets)])
     donor_dataset.sort()
     donor_effect = np.exp(rng.normal(0.0, batch_effect / 3, (n_donors, n_genes))).astype(np.float32)
-    type_mix = np.zeros((n_datasets, len(types)))
+    type_mix = np.zeros((n_datasets, n_types))
     for d in range(n_datasets):
-        present = rng.random(len(types)) < 0.6
-        present[rng.integers(len(types))] = True
+        present = rng.random(n_types) < 0.6
+        present[rng.integers(n_types)] = True
         type_mix[d, present] = rng.dirichlet(np.full(present.sum(), 1.0))
-    ds_meta = {
+    return {  # drawn in this order after the type mix, as the atlas always was
+        "ids": ids,
+        "effect": effect,
+        "library": library,
+        "coarse": coarse,
+        "donor_dataset": donor_dataset,
+        "donor_effect": donor_effect,
+        "type_mix": type_mix,
         "assay": np.array(_ASSAYS)[rng.integers(0, len(_ASSAYS), n_datasets)],
         "tissue_idx": rng.integers(0, len(_TISSUES), n_datasets),
         "disease": np.array(_DISEASES)[rng.integers(0, len(_DISEASES), n_datasets)],
     }
 
-    # Per-cell attributes, grouped by donor (hence by dataset).
-    donor = np.sort(rng.integers(0, n_donors, n_cells))
-    dataset = donor_dataset[donor]
-    cum = type_mix.cumsum(1)
-    cell_type = (rng.random(n_cells)[:, None] > cum[dataset]).sum(1).clip(0, len(types) - 1)
-    lib = dataset_lib[dataset] * np.exp(rng.normal(0.0, 0.4, n_cells))
 
-    # Dataset and donor effects combined per donor: one gather per chunk instead of two.
-    donor_scale = dataset_effect[donor_dataset] * donor_effect
+def _counts(type_means, cell_type, donor_scale, donor, lib, rng, chunk_size: int, progress: bool) -> sp.csr_matrix:
+    """Every cell's counts given its type, donor and library size, generated chunk by chunk into a CSR matrix."""
+    n_cells, n_genes = len(cell_type), type_means.shape[1]
     indptr = [np.zeros(1, np.int64)]
     indices, data = [], []
     starts = range(0, n_cells, chunk_size)
@@ -206,24 +254,28 @@ def simulate_atlas(
         indptr.append(nnz + np.cumsum(np.bincount(row, minlength=stop - start)))
         nnz += len(flat)
         del m
-    X = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), np.concatenate(indptr)), shape=(n_cells, n_genes))
+    return sp.csr_matrix(
+        (np.concatenate(data), np.concatenate(indices), np.concatenate(indptr)), shape=(n_cells, n_genes)
+    )
 
-    true_ids = np.array(types)[cell_type]
-    labels = np.where(coarse_dataset[dataset], coarse_of[cell_type], true_ids)
+
+def _obs(onto, labels, true_ids, ds: dict, dataset, donor, rng: np.random.Generator) -> pd.DataFrame:
+    """Census-style cell metadata."""
+    n_cells = len(labels)
     names = {t: onto.name(t) for t in set(labels) | set(true_ids)}
-    tissue = np.array(_TISSUES)[ds_meta["tissue_idx"][dataset]]
+    tissue = np.array(_TISSUES)[ds["tissue_idx"][dataset]]
     cat = pd.Categorical
     obs = pd.DataFrame(
         {
             "cell_type": cat([names[t] for t in labels]),
             "cell_type_ontology_term_id": cat(labels),
             "true_cell_type_ontology_term_id": cat(true_ids),
-            "dataset_id": cat(dataset_ids[dataset]),
+            "dataset_id": cat(ds["ids"][dataset]),
             "donor_id": cat([f"donor_{d:04d}" for d in donor]),
-            "assay": cat(ds_meta["assay"][dataset]),
+            "assay": cat(ds["assay"][dataset]),
             "tissue": cat(tissue[:, 0]),
             "tissue_general": cat(tissue[:, 1]),
-            "disease": cat(ds_meta["disease"][dataset]),
+            "disease": cat(ds["disease"][dataset]),
             "development_stage": cat(np.array(_STAGES)[donor % len(_STAGES)]),
             "sex": cat(np.where(donor % 2 == 0, "female", "male")),
             "is_primary_data": rng.random(n_cells) > 0.05,
@@ -232,23 +284,4 @@ def simulate_atlas(
         index=pd.Index([f"cell_{i:07d}" for i in range(n_cells)]),
     )
     obs["tech_sample"] = cat(obs["dataset_id"].astype(str) + "_" + obs["donor_id"].astype(str))
-    feature_id = [f"ENSG{i + 100000:011d}" for i in range(n_genes)]
-    var = pd.DataFrame({"feature_name": [f"SIM{i:05d}" for i in range(n_genes)]}, index=pd.Index(feature_id))
-    var["feature_id"] = var.index.to_numpy()
-    var.index.name = None
-    adata = AnnData(X=X, obs=obs, var=var)
-    adata.uns["simulation"] = {
-        "root": root,
-        "cell_types": types,
-        "seed": seed,
-        "coarse_datasets": list(dataset_ids[coarse_dataset]),
-    }
-    logger.info(
-        "Simulated %d cells × %d genes, %d types under %s, %.1f%% non-zeros.",
-        n_cells,
-        n_genes,
-        len(types),
-        onto.name(root),
-        100 * X.nnz / max(1, n_cells * n_genes),
-    )
-    return adata
+    return obs

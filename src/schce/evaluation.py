@@ -194,28 +194,20 @@ def evaluate_predictions(
     c_idx = pd.Index(hierarchy.terms).get_indexer(coarse[scored])
     t_idx = pd.Index(hierarchy.terms).get_indexer(effective[scored])
     coarse_ok[scored] = hierarchy.term_reach[c_idx, t_idx]
-    backed_off = coarse != predicted
 
-    eff, pred, corr = effective[scored], predicted[scored], corrected[scored]
-    overall: dict[str, float] = {
-        "n_cells": len(true_terms),
-        "n_scored": int(scored.sum()),
-        "n_model_label": int((status == LABEL).sum()),
-        "n_coarser_than_model": int((status == COARSER).sum()),
-        "n_finer_than_model": int((status == FINER).sum()),
-        "n_not_scorable": int((~scored).sum()),
+    calls = {
+        "true": true_terms,
+        "effective": effective,
+        "status": status,
+        "predicted": predicted,
+        "corrected": corrected,
+        "correct": correct,
+        "confidence": confidence,
+        "coarse": coarse,
+        "coarse_correct": coarse_ok,
     }
-    for prefix, p in (("", pred), ("corrected_", corr)):
-        overall[f"{prefix}accuracy"] = float(np.mean(p == eff)) if len(eff) else float("nan")
-        for average in ("macro", "micro", "weighted"):
-            overall[f"{prefix}{average}_f1"] = f1(eff, p, average)
-    overall["coarse_threshold"] = coarse_threshold
-    overall["coarse_backoff_fraction"] = float(backed_off[scored].mean()) if scored.any() else float("nan")
-    overall["coarse_accuracy"] = float(coarse_ok[scored].mean()) if scored.any() else float("nan")
-    overall["expected_calibration_error"] = expected_calibration_error(confidence[scored], correct[scored])
-    overall_df = pd.DataFrame({"value": pd.Series(overall, dtype=np.float64)})
-    overall_df.index.name = "metric"
-
+    overall = _overall(calls, scored, coarse_threshold)
+    eff, pred, corr = effective[scored], predicted[scored], corrected[scored]
     exact_tab, corr_tab = per_class_table(eff, pred), per_class_table(eff, corr)
     names = {t: hierarchy.name(t) if t in hierarchy.terms else t for t in exact_tab.index}
     per_class = pd.concat(
@@ -226,50 +218,83 @@ def evaluate_predictions(
         ],
         axis=1,
     )
-
     obs = obs if obs is not None else pd.DataFrame(index=range(len(true_terms)))
-    per_group: dict[str, pd.DataFrame] = {}
-    for col in groupby:
-        if col not in obs.columns:
-            continue
-        values = obs[col].astype(str).to_numpy()
-        rows = {}
-        for value in pd.unique(values):
-            m = values == value
-            ms = m & scored
-            rows[value] = {
-                "n_cells": int(m.sum()),
-                "n_scored": int(ms.sum()),
-                "accuracy": float(np.mean(predicted[ms] == effective[ms])) if ms.any() else float("nan"),
-                "corrected_accuracy": float(correct[ms].mean()) if ms.any() else float("nan"),
-                "macro_f1": f1(effective[ms], predicted[ms]) if ms.any() else float("nan"),
-                "corrected_macro_f1": f1(effective[ms], corrected[ms]) if ms.any() else float("nan"),
-            }
-        table = pd.DataFrame.from_dict(rows, orient="index").sort_index()
-        table.index.name = col
-        per_group[col] = table
-
+    per_group = {col: _group_table(obs, col, calls, scored) for col in groupby if col in obs.columns}
     index = pd.Index(obs_names if obs_names is not None else obs.index.astype(str), name="cell")
+    detailed = _detailed(calls, hierarchy, index, {col: obs[col] for col in per_group}, probabilities)
+    return EvaluationResult(overall, per_class, per_group, detailed, hierarchy)
+
+
+def _overall(calls: dict[str, np.ndarray], scored: np.ndarray, coarse_threshold: float) -> pd.DataFrame:
+    """The one-row-per-metric table: counts by truth status, exact and corrected scores, back-off, calibration."""
+    status, effective = calls["status"], calls["effective"]
+    eff, pred, corr = effective[scored], calls["predicted"][scored], calls["corrected"][scored]
+    overall: dict[str, float] = {
+        "n_cells": len(status),
+        "n_scored": int(scored.sum()),
+        "n_model_label": int((status == LABEL).sum()),
+        "n_coarser_than_model": int((status == COARSER).sum()),
+        "n_finer_than_model": int((status == FINER).sum()),
+        "n_not_scorable": int((~scored).sum()),
+    }
+    for prefix, p in (("", pred), ("corrected_", corr)):
+        overall[f"{prefix}accuracy"] = float(np.mean(p == eff)) if len(eff) else float("nan")
+        for average in ("macro", "micro", "weighted"):
+            overall[f"{prefix}{average}_f1"] = f1(eff, p, average)
+    backed_off = calls["coarse"] != calls["predicted"]
+    overall["coarse_threshold"] = coarse_threshold
+    overall["coarse_backoff_fraction"] = float(backed_off[scored].mean()) if scored.any() else float("nan")
+    overall["coarse_accuracy"] = float(calls["coarse_correct"][scored].mean()) if scored.any() else float("nan")
+    overall["expected_calibration_error"] = expected_calibration_error(
+        calls["confidence"][scored], calls["correct"][scored]
+    )
+    overall_df = pd.DataFrame({"value": pd.Series(overall, dtype=np.float64)})
+    overall_df.index.name = "metric"
+    return overall_df
+
+
+def _group_table(obs: pd.DataFrame, col: str, calls: dict[str, np.ndarray], scored: np.ndarray) -> pd.DataFrame:
+    """Exact and corrected scores of each value of ``obs[col]``."""
+    predicted, effective, corrected = calls["predicted"], calls["effective"], calls["corrected"]
+    values = obs[col].astype(str).to_numpy()
+    rows = {}
+    for value in pd.unique(values):
+        m = values == value
+        ms = m & scored
+        rows[value] = {
+            "n_cells": int(m.sum()),
+            "n_scored": int(ms.sum()),
+            "accuracy": float(np.mean(predicted[ms] == effective[ms])) if ms.any() else float("nan"),
+            "corrected_accuracy": float(calls["correct"][ms].mean()) if ms.any() else float("nan"),
+            "macro_f1": f1(effective[ms], predicted[ms]) if ms.any() else float("nan"),
+            "corrected_macro_f1": f1(effective[ms], corrected[ms]) if ms.any() else float("nan"),
+        }
+    table = pd.DataFrame.from_dict(rows, orient="index").sort_index()
+    table.index.name = col
+    return table
+
+
+def _detailed(calls: dict[str, np.ndarray], hierarchy: Hierarchy, index: pd.Index, groups: dict, probabilities):
+    """One row per cell: the truth as scored, the calls and whether they are right, the groups, the probabilities."""
     detailed = pd.DataFrame(
         {
-            "true": true_terms.astype(str),
-            "effective_true": [e if e is not None else "" for e in effective],
-            "status": status.astype(str),
-            "predicted": predicted.astype(str),
-            "predicted_name": [hierarchy.name(p) for p in predicted],
-            "corrected_prediction": corrected.astype(str),
-            "correct": correct,
-            "confidence": confidence,
-            "coarse": coarse.astype(str),
-            "coarse_correct": coarse_ok,
+            "true": calls["true"].astype(str),
+            "effective_true": [e if e is not None else "" for e in calls["effective"]],
+            "status": calls["status"].astype(str),
+            "predicted": calls["predicted"].astype(str),
+            "predicted_name": [hierarchy.name(p) for p in calls["predicted"]],
+            "corrected_prediction": calls["corrected"].astype(str),
+            "correct": calls["correct"],
+            "confidence": calls["confidence"],
+            "coarse": calls["coarse"].astype(str),
+            "coarse_correct": calls["coarse_correct"],
         },
         index=index,
     )
-    for col in per_group:
-        detailed[col] = obs[col].astype(str).to_numpy()
+    for col, values in groups.items():
+        detailed[col] = values.astype(str).to_numpy()
     probs = pd.DataFrame(probabilities, index=index, columns=[f"p:{label}" for label in hierarchy.labels])
-    detailed = pd.concat([detailed, probs], axis=1)
-    return EvaluationResult(overall_df, per_class, per_group, detailed, hierarchy)
+    return pd.concat([detailed, probs], axis=1)
 
 
 def paper_evaluation(

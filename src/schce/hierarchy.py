@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from schce._graph import HierarchyCycleError, find_cycle
+from schce._graph import HierarchyCycleError, ancestor_sets, depths, find_cycle, validate_reachability
 
 if TYPE_CHECKING:
     import torch
@@ -108,7 +108,7 @@ class Hierarchy:
         self._names = {t: (names or {}).get(t, t) for t in self.terms}
         self._index = {t: i for i, t in enumerate(self.terms)}
 
-        self._ancestors = _ancestor_sets(self._parents, self.terms)
+        self._ancestors = ancestor_sets(self._parents, self.terms)
         n_labels, n_terms = len(self.labels), len(self.terms)
         # reach[i, j]: term j is term i or one of its descendants (the closure over all terms).
         reach = np.eye(n_terms, dtype=bool)
@@ -118,7 +118,7 @@ class Hierarchy:
         self.term_reach = reach
         self.term_matrix = reach[:, :n_labels]
         self.R = reach[:n_labels, :n_labels].copy()
-        self.depth = _depths(self._parents, self.terms)
+        self.depth = depths(self._parents, self.terms)
         validate_reachability(self.R)
 
     # ------------------------------------------------------------------ constructors
@@ -449,63 +449,6 @@ class Hierarchy:
 
     def __repr__(self) -> str:
         return f"Hierarchy(n_labels={self.n_labels}, n_terms={len(self.terms)}, version={self.version!r})"
-
-
-def validate_reachability(R: np.ndarray) -> None:
-    """Check that ``R`` is a partial order: reflexive, antisymmetric and transitive.
-
-    Raises
-    ------
-    ValueError
-        Naming the first violating labels (by index).
-    """
-    R = np.asarray(R).astype(bool)
-    if R.ndim != 2 or R.shape[0] != R.shape[1]:
-        raise ValueError(f"A reachability matrix must be square, got shape {R.shape}.")
-    if not R.diagonal().all():
-        i = int(np.flatnonzero(~R.diagonal())[0])
-        raise ValueError(f"Reachability is not reflexive: R[{i}, {i}] = 0.")
-    sym = R & R.T
-    np.fill_diagonal(sym, False)
-    if sym.any():
-        i, j = map(int, np.argwhere(sym)[0])
-        raise HierarchyCycleError(f"Reachability is not antisymmetric (a cycle): labels {i} and {j} reach each other.")
-    Ri = R.astype(np.int32)
-    closure = (Ri @ Ri) > 0
-    if (closure & ~R).any():
-        i, j = map(int, np.argwhere(closure & ~R)[0])
-        raise ValueError(
-            f"Reachability is not transitive: label {i} reaches {j} through another label but R[{i}, {j}] = 0."
-        )
-
-
-def _ancestor_sets(parents: dict[str, tuple[str, ...]], terms: Sequence[str]) -> dict[str, frozenset[str]]:
-    memo: dict[str, frozenset[str]] = {}
-
-    def visit(t: str) -> frozenset[str]:
-        if t not in memo:
-            acc: set[str] = set()
-            for p in parents[t]:
-                acc.add(p)
-                acc |= visit(p)
-            memo[t] = frozenset(acc)
-        return memo[t]
-
-    for t in terms:
-        visit(t)
-    return memo
-
-
-def _depths(parents: dict[str, tuple[str, ...]], terms: Sequence[str]) -> np.ndarray:
-    """Longest path from a root, per term (roots have depth 0)."""
-    memo: dict[str, int] = {}
-
-    def visit(t: str) -> int:
-        if t not in memo:
-            memo[t] = 1 + max((visit(p) for p in parents[t]), default=-1)
-        return memo[t]
-
-    return np.array([visit(t) for t in terms], dtype=np.float64)
 
 
 def compare_hierarchy(child_matrix: np.ndarray, labels, ontology=None) -> pd.DataFrame:

@@ -350,8 +350,7 @@ def hierarchy_scores(
 
     Reads ``adata.obsm[f"{key_added}_hierarchical_scores"]`` (written by :meth:`schce.HCEClassifier.predict`):
     for each term, the summed probability of the term and its descendant labels, averaged over all cells or over
-    the cells of one group. Scores stored sparse (``predict(..., hierarchical_scores="sparse")``) are averaged with
-    the left-out scores as 0 (each below 0.001 or below the cell's 32 highest).
+    the cells of one group; sparse scores (``hierarchical_scores="sparse"``) count each left-out score as 0.
 
     Parameters
     ----------
@@ -394,88 +393,102 @@ def hierarchy_scores(
     ValueError
         If ``groupby`` is not an ``obs`` column or ``group`` is not one of its values.
     """
-    import matplotlib as mpl
-    from matplotlib.collections import LineCollection
+    terms, values = _term_scores(adata, f"{key_added}_hierarchical_scores", key_added, hierarchy)
+    mask = _group_mask(adata, groupby, group)
+    mean = np.asarray(values[mask].mean(axis=0), dtype=np.float64).ravel()
+    is_label, parents, names = _term_tree(terms, hierarchy, adata.obsm.get(f"{key_added}_probabilities"))
+    pos = _layered_layout(terms, parents)
+    xy = np.array([pos[t] for t in terms], dtype=np.float64).reshape(-1, 2)
+    # geometry: one x unit ≈ 1.5 in (a wrapped label), one layer ≈ 0.9 in
+    span_x = float(xy[:, 0].max() - xy[:, 0].min()) if len(terms) else 0.0
+    n_layers = int(-xy[:, 1].min()) + 1 if len(terms) else 1
+    ax = _new_axes(ax, (max(5.0, 1.5 * (span_x + 1) + 1.5), max(3.0, 0.9 * n_layers + 1.0)))
+    segments = [[pos[p], pos[t]] for t in terms for p in parents[t]]
+    _draw_tree(ax, xy, segments, [names[t] for t in terms], mean, is_label, cmap, min_score)
+    where = f"{groupby} = {group}" if groupby is not None else "all cells"
+    ax.set_title(f"Mean hierarchical score: {where} (n={int(mask.sum())})")
+    return _finish(ax, show, save)
 
-    key = f"{key_added}_hierarchical_scores"
+
+def _term_scores(adata: AnnData, key: str, key_added: str, hierarchy: Hierarchy | None):
+    """The scored terms and the cells × terms subtree scores of ``adata.obsm[key]``."""
     if key not in adata.obsm:
         raise KeyError(
             f"adata.obsm[{key!r}] is missing: run `model.predict(adata, key_added={key_added!r})` first "
             f"(obsm holds: {sorted(adata.obsm.keys()) or 'nothing'})."
         )
     scores = adata.obsm[key]
+    if isinstance(scores, pd.DataFrame):
+        return [str(c) for c in scores.columns], scores.to_numpy(dtype=np.float64)
     info = adata.uns.get(key_added)
     stored_terms = info.get("terms") if isinstance(info, dict) else None
-    if isinstance(scores, pd.DataFrame):
-        terms = [str(c) for c in scores.columns]
-        values = scores.to_numpy(dtype=np.float64)
-    elif hasattr(scores, "tocsr") and stored_terms is not None and len(stored_terms) == scores.shape[1]:
+    if hasattr(scores, "tocsr") and stored_terms is not None and len(stored_terms) == scores.shape[1]:
         # hierarchical_scores="sparse": each cell's highest scores, columns named in uns; the mean counts the
         # left-out scores (each below the smallest kept one) as 0
-        terms = [str(t) for t in stored_terms]
-        values = scores.tocsr()
-    else:
-        values = np.asarray(scores, dtype=np.float64)
-        if hierarchy is None or values.shape[1] != len(hierarchy.terms):
-            raise ValueError(
-                f"adata.obsm[{key!r}] is an array without term names: pass `hierarchy=model.hierarchy` "
-                "(with one term per column)."
-            )
-        terms = list(hierarchy.terms)
+        return [str(t) for t in stored_terms], scores.tocsr()
+    values = np.asarray(scores, dtype=np.float64)
+    if hierarchy is None or values.shape[1] != len(hierarchy.terms):
+        raise ValueError(
+            f"adata.obsm[{key!r}] is an array without term names: pass `hierarchy=model.hierarchy` "
+            "(with one term per column)."
+        )
+    return list(hierarchy.terms), values
 
-    mask = np.ones(adata.n_obs, dtype=bool)
-    if groupby is not None or group is not None:
-        if groupby is None or group is None:
-            raise ValueError("Pass both `groupby` and `group` (or neither, for all cells).")
-        if groupby not in adata.obs.columns:
-            raise ValueError(f"groupby={groupby!r} is not a column of adata.obs; columns: {list(adata.obs.columns)}.")
-        col = adata.obs[groupby].astype(str).to_numpy()
-        mask = col == str(group)
-        if not mask.any():
-            present = sorted(pd.unique(col))
-            shown = ", ".join(map(repr, present[:20])) + (", …" if len(present) > 20 else "")
-            raise ValueError(f"group={group!r} is not a value of adata.obs[{groupby!r}]; values: {shown}.")
-    mean = np.asarray(values[mask].mean(axis=0), dtype=np.float64).ravel()
-    probabilities = adata.obsm.get(f"{key_added}_probabilities")
+
+def _group_mask(adata: AnnData, groupby: str | None, group: str | None) -> np.ndarray:
+    """The cells of ``group`` in ``obs[groupby]``; all cells when neither is given."""
+    if groupby is None and group is None:
+        return np.ones(adata.n_obs, dtype=bool)
+    if groupby is None or group is None:
+        raise ValueError("Pass both `groupby` and `group` (or neither, for all cells).")
+    if groupby not in adata.obs.columns:
+        raise ValueError(f"groupby={groupby!r} is not a column of adata.obs; columns: {list(adata.obs.columns)}.")
+    col = adata.obs[groupby].astype(str).to_numpy()
+    mask = col == str(group)
+    if not mask.any():
+        present = sorted(pd.unique(col))
+        shown = ", ".join(map(repr, present[:20])) + (", …" if len(present) > 20 else "")
+        raise ValueError(f"group={group!r} is not a value of adata.obs[{groupby!r}]; values: {shown}.")
+    return mask
+
+
+def _term_tree(terms: list[str], hierarchy: Hierarchy | None, probabilities):
+    """Which terms are model labels, each term's parents among the terms, and the display names."""
     if hierarchy is not None:
         model_labels = set(hierarchy.labels)
     else:  # the labels are the columns of the probabilities; without them, every term is drawn alike
         model_labels = set(map(str, probabilities.columns)) if isinstance(probabilities, pd.DataFrame) else set(terms)
     is_label = np.array([t in model_labels for t in terms], dtype=bool)
-
     node_set = set(terms)
     if hierarchy is not None:
         parents = {t: [p for p in hierarchy.parents(t) if p in node_set] if t in hierarchy.terms else [] for t in terms}
-        names = {t: hierarchy.name(t) if t in hierarchy.terms else t for t in terms}
-    else:
-        from schce.ontology import load_cell_ontology
+        return is_label, parents, {t: hierarchy.name(t) if t in hierarchy.terms else t for t in terms}
+    from schce.ontology import load_cell_ontology
 
-        onto = load_cell_ontology()
-        parents, names = {}, {}
-        for t in terms:
-            try:
-                parents[t] = [p for p in onto.parents(t) if p in node_set]
-            except KeyError:
-                parents[t] = []
-            try:
-                names[t] = onto.name(t)
-            except KeyError:
-                names[t] = t
-    pos = _layered_layout(terms, parents)
-    xy = np.array([pos[t] for t in terms], dtype=np.float64).reshape(-1, 2)
+    onto = load_cell_ontology()
+    parents, names = {}, {}
+    for t in terms:
+        try:
+            parents[t] = [p for p in onto.parents(t) if p in node_set]
+        except KeyError:
+            parents[t] = []
+        try:
+            names[t] = onto.name(t)
+        except KeyError:
+            names[t] = t
+    return is_label, parents, names
 
-    # geometry: one x unit ≈ 1.5 in (a wrapped label), one layer ≈ 0.9 in
-    span_x = float(xy[:, 0].max() - xy[:, 0].min()) if len(terms) else 0.0
-    n_layers = int(-xy[:, 1].min()) + 1 if len(terms) else 1
-    ax = _new_axes(ax, (max(5.0, 1.5 * (span_x + 1) + 1.5), max(3.0, 0.9 * n_layers + 1.0)))
 
-    segments = [[pos[p], pos[t]] for t in terms for p in parents[t]]
+def _draw_tree(ax: Axes, xy, segments, names: list[str], mean, is_label, cmap: str, min_score: float) -> None:
+    """Edges, nodes coloured by mean score (labels large and outlined, grouping terms small), names, colour bar."""
+    import matplotlib as mpl
+    from matplotlib.collections import LineCollection
+
     ax.add_collection(LineCollection(segments, colors="0.65", linewidths=1.0, zorder=1))
     norm = mpl.colors.Normalize(vmin=0.0, vmax=1.0)
     faded = mean < min_score
     alpha = np.where(faded, 0.25, 1.0)
     # an opaque white underlay keeps the edges from showing through faded nodes
-    # the model's labels are large, outlined nodes with bold names; ontology-only grouping terms small and grey
     size = np.where(is_label, 160.0, 55.0)
     ax.scatter(xy[:, 0], xy[:, 1], s=size, c="white", edgecolors="none", zorder=1.5, label="_underlay")
     nodes = ax.scatter(
@@ -484,11 +497,11 @@ def hierarchy_scores(
     )  # fmt: skip
     nodes.set_zorder(2)
     nodes.set_label("terms")
-    for (x, y), t, f, lab in zip(xy, terms, faded, is_label, strict=True):
+    for (x, y), name, f, lab in zip(xy, names, faded, is_label, strict=True):
         ax.text(
             x,
             y - 0.16,
-            _wrap(names[t], 18),
+            _wrap(name, 18),
             ha="center",
             va="top",
             fontsize=6.5 if lab else 5.5,
@@ -501,10 +514,7 @@ def hierarchy_scores(
         )
     sm = mpl.cm.ScalarMappable(norm=norm, cmap=cmap)
     ax.get_figure().colorbar(sm, ax=ax, label="mean subtree score", fraction=0.03, pad=0.01, shrink=0.6)
-    if len(terms):
+    if len(xy):
         ax.set_xlim(xy[:, 0].min() - 0.6, xy[:, 0].max() + 0.6)
         ax.set_ylim(xy[:, 1].min() - 0.75, 0.35)
     ax.set_axis_off()
-    where = f"{groupby} = {group}" if groupby is not None else "all cells"
-    ax.set_title(f"Mean hierarchical score: {where} (n={int(mask.sum())})")
-    return _finish(ax, show, save)

@@ -4,7 +4,7 @@ from schce.data._anndata import AnnDataModule
 from schce.data._augmentation import augmentation_matrix, published_augmentation_matrix
 from schce.data._expression import ExpressionSummary, check_expression, get_matrix
 from schce.data._genes import GeneAligner, strip_ensembl_version
-from schce.data._protocol import HCEDataModule, balanced_class_weights
+from schce.data._protocol import HCEDataModule, balanced_class_weights, check_streaming_options
 from schce.data.sctab import (
     SCTabStoreDataModule,
     StoreDataset,
@@ -19,6 +19,7 @@ __all__ = [
     "AnnDataModule",
     "HCEDataModule",
     "balanced_class_weights",
+    "check_streaming_options",
     "ExpressionSummary",
     "GeneAligner",
     "SCTabStoreDataModule",

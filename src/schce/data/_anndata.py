@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from schce._constants import EVAL_BATCH_SIZE
 from schce.data._genes import GeneAligner
 from schce.data._loader import make_loader
-from schce.data._protocol import check_batch_size, check_split
+from schce.data._protocol import check_batch_size, check_batch_terms, check_split
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ class AnnDataModule(pl.LightningDataModule):
         Every row's annotation source, read by :meth:`annotation_targets` (``None``: one source).
     obs
         Cell metadata returned by :meth:`read_obs` (row order of ``X``).
+    groups
+        Every row's split group (``train(split_key=...)``): where ``augment=True`` learns batch shifts when there are
+        no ``sources``.
     batch_format
         ``"auto"`` (sparse batches for an in-memory scipy sparse ``X``), ``"sparse"`` or ``"dense"``
         (:func:`~schce.data.make_loader`).
@@ -75,6 +78,7 @@ class AnnDataModule(pl.LightningDataModule):
         sources: np.ndarray | None = None,
         obs: pd.DataFrame | None = None,
         batch_format: str = "auto",
+        groups: np.ndarray | None = None,
     ):
         super().__init__()
         check_batch_size(batch_size)
@@ -87,7 +91,7 @@ class AnnDataModule(pl.LightningDataModule):
         }
         self.batch_size, self.seed, self.num_workers = int(batch_size), int(seed), num_workers
         self.aligner, self.batches, self.n_batches, self.sources = aligner, batches, int(n_batches), sources
-        self.obs = obs
+        self.obs, self.groups = obs, groups
         self.n_genes = aligner.n_model if aligner is not None else int(X.shape[1])
         self.n_values = int(X.shape[0]) * self.n_genes
         self.class_weights = None  # balanced weights come from label_counts
@@ -115,6 +119,27 @@ class AnnDataModule(pl.LightningDataModule):
         self._loaders.clear()
         logger.info("Annotation-aware targets (%s): %d distinct acceptable-label sets.", label_semantics, len(masks))
         return masks
+
+    def check_train_options(self, batch_terms: bool, augment: bool) -> None:
+        """Batch terms need a registered ``batch_key`` with two batches or more; ``augment=True`` needs shifts.
+
+        Shifts are learnt between batches, or between the ``split_key`` groups when no ``batch_key`` was registered.
+        """
+        if batch_terms and self.sources is None and self.n_batches < 2:
+            raise ValueError(
+                "adversarial_weight and batch_mixing_weight act on batches, but no batch_key was registered: "
+                "call HCEClassifier.setup_anndata(adata, ..., batch_key='batch') first."
+            )
+        check_batch_terms(self.n_batches, batch_terms)
+        if augment and self.sources is None and self.groups is None:
+            raise ValueError(
+                "augment=True learns batch shifts from differences between batches: register a batch_key in "
+                "setup_anndata, pass split_key, or pass a ready augmentation matrix."
+            )
+
+    def shift_sources(self) -> np.ndarray | None:
+        """Where batch shifts are learnt (augmentation): the annotation sources (batches), else the split groups."""
+        return self.sources if self.sources is not None else self.groups
 
     def scaling_loader(self):
         """All training cells (no gene alignment: the scaling is fitted on registered data), and no cap.

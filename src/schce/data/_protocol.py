@@ -26,6 +26,7 @@ CONTRACT = (
     "label_counts",
     "scaling_loader",
     "annotation_targets",
+    "check_train_options",
     "resumable_order",
     "read_obs",
     "train_dataloader",
@@ -82,6 +83,14 @@ class HCEDataModule(Protocol):
         Raises :class:`ValueError` when the module cannot read label meanings from its cells.
         """
 
+    def check_train_options(self, batch_terms: bool, augment: bool) -> None:
+        """Refuse the :meth:`~schce.HCEClassifier.train` options this module cannot serve, naming option and fix.
+
+        ``batch_terms``: the adversarial or batch-mixing term is on (they need two batches or more); ``augment``:
+        ``augment=True``, a matrix to build from the module's cells. Modules that stream their cells use
+        :func:`check_streaming_options`.
+        """
+
     def resumable_order(self) -> tuple[Any, dict] | None:
         """The training loader's :class:`~schce.data.EpochBatchSampler` and the settings a resumed run must share.
 
@@ -113,6 +122,25 @@ def check_datamodule(datamodule, n_genes: int, n_labels: int) -> None:
             f"The datamodule's labels ({len(datamodule.labels)}) are not the model's ({n_labels}): build the model "
             "from the same store with HCEClassifier.from_sctab_store."
         )
+
+
+def check_batch_terms(n_batches: int, batch_terms: bool) -> None:
+    """The batch terms (``adversarial_weight``, ``batch_mixing_weight``) need cells of two batches or more."""
+    if batch_terms and n_batches < 2:
+        raise ValueError(
+            f"The data has {n_batches} batch; the batch terms (adversarial_weight, batch_mixing_weight) need at least "
+            "two. Set them to 0, or register a batch_key with several batches."
+        )
+
+
+def check_streaming_options(datamodule, batch_terms: bool, augment: bool) -> None:
+    """The train() options of a module that streams its cells (scTab store, census): no matrix is built from them."""
+    if augment:
+        raise ValueError(
+            f"augment=True builds the matrix from registered AnnData cells, which {type(datamodule).__name__} streams; "
+            "pass a ready matrix instead (e.g. augment=np.load('<store>/augmentations.npy'))."
+        )
+    check_batch_terms(datamodule.n_batches, batch_terms)
 
 
 def check_batch_size(batch_size: int | None) -> None:

@@ -33,7 +33,8 @@ class HCEClassifier(SetupMixin, TrainingMixin, FineTuneMixin, InferenceMixin, Pe
     adata
         AnnData registered with :meth:`setup_anndata`.
     registry
-        A saved registry (used by :meth:`load`; leave ``None``).
+        scvi-tools' registry of a model built without data (used by :meth:`load` and the file constructors; leave
+        ``None``).
     backbone
         ``"mlp"``, ``"linear"`` (a logistic regression, fitted by full-batch L-BFGS; see :meth:`train`) or
         ``"tabnet"``.
@@ -66,6 +67,9 @@ class HCEClassifier(SetupMixin, TrainingMixin, FineTuneMixin, InferenceMixin, Pe
         Backbone hyperparameters. The MLP defaults to ``n_hidden=256, n_layers=3, dropout=0.2, input_dropout=0.2``;
         scTab's architecture is ``n_hidden=128, n_layers=8, dropout=0.1, input_dropout=0`` (the defaults of
         :class:`schce.nn.MLP`).
+    setup_state
+        With ``registry``: the model's :class:`~schce.model.SetupState` (labels, hierarchy, genes), which a model
+        built on ``adata`` takes from :meth:`setup_anndata` (used by :meth:`load`; leave ``None``).
 
     Examples
     --------
@@ -86,9 +90,20 @@ class HCEClassifier(SetupMixin, TrainingMixin, FineTuneMixin, InferenceMixin, Pe
         hce_form: Literal["log", "reference"] | None = None,
         recipe: Literal["sctab"] | None = None,
         standardize: bool | None = None,
+        *,
+        setup_state: SetupState | None = None,
         **backbone_kwargs,
     ):
         super().__init__(adata, registry)
+        if adata is not None:
+            self._setup = self._registered_setup(self.adata_manager)
+        elif setup_state is None:
+            raise ValueError(
+                "A model built from a registry needs its setup_state (HCEClassifier.load passes both); to build one "
+                "on data, pass an AnnData registered with HCEClassifier.setup_anndata."
+            )
+        else:
+            self._setup = setup_state.copy()
         loss, hce_form = recipe_loss(recipe, loss, hce_form, DEFAULT_LOSS)  # saved resolved, below
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}.")
@@ -96,7 +111,7 @@ class HCEClassifier(SetupMixin, TrainingMixin, FineTuneMixin, InferenceMixin, Pe
             raise ValueError(f"label_semantics must be one of {LABEL_SEMANTICS}, got {label_semantics!r}.")
         if hce_form not in ("log", "reference"):
             raise ValueError(f"hce_form must be 'log' or 'reference', got {hce_form!r}.")
-        setup = SetupState.read(self.registry_)
+        setup = self._setup
         self.hierarchy = Hierarchy.from_dict(setup.hierarchy)
         self.genes: list[str] = list(setup.genes)
         self.backbone, self.loss, self.hce_form, self.recipe = backbone, loss, hce_form, recipe
@@ -120,6 +135,7 @@ class HCEClassifier(SetupMixin, TrainingMixin, FineTuneMixin, InferenceMixin, Pe
         self.temperature_ = 1.0
         self.best_epoch_ = self.optimizer_ = None
         backbone_kwargs = arch  # saved in full, so later changes of the defaults leave saved models as they were
+        del setup_state  # held as the model's own set-up, saved apart from the init parameters
         self.init_params_ = self._get_init_params(locals())
 
     # ------------------------------------------------------------------ display

@@ -137,17 +137,18 @@ class FineTuneMixin:
         finally:
             for m in frozen:
                 m.requires_grad_(True)
+        self._record_fine_tuning(hierarchy, len(saved[1].labels), int(data.n_obs), added, freeze_encoder)
+        return added
+
+    def _record_fine_tuning(self, hierarchy: Hierarchy, n_old: int, n_cells: int, added, freeze_encoder) -> None:
+        """The grown hierarchy and a record of the run in the model's set-up, and the label count in its summary."""
         setup = self.setup_state
         setup.hierarchy = hierarchy.to_dict()
-        setup.fine_tuning.append(
-            {"n_cells": int(data.n_obs), "labels_added": added, "freeze_encoder": bool(freeze_encoder)}
-        )
-        setup.write(self.registry_)
-        n_old = len(saved[1].labels)
+        setup.fine_tuning.append({"n_cells": n_cells, "labels_added": added, "freeze_encoder": bool(freeze_encoder)})
+        self._setup = setup
         self._model_summary_string = self._model_summary_string.replace(
             f"{n_old} labels", f"{hierarchy.n_labels} labels", 1
         )
-        return added
 
     def _fine_tune_labels(
         self, adata, labels_key: str, ontology, new_labels: str

@@ -42,13 +42,18 @@ def torch_device(accelerator: str = "auto", device: int | str = "auto") -> torch
     return torch.device("cuda", index)
 
 
-def _check_same_genes(adata, registry: dict, cls) -> None:
+def _check_same_genes(adata, registry: dict, expected: list[str]) -> None:
     """``adata`` (its RNA modality for a MuData) must hold the saved model's genes in the model's order."""
+    if not registry.get("field_registries"):
+        raise ValueError(
+            f"The model was built from files ({registry.get('setup_method_name')}), not on registered data, so there "
+            "is no set-up to register adata with. Load it without adata and pass the data to predict() or "
+            "evaluate(), which align the genes."
+        )
     rna = adata
     if isinstance(adata, MuData):
         rna = adata.mod[(registry["setup_args"].get("modalities") or {}).get("rna_layer", "rna")]
     genes = [str(g) for g in strip_ensembl_version(rna.var_names)]
-    expected = list(SetupState.read(registry).genes)
     if genes != expected:
         shared = len(set(genes) & set(expected))
         raise ValueError(
@@ -62,19 +67,31 @@ class PersistMixin:
     """Saving, loading and building models from published files."""
 
     # ------------------------------------------------------------------ persistence
-    def save(self, dir_path: str | os.PathLike, overwrite: bool = False, save_anndata: bool = False) -> None:
+    def save(
+        self,
+        dir_path: str | os.PathLike,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+    ) -> None:
         """Save the model to a directory, atomically.
 
-        Writes ``model.pt`` (weights only) and ``schce.json`` (labels, hierarchy, genes, setup, history).
+        Writes ``model.pt`` (weights only) and ``schce.json`` (labels, hierarchy, genes, setup, history). The
+        signature is scvi-tools' :meth:`~scvi.model.base.BaseModelClass.save`.
 
         Parameters
         ----------
         dir_path
             Target directory.
+        prefix
+            Prepended to the file names (``<prefix>model.pt``, ``<prefix>schce.json``), so one folder can hold
+            several models: they are written beside whatever the folder holds, which is never touched. ``None``: the
+            directory is the model's.
         overwrite
-            Replace an existing directory.
+            Without ``prefix``: replace an existing directory, only when it holds nothing but schce's model files
+            (the user's files are never deleted). With ``prefix``: replace that prefix's files.
         save_anndata
-            Also write the registered AnnData as ``adata.h5ad``.
+            Also write the registered AnnData as ``adata.h5ad`` (``<prefix>adata.h5ad``).
 
         Under distributed training (``strategy="ddp"``) only rank 0 writes; the other ranks return.
         """
@@ -91,6 +108,7 @@ class PersistMixin:
             "schce_version": __version__,
             "model_class": type(self).__name__,
             "init_params": self.init_params_,
+            "setup": self._setup.to_dict(),
             "registry": {k: v for k, v in self.registry_.items()},
             "is_trained": bool(self.is_trained_),
             "temperature": float(self.temperature_),
@@ -107,7 +125,7 @@ class PersistMixin:
             "test_indices": None if self.test_indices_ is None else np.asarray(self.test_indices_).tolist(),
         }
         state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-        _model_file.write_model(dir_path, overwrite, meta, state, self.adata if save_anndata else None)
+        _model_file.write_model(dir_path, overwrite, meta, state, self.adata if save_anndata else None, prefix)
         logger.info("Saved the model to %s.", dir_path)
 
     @classmethod
@@ -117,6 +135,7 @@ class PersistMixin:
         adata: AnnData | MuData | None = None,
         accelerator: str = "auto",
         device: int | str = "auto",
+        prefix: str | None = None,
     ) -> HCEClassifier:
         """Load a model written by :meth:`save`; predict on any AnnData with :meth:`predict`.
 
@@ -133,13 +152,18 @@ class PersistMixin:
             (:meth:`predict` aligns any query's genes itself).
         accelerator, device
             Where to put the weights (``"auto"``: a GPU when there is one).
+        prefix
+            The ``prefix`` the model was saved with.
         """
         target = torch_device(accelerator, device)
-        meta, state = _model_file.read_model(dir_path, cls.__name__)  # checksums and every field checked
+        meta, state = _model_file.read_model(dir_path, cls.__name__, prefix)  # checksums and every field checked
+        setup, registry = _model_file.setup_and_registry(meta)
+        setup = SetupState.from_dict(setup)
         if adata is not None:
-            _check_same_genes(adata, meta["registry"], cls)
+            _check_same_genes(adata, registry, setup.genes)
         params = meta["init_params"]
-        model = cls(None, meta["registry"], **params["non_kwargs"], **params["kwargs"].get("backbone_kwargs", {}))
+        backbone_kwargs = params["kwargs"].get("backbone_kwargs", {})
+        model = cls(None, registry, **params["non_kwargs"], setup_state=setup, **backbone_kwargs)
         if "input_mean" in state:
             model.module.set_input_scaling(state["input_mean"], state["input_scale"])
         try:
@@ -161,14 +185,8 @@ class PersistMixin:
         model.module.to(target)
         model.module.eval()
         if adata is not None:
-            model._attach(adata)
+            model.adata = adata  # scvi-tools registers it with the saved set-up arguments when needed
         return model
-
-    def _attach(self, adata: AnnData | MuData) -> None:
-        """Make ``adata`` the model's data; the model's own set-up (labels, hierarchy, genes) stays in the registry."""
-        own = self.setup_state
-        self.adata = adata  # scvi-tools registers it with the saved set-up arguments when needed
-        own.write(self.registry_)
 
     @classmethod
     def from_sctab_checkpoint(
@@ -213,9 +231,10 @@ class PersistMixin:
         onto = load_cell_ontology(ontology)
         labels = cl_label_ids(names, onto, f"labels of {cell_type_path}", "cannot keep their order.")
         hierarchy, differences = _sctab.checkpoint_hierarchy(ckpt, labels, onto)  # the published child_lookup
-        registry = cls._registry_without_data(genes, labels, onto, hierarchy, True)
+        setup = cls._state_without_data(genes, labels, onto, hierarchy, True)
+        registry = cls._registry_without_data("from_sctab_checkpoint", True)
         # scTab's models read the log-normalised values as they are.
-        model = cls(None, registry, backbone=backbone, loss=loss, standardize=False, **arch)
+        model = cls(None, registry, backbone=backbone, loss=loss, standardize=False, setup_state=setup, **arch)
         model.hierarchy_differences_ = differences
         try:
             model.module.classifier.load_state_dict(state)
@@ -286,15 +305,14 @@ class PersistMixin:
         from schce.model._store import store_setup
 
         setup = store_setup(path, ontology, hierarchy, normalize)
-        registry = cls._registry_without_data(
+        state = cls._state_without_data(
             setup["genes"], setup["labels"], setup["ontology"], setup["hierarchy"], setup["normalize"]
         )
-        state = SetupState.read(registry)
         state.sctab_store = os.fspath(path)
-        state.write(registry)
+        registry = cls._registry_without_data("from_sctab_store", setup["normalize"])
         if loss is None and recipe is None:
             loss = STORE_LOSS
         # With a recipe, None is the recipe's loss and a loss it does not publish raises (HCEClassifier checks).
-        model = cls(None, registry, backbone=backbone, loss=loss, recipe=recipe, **backbone_kwargs)
+        model = cls(None, registry, backbone=backbone, loss=loss, recipe=recipe, setup_state=state, **backbone_kwargs)
         model.hierarchy_differences_ = setup["differences"]
         return model

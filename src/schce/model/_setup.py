@@ -11,7 +11,6 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from anndata import AnnData
 from mudata import MuData
 from scvi import REGISTRY_KEYS
@@ -32,6 +31,9 @@ from schce.ontology import load_cell_ontology
 from schce.vocabulary import map_labels, read_label_mapping
 
 logger = logging.getLogger(__name__)
+# schce's set-up of each AnnData registered by setup_anndata / setup_mudata, by the UUID scvi-tools gives the data
+# (as scvi-tools keeps its managers); a model built on the data copies it and holds its own from then on.
+_REGISTERED: dict[str, SetupState] = {}
 CUSTOM = "custom hierarchy"  # ontology_source of a model set up with a user's hierarchy instead of the Cell Ontology
 
 
@@ -113,8 +115,7 @@ class SetupMixin:
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         with obs_restored_on_error(adata), _small_groups_named(adata.obs, labels_key, batch_key):
             manager.register_fields(adata, **kwargs)
-        state.write(manager.registry)
-        cls.register_manager(manager)
+        cls._register_setup(manager, state)
 
     @classmethod
     def setup_mudata(
@@ -207,8 +208,7 @@ class SetupMixin:
                 restore.enter_context(obs_restored_on_error(data))
             restore.enter_context(_small_groups_named(obs_of["labels_key"], labels_key, None))
             manager.register_fields(mdata, **kwargs)
-        state.write(manager.registry)
-        cls.register_manager(manager)
+        cls._register_setup(manager, state)
 
     @staticmethod
     def _setup_state(
@@ -266,25 +266,55 @@ class SetupMixin:
         )
 
     @classmethod
-    def _registry_without_data(cls, genes, labels, onto, hierarchy: Hierarchy, normalize: bool) -> dict:
-        """A registry for a model built from files: one empty placeholder cell per label, then our label order."""
-        placeholder = AnnData(
-            X=sp.csr_matrix((len(labels), len(genes)), dtype=np.float32),
-            obs=pd.DataFrame({"label": labels}, index=[f"cell{i}" for i in range(len(labels))]),
-            var=pd.DataFrame(index=pd.Index(genes)),
+    def _register_setup(cls, manager: AnnDataManager, state: SetupState) -> None:
+        """Keep scvi-tools' manager of the registered fields and, beside it, schce's set-up of the same data."""
+        cls.register_manager(manager)
+        _REGISTERED[manager.adata_uuid] = state
+
+    @classmethod
+    def _registered_setup(cls, manager: AnnDataManager) -> SetupState:
+        """The set-up that :meth:`setup_anndata` / ``setup_mudata`` recorded with ``manager`` (a copy)."""
+        if manager.adata_uuid not in _REGISTERED:
+            raise ValueError(
+                f"The data was registered by another model class, not by {cls.__name__}; call "
+                f"{cls.__name__}.setup_anndata(adata, labels_key=...) first."
+            )
+        return _REGISTERED[manager.adata_uuid].copy()
+
+    @staticmethod
+    def _state_without_data(genes, labels, onto, hierarchy: Hierarchy, normalize: bool) -> SetupState:
+        """The set-up of a model built from files: its genes, its labels (CL IDs, in order) and its hierarchy."""
+        label_map = map_labels(np.asarray(labels, dtype=object), onto, None)  # refuses unknown or obsolete terms
+        if len(set(label_map.values())) < 2:
+            raise ValueError(f"A classifier needs at least two labels, got {list(labels)}.")
+        genes = model_genes(pd.Index([str(g) for g in genes]))  # duplicated genes are refused, listed
+        return SetupState(
+            label_map={str(k): v for k, v in label_map.items()},
+            hierarchy=hierarchy.to_dict(),
+            genes=[str(g) for g in genes],
+            gene_id_type=gene_id_type(genes),
+            normalize=bool(normalize),
+            ontology_source=onto.source,
         )
-        cls.setup_anndata(placeholder, labels_key="label", ontology=onto, normalize=normalize)
-        registry = cls._get_most_recent_anndata_manager(placeholder, required=True).registry
-        state = SetupState.read(registry)
-        state.hierarchy = hierarchy.to_dict()
-        state.expression = None  # the empty placeholder cells tell nothing of the real values
-        state.write(registry)
-        return registry
+
+    @classmethod
+    def _registry_without_data(cls, constructor: str, normalize: bool) -> dict:
+        """scvi-tools' registry of a model built from files: how it was made, and no registered fields."""
+        from scvi import __version__ as scvi_version
+
+        args = {"labels_key": None, "layer": None, "batch_key": None, "ontology": None, "normalize": normalize}
+        return {
+            "scvi_version": scvi_version,
+            "model_name": cls.__name__,
+            "setup_method_name": constructor,
+            "setup_args": {**args, "label_mapping": None, "hierarchy": None},
+            "field_registries": {},
+        }
 
     @property
     def setup_state(self) -> SetupState:
         """Schce's set-up of this model (labels, hierarchy, genes, normalisation), typed; a copy."""
-        return SetupState.read(self.registry_)
+        return self._setup.copy()
 
     def _ontology(self, ontology=None):
         """``ontology`` loaded, else the one set up with (when it was a path or URL), else the embedded CL release."""

@@ -1,10 +1,13 @@
-"""schce's own set-up of a model, typed, beside scvi-tools' registry fields (saved in the registry under SETUP_KEY)."""
+"""schce's own set-up of a model, typed: the model's source of truth for labels, hierarchy, genes and input handling.
+
+scvi-tools' registry describes only the fields of a registered AnnData; this state is held by the model and saved as
+``setup`` in ``schce.json`` (files of format 2 and earlier kept it in the registry under ``SETUP_KEY``).
+"""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field, fields
-
-from schce._constants import SETUP_KEY
 
 
 @dataclass
@@ -48,14 +51,17 @@ class SetupState:
     fine_tuning: list[dict] = field(default_factory=list)
 
     @classmethod
-    def read(cls, registry: dict) -> SetupState:
-        """The state recorded in ``registry`` (a copy: change it, then :meth:`write`)."""
-        stored = registry[SETUP_KEY]
+    def from_dict(cls, stored: dict) -> SetupState:
+        """The state described by :meth:`to_dict` (unknown keys are ignored)."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in stored.items() if k in names})
+        return cls(**copy.deepcopy({k: v for k, v in stored.items() if k in names}))
+
+    def copy(self) -> SetupState:
+        """An independent copy (change it, then hand it back to the model)."""
+        return copy.deepcopy(self)
 
     def to_dict(self) -> dict:
-        """Plain data for the registry; optional entries only when set (saved models keep their earlier layout)."""
+        """Plain data for ``schce.json``; optional entries only when set (saved models keep their earlier layout)."""
         out = asdict(self)
         for key in ("modality_genes", "sctab_store", "expression"):
             if out[key] is None:
@@ -63,7 +69,3 @@ class SetupState:
         if not out["fine_tuning"]:
             del out["fine_tuning"]
         return out
-
-    def write(self, registry: dict) -> None:
-        """Record this state in ``registry``."""
-        registry[SETUP_KEY] = self.to_dict()

@@ -164,8 +164,6 @@ class TrainingMixin:
             raise RuntimeError(
                 "This model has no registered AnnData to train on (it was loaded from disk); pass datamodule=."
             )
-        if datamodule is None:
-            check_registration_current(self)  # a later setup_anndata or edited labels would mislabel the outputs
         auxiliary = {"adversarial": adversarial_weight, "batch_mixing": batch_mixing_weight, "ecs": ecs_weight}
         config = TrainConfig.from_arguments(locals(), auxiliary=auxiliary)
         check_checkpoint_file(config.resume_from)  # an empty or truncated file fails here, naming it
@@ -174,28 +172,31 @@ class TrainingMixin:
         augment_on = recipe_augment or augment is True or not isinstance(augment, bool | None)
         n_values = None if datamodule is not None else self.adata.n_obs * len(self.genes)
         config = config.resolve(self.backbone, self.recipe, n_values, augment_on)
-        if datamodule is not None:
-            check_datamodule(datamodule, len(self.genes), self.hierarchy.n_labels)
-            if self.loss == "hce-aware":  # asked now, so a module that cannot read label meanings fails before work
-                datamodule.annotation_targets(self.hierarchy, self.label_semantics)
-        groups = self._check_batch_terms(config, datamodule, split_key, augment)
-        augment = self._check_augment(bool(augment) if augment is None else augment, datamodule, groups)
-        validation_size, test_size = _split_sizes(self.recipe, groups, validation_size, test_size)
+        registered = datamodule is None
+        if registered:
+            datamodule = self._anndata_module(config, split_key, validation_size, test_size, num_workers)
+        # Every data path answers the same questions: the contract, the options it serves, label meanings.
+        check_datamodule(datamodule, len(self.genes), self.hierarchy.n_labels)
+        batch_terms = bool(config.auxiliary["adversarial"] or config.auxiliary["batch_mixing"])
+        datamodule.check_train_options(batch_terms=batch_terms, augment=augment is True)
+        augment = _check_augment(bool(augment) if augment is None else augment, len(self.genes))
+        if self.loss == "hce-aware" and not registered:
+            # asked now, so a module that cannot read label meanings fails before work (fit asks the others)
+            datamodule.annotation_targets(self.hierarchy, self.label_semantics)
         pl.seed_everything(seed, workers=True, verbose=False)
         if not self.is_trained_:
             # Re-initialise under the seed so results do not depend on what ran before construction.
             for m in self.module.modules():
                 if m is not self.module and hasattr(m, "reset_parameters"):
                     m.reset_parameters()
-        registered = datamodule is None
-        if registered:
-            datamodule = self._anndata_module(config, validation_size, test_size, groups, num_workers)
-            if augment is True:
-                augment = self._augmentation_matrix(datamodule, groups, seed)
-            elif recipe_augment:
-                augment = self._published_augmentation(datamodule, groups, seed)
+        if augment is True:
+            augment = self._augmentation_matrix(datamodule, seed)
         elif recipe_augment:
-            augment = _store_augmentation(datamodule, len(self.genes))
+            augment = (
+                self._published_augmentation(datamodule, seed)
+                if isinstance(datamodule, AnnDataModule)
+                else _store_augmentation(datamodule, len(self.genes))
+            )
         normalize = self.setup_state.normalize
         if self.standardize and not self.is_trained_:
             fit_input_scaling(self.module, datamodule, normalize)
@@ -204,55 +205,24 @@ class TrainingMixin:
         self.train_indices_, self.validation_indices_ = rows.get("train"), rows.get("val")
         self.test_indices_ = rows.get("test")
 
-    def _check_batch_terms(self, config: TrainConfig, datamodule, split_key: str | None, augment) -> np.ndarray | None:
-        """Check the batch terms and the split column against the data; the split groups (``None``: by label)."""
-        if datamodule is None:
-            n_batches = int(self.summary_stats["n_batch"])
-        else:
-            n_batches = datamodule.n_batches
-        batch_terms = config.auxiliary["adversarial"] or config.auxiliary["batch_mixing"]
-        no_batch_key = datamodule is None and self.registry_["setup_args"]["batch_key"] is None
-        if batch_terms and no_batch_key:
-            raise ValueError(
-                "adversarial_weight and batch_mixing_weight act on batches, but no batch_key was registered: "
-                "call HCEClassifier.setup_anndata(adata, ..., batch_key='batch') first."
-            )
-        if batch_terms and n_batches < 2:
-            raise ValueError(f"The registered batch_key has {n_batches} batch; batch terms need at least two.")
-        if split_key is None or datamodule is not None:
-            return None
-        if split_key not in self.adata.obs.columns:
-            raise KeyError(
-                f"split_key={split_key!r} is not a column of adata.obs. Available: {list(self.adata.obs.columns)}."
-            )
-        return self.adata.obs[split_key].astype(str).to_numpy()
-
-    def _check_augment(self, augment, datamodule, groups: np.ndarray | None):
-        """``augment`` checked: ``True`` / ``False``, or a finite (rows × genes) float32 matrix."""
-        if isinstance(augment, bool):
-            if augment and datamodule is not None:
-                raise ValueError(
-                    "augment=True builds the matrix from registered AnnData cells; with datamodule= pass a ready "
-                    "matrix (e.g. np.load('<store>/augmentations.npy'))."
-                )
-            if augment and self.registry_["setup_args"]["batch_key"] is None and groups is None:
-                raise ValueError(
-                    "augment=True learns batch shifts from differences between batches: register a batch_key in "
-                    "setup_anndata, pass split_key, or pass a ready augmentation matrix."
-                )
-            return augment
-        augment = np.asarray(augment, dtype=np.float32)
-        if augment.ndim != 2 or augment.shape[1] != len(self.genes) or not np.isfinite(augment).all():
-            raise ValueError(
-                f"augment must be True/False or a finite (rows, {len(self.genes)} genes) matrix, got shape "
-                f"{augment.shape}."
-            )
-        return augment
-
     def _anndata_module(
-        self, config: TrainConfig, validation_size: float, test_size: float, groups, num_workers: int
+        self,
+        config: TrainConfig,
+        split_key: str | None,
+        validation_size: float | None,
+        test_size: float | None,
+        num_workers: int,
     ) -> AnnDataModule:
-        """The registered cells as a data module: split by label (or by ``groups``), batch size resolved."""
+        """The registered cells as a data module: split by label (or by ``split_key`` groups), batch size resolved."""
+        check_registration_current(self)  # a later setup_anndata or edited labels would mislabel the outputs
+        groups = None
+        if split_key is not None:
+            if split_key not in self.adata.obs.columns:
+                raise KeyError(
+                    f"split_key={split_key!r} is not a column of adata.obs. Available: {list(self.adata.obs.columns)}."
+                )
+            groups = self.adata.obs[split_key].astype(str).to_numpy()
+        validation_size, test_size = _split_sizes(self.recipe, groups, validation_size, test_size)
         codes = self._label_codes()
         train_idx, val_idx, test_idx = split_cells(codes, validation_size, test_size, config.seed, groups)
         batches = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).ravel()
@@ -271,15 +241,15 @@ class TrainingMixin:
             n_batches=int(self.summary_stats["n_batch"]),
             sources=batches if has_batch_key else None,
             obs=self._rna(self.adata).obs,
+            groups=groups,
         )
 
-    def _augmentation_matrix(self, datamodule: AnnDataModule, groups, seed: int) -> np.ndarray:
+    def _augmentation_matrix(self, datamodule: AnnDataModule, seed: int) -> np.ndarray:
         """The scTab augmentation learnt from the training cells: per-label differences between batches (or groups)."""
-        source = datamodule.batches if self.registry_["setup_args"]["batch_key"] is not None else groups
         augment = augmentation_matrix(
             datamodule.X,
             datamodule.codes,
-            source,
+            datamodule.shift_sources(),
             normalize=self.setup_state.normalize,
             seed=seed,
             rows=datamodule.rows["train"],
@@ -289,13 +259,13 @@ class TrainingMixin:
         logger.info("Augmenting training inputs with %d rows.", len(augment))
         return augment
 
-    def _published_augmentation(self, datamodule: AnnDataModule, groups, seed: int) -> np.ndarray | None:
+    def _published_augmentation(self, datamodule: AnnDataModule, seed: int) -> np.ndarray | None:
         """The recipe's augmentation on AnnData: scTab's construction over the training cells, by batch (or group).
 
         scTab's KMeans selection (clusters above 2,000 rows, 5,000 rows drawn) needs an atlas; where the training
         cells give too few candidate rows for it, all candidate rows are used.
         """
-        source = datamodule.batches if self.registry_["setup_args"]["batch_key"] is not None else groups
+        source = datamodule.shift_sources()
         if source is None:
             warnings.warn(
                 "recipe='sctab' augments the MLP and TabNet with shifts between samples, but no batch_key was "
@@ -339,6 +309,18 @@ class TrainingMixin:
         self.is_trained_ = True
         self.temperature_ = result.temperature
         return result
+
+
+def _check_augment(augment, n_genes: int):
+    """``augment`` checked: ``True`` / ``False``, or a finite (rows × genes) float32 matrix."""
+    if isinstance(augment, bool):
+        return augment
+    augment = np.asarray(augment, dtype=np.float32)
+    if augment.ndim != 2 or augment.shape[1] != n_genes or not np.isfinite(augment).all():
+        raise ValueError(
+            f"augment must be True/False or a finite (rows, {n_genes} genes) matrix, got shape {augment.shape}."
+        )
+    return augment
 
 
 def _split_sizes(recipe: str | None, groups, validation_size: float | None, test_size: float | None):

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from schce._constants import SCALING_SAMPLE
 from schce.data._loader import EpochLoader
-from schce.data._protocol import check_batch_size, check_split
+from schce.data._protocol import check_batch_size, check_split, check_streaming_options
 from schce.data.census._soma import (
     LABEL_COLUMN,
     SCTAB_ASSAYS,
@@ -185,7 +185,7 @@ class CensusDataModule(pl.LightningDataModule):
     class_weights = None
     n_batches = 1
 
-    def __init__(
+    def __init__(  # long: one open census query serves the checks, the split, the label counts and label usage
         self,
         census,
         model: HCEClassifier,
@@ -322,6 +322,10 @@ class CensusDataModule(pl.LightningDataModule):
             len(masks),
         )
         return masks
+
+    def check_train_options(self, batch_terms: bool, augment: bool) -> None:
+        """Refuse ``augment=True`` (nothing is built from streamed cells) and batch terms without two batches."""
+        check_streaming_options(self, batch_terms, augment)
 
     def resumable_order(self) -> None:
         """A resumed run restarts the interrupted epoch's order."""

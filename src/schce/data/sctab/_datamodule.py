@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from schce._constants import SCALING_SAMPLE
 from schce._memory import release_free_memory
 from schce.data._loader import EpochLoader
-from schce.data._protocol import check_batch_size, check_split
+from schce.data._protocol import check_batch_size, check_split, check_streaming_options
 from schce.data.sctab._format import CODE_COLUMNS, label_usage, read_lookup, read_var, split_parts, store_layout
 from schce.data.sctab._read import _Block, _read_block
 from schce.nn._batch import check_batch_format, csr_batch
@@ -407,6 +407,10 @@ class SCTabStoreDataModule(pl.LightningDataModule):
             codes = pq.read_table(part, columns=["cell_type"]).column("cell_type").to_numpy()
             counts += np.bincount(codes, minlength=len(self.labels))[: len(self.labels)]
         return counts
+
+    def check_train_options(self, batch_terms: bool, augment: bool) -> None:
+        """Refuse ``augment=True`` (nothing is built from streamed cells) and batch terms without two batches."""
+        check_streaming_options(self, batch_terms, augment)
 
     def read_obs(self, split: str, columns=CODE_COLUMNS) -> pd.DataFrame:
         """The split's code columns decoded to labels (categoricals), indexed by the store's ``idx``."""

@@ -74,7 +74,7 @@ def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
 
 
-def write_sctab_store(
+def write_sctab_store(  # long: every check before any write, then the writer that streams the parts
     adata: AnnData,
     path: str | os.PathLike,
     split_key: str | None = None,
