@@ -175,6 +175,12 @@ def print_readers(out: dict, args) -> None:
             f"  {name}: {rate:,.0f} cells/s ({rate / floor:.2f}x floor, {rate / probe:.2f}x CSR probe, "
             f"{rate / fresh:.2f}x compact fresh dense), {per_cpu:,.0f} cells per CPU-second"
         )
+    shuffled = readers["CSR probe, shuffled as schce"][0]
+    ours = readers["schce compact, sparse"][0]
+    print(
+        f"  schce compact sparse vs the CSR probe read like for like (same batches): {ours / shuffled:.2f}x; "
+        f"vs the probe read in store order: {ours / probe:.2f}x"
+    )
     print(f"  CSR probe on disk: {out['probe_bytes'] / 2**30:.2f} GiB")
     gflops, bound = out["bound"]
     print(

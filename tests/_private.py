@@ -16,8 +16,12 @@ from schce._memory import release_free_memory
 from schce.data._augmentation import augment, published_augmentation_candidates
 from schce.data._loader import EpochBatchSampler, group_split, make_loader, split_cells
 from schce.data._protocol import datamodule_class_weights
+from schce.data.sctab import _kernels as store_kernels
 from schce.data.sctab._format import (
     _dense_values,
+    decode_cells,
+    decode_cells_numpy,
+    encode_cells,
     label_usage,
     read_part_metadata,
     split_parts,
@@ -53,6 +57,9 @@ __all__ = [
     "_dense_values",
     "augment",
     "datamodule_class_weights",
+    "decode_cells",
+    "decode_cells_numpy",
+    "encode_cells",
     "entmax15",
     "gene_moments",
     "group_split",
@@ -68,6 +75,7 @@ __all__ = [
     "sparsemax",
     "split_cells",
     "split_parts",
+    "store_kernels",
     "store_layout",
     "store_setup",
     "varint_decode",
