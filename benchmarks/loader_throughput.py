@@ -7,7 +7,9 @@ Each figure is measured in a fresh process, which reads one epoch of the trainin
 pages split between them, so nothing counts twice). Prints one line per figure.
 
 Run: ``.venv/bin/python benchmarks/loader_throughput.py [--n-cells 200000] [--train] [--readers]``
-(``SCHCE_BENCH_CELLS`` also sets the size; ``--train`` adds one epoch of MLP training on the dense store).
+(``SCHCE_BENCH_CELLS`` also sets the size; ``--train`` adds one epoch of MLP training on the dense store,
+``--train-compact`` on the compact store; ``--worker-sweep 0 1 2`` reads the compact store's training split with each
+number of workers: cells/s and peak memory with the workers).
 
 ``--readers`` adds, from one further process on the same stores, the reader comparison of ``_readers.py`` (plain
 pyarrow on the dense layout as the floor, schce on the dense layout, the compact layout as sparse batches, densified
@@ -104,6 +106,8 @@ def prepare(n_cells: int, n_genes: int, n_jobs: int = 2) -> tuple[Path, Path]:
 
 
 def measure(kind: str, dense: Path, compact: Path, batch_size: int, workers: int) -> dict:
+    if kind.startswith("compact-w"):  # the worker sweep: the compact store with that many workers
+        kind, workers = "compact", int(kind.removeprefix("compact-w"))
     """One epoch over the training split; runs in its own process."""
     import torch
 
@@ -134,14 +138,14 @@ def measure(kind: str, dense: Path, compact: Path, batch_size: int, workers: int
     return {"cells": n, "seconds": elapsed, "peak_rss": rss.peak, "peak_tree": rss.peak_tree}
 
 
-def train(dense: Path, batch_size: int, workers: int) -> dict:
-    """One epoch of the default MLP on the dense store, validation included."""
+def train(store: Path, batch_size: int, workers: int) -> dict:
+    """One epoch of the default MLP on a store, gene scaling and validation included."""
     import schce
     from schce.data import SCTabStoreDataModule
 
     with PeakRSS() as rss:
-        dm = SCTabStoreDataModule(dense, batch_size=batch_size, num_workers=workers)
-        model = schce.HCEClassifier.from_sctab_store(dense, backbone="mlp")
+        dm = SCTabStoreDataModule(store, batch_size=batch_size, num_workers=workers)
+        model = schce.HCEClassifier.from_sctab_store(store, backbone="mlp")
         t = time.perf_counter()
         model.train(datamodule=dm, max_epochs=1, seed=0, calibrate=False, enable_progress_bar=False)
         elapsed = time.perf_counter() - t
@@ -186,7 +190,8 @@ def print_readers(out: dict, args) -> None:
     print(
         f"first-layer matmul bound ({args.batch_size} x {args.n_genes} @ {args.n_genes} x 256, "
         f"{args.threads} threads): "
-        f"{gflops:.1f} GFLOP/s -> {bound:,.0f} training cells/s (forward + weight gradient)"
+        f"{gflops:.1f} GFLOP/s -> {bound:,.0f} training cells/s (the first layer's forward and backward matmuls: "
+        "the product and the weight gradient; its input needs no gradient)"
     )
     for name, (rate, share) in out["training"].items():
         print(
@@ -202,6 +207,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--train", action="store_true", help="also time one epoch of MLP training (dense store)")
+    parser.add_argument("--train-compact", action="store_true", help="also time one MLP epoch on the compact store")
+    parser.add_argument(
+        "--worker-sweep", type=int, nargs="*", default=None, help="read the compact store with these worker counts"
+    )
     parser.add_argument("--prepare-only", action="store_true", help="only build the cached stores")
     parser.add_argument("--readers", action="store_true", help="also compare the readers, training and matmul bound")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the reader comparison")
@@ -212,8 +221,8 @@ def main() -> None:
     args = parser.parse_args()
     dense, compact = prepare(args.n_cells, args.n_genes, args.workers)
     if args._measure:
-        if args._measure == "train":
-            out = train(dense, args.batch_size, args.workers)
+        if args._measure in ("train", "train-compact"):
+            out = train(dense if args._measure == "train" else compact, args.batch_size, args.workers)
         elif args._measure == "readers":
             out = compare_readers(dense, compact, args)
         else:
@@ -234,6 +243,20 @@ def main() -> None:
     gib = 2**30
     if args.readers:
         print_readers(child("readers"), args)
+    for w in args.worker_sweep or []:
+        r = child(f"compact-w{w}")
+        print(
+            f"compact store, {w} workers: {r['cells'] / r['seconds']:,.0f} cells/s ({r['cells']:,} cells), "
+            f"peak {r['peak_tree'] / gib:.2f} GiB with workers ({r['peak_rss'] / gib:.2f} GiB main process)"
+        )
+    if args.train_compact:
+        r = child("train-compact")
+        print(
+            f"one MLP training epoch (compact store, {args.workers} workers): "
+            f"{r['cells'] / r['seconds']:,.0f} cells/s, {r['seconds']:.0f} s; "
+            f"peak RSS {r['peak_rss'] / gib:.2f} GiB (main process), "
+            f"{r['peak_tree'] / gib:.2f} GiB with workers"
+        )
     if args.skip_epochs:
         return
     results = {}

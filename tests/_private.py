@@ -35,6 +35,7 @@ from schce.nn._module import CLIP, gene_moments
 from schce.nn._tabnet import GhostBatchNorm, entmax15, sparsemax
 from schce.train._callbacks import HistoryRecorder, TrainingProgress
 from schce.train._config import DEFAULT_BACKBONE_KWARGS, TrainConfig
+from schce.train._plan import adamw
 from schce.train._recipe import LBFGS_MAX_VALUES, PAPER_MONITOR, RECIPES, matmul_precision, resolve_optimizer
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "TrainConfig",
     "TrainingProgress",
     "_dense_values",
+    "adamw",
     "augment",
     "datamodule_class_weights",
     "decode_cells",

@@ -45,6 +45,37 @@ def batch_rows(batch: dict) -> int:
     return int(batch["x_shape"][0]) if is_sparse(batch) else len(batch["x"])
 
 
+def _scatter_kernel():
+    """The compiled CPU scatter of CSR rows into a dense array (numba, cached on disk), or ``None`` without numba."""
+    global _SCATTER
+    if _SCATTER is None:
+        try:
+            import numba
+        except ImportError:  # pragma: no cover - numba comes with scanpy
+            _SCATTER = False
+            return None
+
+        @numba.njit(cache=True, nogil=True, boundscheck=False)
+        def scatter(indptr, indices, values, out):  # pragma: no cover - compiled
+            """``out[i, indices[j]] = values[j]`` for the entries ``j`` of row ``i``; False on an index out of range."""
+            n_genes, n_values = out.shape[1], len(values)
+            for i in range(len(indptr) - 1):
+                if indptr[i] < 0 or indptr[i + 1] > n_values:
+                    return False
+                for j in range(indptr[i], indptr[i + 1]):
+                    g = indices[j]
+                    if g < 0 or g >= n_genes:
+                        return False
+                    out[i, g] = values[j]
+            return True
+
+        _SCATTER = scatter
+    return _SCATTER or None
+
+
+_SCATTER = None
+
+
 def csr_rows(indptr: torch.Tensor, n: int, nnz: int | None = None) -> torch.Tensor:
     """The row (int64) of every stored value (``indptr`` expanded), on ``indptr``'s device.
 
@@ -78,7 +109,13 @@ class Densifier:
         device = torch.device(device) if device is not None else batch["x_values"].device
         indptr, indices, values = (batch[k].to(device, non_blocking=True) for k in SPARSE_KEYS[:3])
         out = self.buffer(n, n_genes, device)
-        if device.type == "cpu":  # numpy's repeat and scatter: a third of the CPU time of the torch ops here
+        if device.type == "cpu":
+            scatter = _scatter_kernel() if values.dtype in (torch.float32, torch.float64) else None
+            if scatter is not None:  # one compiled pass, no index arrays: half numpy's time
+                if not scatter(indptr.numpy(), indices.numpy(), values.numpy(), out.numpy()):
+                    raise IndexError(f"A sparse batch holds gene indices outside [0, {n_genes}) or a bad indptr.")
+                return out
+            # numpy's repeat and scatter: a third of the CPU time of the torch ops here
             flat = np.repeat(np.arange(n, dtype=np.int64) * n_genes, np.diff(indptr.numpy()))
             flat += indices.numpy()
             out.numpy().reshape(-1)[flat] = values.numpy()
