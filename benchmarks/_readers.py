@@ -5,8 +5,10 @@ Readers of one epoch of the training split (batch ``--batch-size``, no workers, 
 - ``pyarrow floor``: plain pyarrow on the dense layout (row groups to a float32 matrix, sliced into batches);
 - ``schce dense layout``: :class:`~schce.data.StoreDataset` on the dense store (dense batches);
 - ``schce compact, sparse``: the compact store's CSR batches (the default);
+- ``schce compact, uncompressed parts``: the same reader on the store converted with ``compression="none"``;
 - ``schce compact, dense into buffer``: the same batches densified by :class:`~schce.nn.Densifier` (reused buffer);
-- ``schce compact, dense (fresh)``: ``batch_format="dense"``, a new dense batch per batch (the previous default);
+- ``schce compact, dense (fresh)``: ``batch_format="dense"``, a new dense batch per batch (the previous default),
+  and the same with the numpy passes (the previous version's rate, the baseline of the dense-batch target);
 - ``schce compact, sparse (numpy loops)``: the same reader with numpy passes instead of the compiled loops
   (``data/sctab/_kernels.py``): the previous version's reader, as a baseline in the same run;
 - ``CSR probe``: written here: per part ``.npy`` shards of ``indptr`` (int64), ``indices`` (uint16) and ``values``
@@ -158,6 +160,8 @@ def readers(dense: Path, compact: Path, probe: Path, batch_size: int) -> dict:
     """``name -> zero-argument function`` returning an iterator of batches over the training split."""
     from schce.nn import Densifier
 
+    raw = uncompressed(dense, compact)
+
     densify = Densifier()
 
     def into_buffer():
@@ -165,10 +169,10 @@ def readers(dense: Path, compact: Path, probe: Path, batch_size: int) -> dict:
             densify(batch)
             yield batch
 
-    def numpy_loops():  # the reader of the previous version: numpy passes for decoding and gathering
+    def numpy_loops(batch_format="sparse"):  # the previous version's reader: numpy passes to decode and gather
         from schce.data.sctab import _kernels
 
-        batches = _store(compact, batch_size, "sparse")
+        batches = _store(compact, batch_size, batch_format)
         _kernels.AVAILABLE = False
         try:
             yield from batches
@@ -180,11 +184,23 @@ def readers(dense: Path, compact: Path, probe: Path, batch_size: int) -> dict:
         "schce dense layout": lambda: _store(dense, batch_size, "dense"),
         "schce compact, sparse": lambda: _store(compact, batch_size, "sparse"),
         "schce compact, sparse (numpy loops)": numpy_loops,
+        "schce compact, uncompressed parts, sparse": lambda: _store(raw, batch_size, "sparse"),
         "schce compact, dense into buffer": into_buffer,
         "schce compact, dense (fresh)": lambda: _store(compact, batch_size, "dense"),
+        "schce compact, dense (fresh, numpy loops)": lambda: numpy_loops("dense"),
         "CSR probe (uint16, fp16, .npy)": lambda: _probe(probe, batch_size),
         "CSR probe, shuffled as schce": lambda: _probe_shuffled(probe, batch_size),
     }
+
+
+def uncompressed(dense: Path, compact: Path) -> Path:
+    """The compact store converted with ``compression="none"`` (built once beside the other)."""
+    from schce.data import convert_sctab_store
+
+    raw = compact.with_name(compact.name + "_uncompressed")
+    if not raw.exists():
+        convert_sctab_store(dense, raw, compression="none", n_jobs=2)
+    return raw
 
 
 def _rows(batch: dict) -> int:
@@ -215,6 +231,7 @@ def compare(dense: Path, compact: Path, probe: Path, batch_size: int, rounds: in
     torch.set_num_threads(1)
     funcs = readers(dense, compact, probe, batch_size)
     check_same_batches(funcs["schce compact, sparse"](), funcs["CSR probe, shuffled as schce"]())
+    check_same_batches(funcs["schce compact, sparse"](), funcs["schce compact, uncompressed parts, sparse"]())
     timings: dict[str, list[tuple[float, float]]] = {k: [] for k in funcs}
     for _ in range(rounds):
         for name, make in funcs.items():

@@ -160,10 +160,14 @@ def compare_readers(dense: Path, compact: Path, args) -> dict:
     probe = _readers.write_probe(dense, CACHE / f"{dense.name}_csr_probe")
     out = {"readers": _readers.compare(dense, compact, probe, args.batch_size, args.rounds)}
     out["probe_bytes"] = _dir_size(probe)
-    out["bound"] = _readers.matmul_bound(args.batch_size, args.n_genes, 256, args.threads)
-    out["training"] = _readers.training_rates(
-        compact, args.batch_size, ["linear", "mlp", "tabnet"], args.train_batches, args.threads
-    )
+    out["store_bytes"] = {p.name: _dir_size(p / "train") for p in (compact, _readers.uncompressed(dense, compact))}
+    out["bound"], out["training"] = {}, {}
+    for threads in args.threads:
+        out["bound"][threads] = _readers.matmul_bound(args.batch_size, args.n_genes, 256, threads)
+        backbones = ["linear", "mlp", "tabnet"] if threads == args.threads[-1] else ["mlp"]
+        out["training"][threads] = _readers.training_rates(
+            compact, args.batch_size, backbones, args.train_batches, threads
+        )
     return out
 
 
@@ -186,18 +190,19 @@ def print_readers(out: dict, args) -> None:
         f"vs the probe read in store order: {ours / probe:.2f}x"
     )
     print(f"  CSR probe on disk: {out['probe_bytes'] / 2**30:.2f} GiB")
-    gflops, bound = out["bound"]
-    print(
-        f"first-layer matmul bound ({args.batch_size} x {args.n_genes} @ {args.n_genes} x 256, "
-        f"{args.threads} threads): "
-        f"{gflops:.1f} GFLOP/s -> {bound:,.0f} training cells/s (the first layer's forward and backward matmuls: "
-        "the product and the weight gradient; its input needs no gradient)"
-    )
-    for name, (rate, share) in out["training"].items():
+    for name, size in out["store_bytes"].items():
+        print(f"  {name} training parts on disk: {size / 2**30:.2f} GiB")
+    for threads, (gflops, bound) in out["bound"].items():
         print(
-            f"training {name} (compact store, sparse batches, {args.threads} threads): {rate:,.0f} cells/s, "
-            f"loader {100 * share:.0f}% of the time, {100 * rate / bound:.0f}% of the first-layer bound"
+            f"first-layer matmul bound ({args.batch_size} x {args.n_genes} @ {args.n_genes} x 256, "
+            f"{threads} threads): {gflops:.1f} GFLOP/s -> {bound:,.0f} training cells/s (the first layer's forward "
+            "and backward matmuls: the product and the weight gradient; its input needs no gradient)"
         )
+        for name, (rate, share) in out["training"][threads].items():
+            print(
+                f"training {name} (compact store, sparse batches, {threads} threads): {rate:,.0f} cells/s, "
+                f"loader {100 * share:.0f}% of the time, {100 * rate / bound:.0f}% of the first-layer bound"
+            )
 
 
 def main() -> None:
@@ -214,7 +219,9 @@ def main() -> None:
     parser.add_argument("--prepare-only", action="store_true", help="only build the cached stores")
     parser.add_argument("--readers", action="store_true", help="also compare the readers, training and matmul bound")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the reader comparison")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for training and the matmul bound")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[2], help="torch threads for training and the matmul bound (each)"
+    )
     parser.add_argument("--train-batches", type=int, default=8, help="timed training batches per backbone")
     parser.add_argument("--skip-epochs", action="store_true", help="skip the per-format epochs with workers")
     parser.add_argument("--_measure", help=argparse.SUPPRESS)
@@ -235,7 +242,7 @@ def main() -> None:
     def child(kind: str) -> dict:
         cmd = [sys.executable, __file__, "--_measure", kind, "--n-cells", str(args.n_cells)]
         cmd += ["--n-genes", str(args.n_genes), "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
-        cmd += ["--rounds", str(args.rounds), "--threads", str(args.threads)]
+        cmd += ["--rounds", str(args.rounds), "--threads", *map(str, args.threads)]
         cmd += ["--train-batches", str(args.train_batches)]
         res = subprocess.run(cmd, check=True, capture_output=True, text=True)
         return json.loads(res.stdout.strip().splitlines()[-1])

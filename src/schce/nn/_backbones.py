@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from schce.nn import _kernels
 from schce.nn._tabnet import TabNet
 
 
@@ -65,7 +67,14 @@ class InputDropout(nn.Module):
         draws = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-2**15, 2**15)
         scale = 2**16 / (2**16 - self.threshold)
         if inplace:
-            return x.masked_fill_(draws < self.threshold - 2**15, 0.0).mul_(scale)
+            kernel = _kernels.dropout() if x.dtype == torch.float32 and x.is_contiguous() else None
+            if kernel is None:
+                return x.masked_fill_(draws < self.threshold - 2**15, 0.0).mul_(scale)
+            # One pass instead of a mask, a fill and a scale (three quarters of the in-place dropout's time).
+            kernel(
+                x.numpy().reshape(-1), draws.numpy().reshape(-1), np.int16(self.threshold - 2**15), np.float32(scale)
+            )
+            return x
         return torch.where(draws >= self.threshold - 2**15, x * scale, 0.0)
 
     def extra_repr(self) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from schce.nn import _kernels
+
 #: Keys of a sparse batch's expression.
 SPARSE_KEYS = ("x_indptr", "x_indices", "x_values", "x_shape")
 #: What loaders yield: ``"sparse"`` (CSR parts), ``"dense"`` (``"x"``) or ``"auto"`` (sparse where it is faster).
@@ -43,37 +45,6 @@ def is_sparse(batch: dict) -> bool:
 def batch_rows(batch: dict) -> int:
     """Cells in a batch, dense or sparse."""
     return int(batch["x_shape"][0]) if is_sparse(batch) else len(batch["x"])
-
-
-def _scatter_kernel():
-    """The compiled CPU scatter of CSR rows into a dense array (numba, cached on disk), or ``None`` without numba."""
-    global _SCATTER
-    if _SCATTER is None:
-        try:
-            import numba
-        except ImportError:  # pragma: no cover - numba comes with scanpy
-            _SCATTER = False
-            return None
-
-        @numba.njit(cache=True, nogil=True, boundscheck=False)
-        def scatter(indptr, indices, values, out):  # pragma: no cover - compiled
-            """``out[i, indices[j]] = values[j]`` for the entries ``j`` of row ``i``; False on an index out of range."""
-            n_genes, n_values = out.shape[1], len(values)
-            for i in range(len(indptr) - 1):
-                if indptr[i] < 0 or indptr[i + 1] > n_values:
-                    return False
-                for j in range(indptr[i], indptr[i + 1]):
-                    g = indices[j]
-                    if g < 0 or g >= n_genes:
-                        return False
-                    out[i, g] = values[j]
-            return True
-
-        _SCATTER = scatter
-    return _SCATTER or None
-
-
-_SCATTER = None
 
 
 def csr_rows(indptr: torch.Tensor, n: int, nnz: int | None = None) -> torch.Tensor:
@@ -110,7 +81,7 @@ class Densifier:
         indptr, indices, values = (batch[k].to(device, non_blocking=True) for k in SPARSE_KEYS[:3])
         out = self.buffer(n, n_genes, device)
         if device.type == "cpu":
-            scatter = _scatter_kernel() if values.dtype in (torch.float32, torch.float64) else None
+            scatter = _kernels.scatter() if values.dtype in (torch.float32, torch.float64) else None
             if scatter is not None:  # one compiled pass, no index arrays: half numpy's time
                 if not scatter(indptr.numpy(), indices.numpy(), values.numpy(), out.numpy()):
                     raise IndexError(f"A sparse batch holds gene indices outside [0, {n_genes}) or a bad indptr.")
