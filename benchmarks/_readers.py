@@ -149,7 +149,7 @@ def _store(path: Path, batch_size: int, batch_format: str):
     from schce.data import StoreDataset
     from schce.data.sctab import _kernels
 
-    _kernels.AVAILABLE = _kernels.numba is not None  # the compiled loops (a numpy reader below switches them off)
+    _kernels.AVAILABLE = _kernels.HAS_NUMBA  # the compiled loops (a numpy reader below switches them off)
 
     ds = StoreDataset(path, "train", batch_size, shuffle=True, seed=0, batch_format=batch_format)
     ds.next_epoch()
@@ -177,7 +177,7 @@ def readers(dense: Path, compact: Path, probe: Path, batch_size: int) -> dict:
         try:
             yield from batches
         finally:
-            _kernels.AVAILABLE = _kernels.numba is not None
+            _kernels.AVAILABLE = _kernels.HAS_NUMBA
 
     return {
         "pyarrow floor (dense layout)": lambda: _pyarrow(dense, batch_size),

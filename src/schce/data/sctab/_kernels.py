@@ -3,21 +3,23 @@
 The numpy forms (:func:`~schce.data.sctab._format.decode_cells`, the fancy indexing of ``_Block``) make several
 whole-array passes and temporaries per row group (varint continuation masks, running sums, position arrays of
 every batch entry); each loop here makes one pass and writes straight into its output. numba is a dependency of
-scanpy, so nothing new is installed; the kernels are compiled on first use and cached on disk (``cache=True``),
-so DataLoader workers and later processes load them instead of compiling again. The numpy forms stay the reference
-(the tests compare both) and are used when numba cannot be imported.
+scanpy, so nothing new is installed; it is imported, and the kernels compiled, on first use, and they are cached on
+disk (``cache=True``), so DataLoader workers and later processes load them instead of compiling again. The numpy
+forms (:func:`~schce.data.sctab._format.decode_cells_numpy`) stay the reference (the tests compare both) and are
+used when numba cannot be imported.
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba comes with scanpy
-    numba = None
-
-AVAILABLE = numba is not None
+#: Whether numba can be imported (it is imported, and the loops compiled, on first use).
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
+#: Whether the readers use the compiled loops (the benchmark switches them off to time the numpy passes).
+AVAILABLE = HAS_NUMBA
+_COMPILED = False
 
 # Error codes of the decoder (0: fine).
 _TRUNCATED, _RANK, _VALUES = 1, 2, 3
@@ -28,11 +30,21 @@ _ERRORS = {
 }
 
 
-def _jit(f):
-    return numba.njit(cache=True, nogil=True, boundscheck=False)(f) if AVAILABLE else f
+def _compile() -> None:
+    """Turn the loops below into numba functions (once; compiled at their first call, or loaded from the cache).
+
+    The module names are rebound, so ``_decode`` finds the compiled ``_varint`` when it compiles.
+    """
+    global _varint, _decode, _gather, _scatter, _COMPILED
+    if _COMPILED:
+        return
+    import numba
+
+    jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+    _varint, _decode, _gather, _scatter = jit(_varint), jit(_decode), jit(_gather), jit(_scatter)
+    _COMPILED = True
 
 
-@_jit
 def _varint(data, pos, n):  # pragma: no cover - compiled
     """The LEB128 number at ``data[pos]`` and the position after it (``-1``: truncated)."""
     x, shift = 0, 0
@@ -46,7 +58,6 @@ def _varint(data, pos, n):  # pragma: no cover - compiled
     return x, -1
 
 
-@_jit
 def _decode(cell_bytes, code_bytes, value_bytes, order, counts, offsets, genes, values):  # pragma: no cover - compiled
     """Decode format-2 cells into ``offsets``, ``genes`` (and ``values`` when ``counts``); returns an error code."""
     n_codes, n_order, n_values = len(code_bytes), len(order), len(value_bytes)
@@ -91,6 +102,7 @@ def _decode(cell_bytes, code_bytes, value_bytes, order, counts, offsets, genes, 
 
 def decode_cells_compiled(cell_bytes, code_bytes, value_bytes, order, coding):
     """Per-cell offsets (int64), gene indices (int32) and values (float32, or the stored float type) of format 2."""
+    _compile()
     counts = coding == "count"
     # Every number ends with one byte below 128: that many entries.
     nnz = int(np.count_nonzero(code_bytes < 128))
@@ -108,7 +120,6 @@ def decode_cells_compiled(cell_bytes, code_bytes, value_bytes, order, coding):
     return offsets, genes, values
 
 
-@_jit
 def _gather(src_offsets, src_indices, src_values, rows, dest, indptr, indices, values):  # pragma: no cover
     for j in range(len(rows)):
         r = rows[j]
@@ -119,7 +130,6 @@ def _gather(src_offsets, src_indices, src_values, rows, dest, indptr, indices, v
             values[o + i] = src_values[s + i]
 
 
-@_jit
 def _scatter(src_offsets, src_indices, src_values, rows, dest, out):  # pragma: no cover - compiled
     for j in range(len(rows)):
         r, d = rows[j], dest[j]
@@ -134,11 +144,13 @@ def _numba_values(values: np.ndarray) -> np.ndarray:
 
 def gather_rows(src_offsets, src_indices, src_values, rows, dest, indptr, indices, values) -> None:
     """Copy CSR rows ``rows`` of a block into rows ``dest`` of a CSR batch whose ``indptr`` is already set."""
+    _compile()
     src_values = _numba_values(src_values)
     _gather(src_offsets, src_indices, src_values, rows.astype(np.int64), dest.astype(np.int64), indptr, indices, values)
 
 
 def scatter_rows(src_offsets, src_indices, src_values, rows, dest, out: np.ndarray) -> None:
     """``out[dest] = X[rows]`` for a CSR block ``X``, writing only the stored entries (``out`` rows start at zero)."""
+    _compile()
     src_values = _numba_values(src_values)
     _scatter(src_offsets, src_indices, src_values, rows.astype(np.int64), dest.astype(np.int64), out)
