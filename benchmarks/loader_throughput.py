@@ -223,7 +223,9 @@ def main() -> None:
         "--threads", type=int, nargs="+", default=[2], help="torch threads for training and the matmul bound (each)"
     )
     parser.add_argument("--train-batches", type=int, default=8, help="timed training batches per backbone")
-    parser.add_argument("--skip-epochs", action="store_true", help="skip the per-format epochs with workers")
+    parser.add_argument(
+        "--skip-epochs", action="store_true", help="skip the per-format read epochs with workers (not --train)"
+    )
     parser.add_argument("--_measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     dense, compact = prepare(args.n_cells, args.n_genes, args.workers)
@@ -264,6 +266,13 @@ def main() -> None:
             f"peak RSS {r['peak_rss'] / gib:.2f} GiB (main process), "
             f"{r['peak_tree'] / gib:.2f} GiB with workers"
         )
+    if args.train:
+        r = child("train")
+        print(f"one MLP training epoch (dense store): {r['cells'] / r['seconds']:,.0f} cells/s, {r['seconds']:.0f} s")
+        print(
+            f"one MLP training epoch (dense store): peak RSS {r['peak_rss'] / gib:.2f} GiB (main process), "
+            f"{r['peak_tree'] / gib:.2f} GiB with workers (check: < 4 GiB)"
+        )
     if args.skip_epochs:
         return
     results = {}
@@ -285,13 +294,6 @@ def main() -> None:
         results["dense"]["cells"] / results["dense"]["seconds"]
     )
     print(f"compact vs dense: {speed:.1f}x faster to read")
-    if args.train:
-        r = child("train")
-        print(f"one MLP training epoch (dense store): {r['cells'] / r['seconds']:,.0f} cells/s, {r['seconds']:.0f} s")
-        print(
-            f"one MLP training epoch (dense store): peak RSS {r['peak_rss'] / gib:.2f} GiB (main process), "
-            f"{r['peak_tree'] / gib:.2f} GiB with workers (check: < 4 GiB)"
-        )
 
 
 if __name__ == "__main__":
