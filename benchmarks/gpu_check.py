@@ -12,6 +12,8 @@ again with ``devices=2, strategy="ddp"``.
 Run on a GPU machine (one command, under 10 minutes on one H200 at the defaults):
 ``python benchmarks/gpu_check.py [--n-cells 1048576] [--workers 8] [--store /tmp/schce_gpu_store]``
 ``--small`` runs the same path on a tiny store (200 genes, 8,192 cells) on the CPU, in about a minute.
+``--batch-format dense`` trains from dense batches instead of CSR ones; ``--compression none`` builds (under
+``<store>_none``) and reads a store whose parts are not zstd-compressed.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import lightning.pytorch as pl
 BACKBONES = ("mlp", "linear", "tabnet")
 
 
-def build_store(path: Path, n_cells: int, base_cells: int, n_genes: int) -> Path:
+def build_store(path: Path, n_cells: int, base_cells: int, n_genes: int, compression: str = "zstd") -> Path:
     """A compact store whose training split holds at least ``n_cells`` cells (built once; reused when present)."""
     import schce
     from schce.data import convert_sctab_store, write_sctab_store
@@ -45,7 +47,7 @@ def build_store(path: Path, n_cells: int, base_cells: int, n_genes: int) -> Path
         atlas, path / "dense", split_key="donor_id", validation_size=0.05, test_size=0.0, overwrite=True
     )
     del atlas
-    compact = convert_sctab_store(dense, path / "compact", overwrite=True)
+    compact = convert_sctab_store(dense, path / "compact", compression=compression, overwrite=True)
     for part in (dense / s for s in ("train", "val", "test")):
         for f in part.glob("*.parquet"):
             f.unlink()
@@ -96,7 +98,9 @@ def run_one(store: Path, backbone: str, args, devices: int = 1) -> dict:
     from schce.data import SCTabStoreDataModule
 
     cuda = torch.cuda.is_available()
-    dm = SCTabStoreDataModule(store / "compact", batch_size=args.batch_size, num_workers=args.workers)
+    dm = SCTabStoreDataModule(
+        store / "compact", batch_size=args.batch_size, num_workers=args.workers, batch_format=args.batch_format
+    )
     model = schce.HCEClassifier.from_sctab_store(dm.path, backbone=backbone)
     assert model.loss == "hce-aware"
     timer = Timer()
@@ -142,6 +146,12 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=Path("/tmp/schce_gpu_store"))
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     parser.add_argument("--small", action="store_true", help="tiny store (200 genes, 8,192 cells), CPU is fine")
+    parser.add_argument(
+        "--batch-format", default="auto", choices=("auto", "sparse", "dense"), help="the loader's batches (auto: CSR)"
+    )
+    parser.add_argument(
+        "--compression", default="zstd", choices=("zstd", "none"), help="parquet codec of the store's parts"
+    )
     parser.add_argument("--ddp-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.small:
@@ -149,20 +159,30 @@ def main() -> None:
         args.batch_size, args.workers = 256, min(args.workers, 2)
         if args.store == parser.get_default("store"):
             args.store = Path("/tmp/schce_gpu_store_small")
+    if args.compression != "zstd" and args.store == parser.get_default("store"):
+        args.store = Path(f"{args.store}_{args.compression}")
     if args.ddp_only:  # Lightning re-runs this command for the other ranks
         r = run_one(args.store, "mlp", args, devices=2)
         print(_line(r), flush=True)
         return
     import torch
 
-    store = build_store(args.store, args.n_cells, args.base_cells, args.n_genes)
+    from schce.data.sctab import _kernels
+
+    store = build_store(args.store, args.n_cells, args.base_cells, args.n_genes, args.compression)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (no GPU: not a GPU figure)"
     print(f"device: {device}", flush=True)
+    print(
+        f"store {args.store} ({args.compression}), batches {args.batch_format}, {args.workers} workers, "
+        f"compiled store decoding: {'numba' if _kernels.AVAILABLE else 'no (numpy passes)'}",
+        flush=True,
+    )
     for backbone in args.backbones:
         print(_line(run_one(store, backbone, args)), flush=True)
     if torch.cuda.device_count() >= 2:
         cmd = [sys.executable, __file__, "--ddp-only", "--store", str(args.store), "--workers", str(args.workers)]
-        cmd += ["--batch-size", str(args.batch_size)] + (["--small"] if args.small else [])
+        cmd += ["--batch-size", str(args.batch_size), "--batch-format", args.batch_format]
+        cmd += ["--compression", args.compression] + (["--small"] if args.small else [])
         subprocess.run(cmd, check=True)
     else:
         print("DDP: fewer than two GPUs, not run")

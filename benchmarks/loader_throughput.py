@@ -7,7 +7,9 @@ Each figure is measured in a fresh process, which reads one epoch of the trainin
 pages split between them, so nothing counts twice). Prints one line per figure.
 
 Run: ``.venv/bin/python benchmarks/loader_throughput.py [--n-cells 200000] [--train] [--readers]``
-(``SCHCE_BENCH_CELLS`` also sets the size; ``--train`` adds one epoch of MLP training on the dense store).
+(``SCHCE_BENCH_CELLS`` also sets the size; ``--train`` adds one epoch of MLP training on the dense store,
+``--train-compact`` on the compact store; ``--worker-sweep 0 1 2`` reads the compact store's training split with each
+number of workers: cells/s and peak memory with the workers).
 
 ``--readers`` adds, from one further process on the same stores, the reader comparison of ``_readers.py`` (plain
 pyarrow on the dense layout as the floor, schce on the dense layout, the compact layout as sparse batches, densified
@@ -104,6 +106,8 @@ def prepare(n_cells: int, n_genes: int, n_jobs: int = 2) -> tuple[Path, Path]:
 
 
 def measure(kind: str, dense: Path, compact: Path, batch_size: int, workers: int) -> dict:
+    if kind.startswith("compact-w"):  # the worker sweep: the compact store with that many workers
+        kind, workers = "compact", int(kind.removeprefix("compact-w"))
     """One epoch over the training split; runs in its own process."""
     import torch
 
@@ -134,14 +138,14 @@ def measure(kind: str, dense: Path, compact: Path, batch_size: int, workers: int
     return {"cells": n, "seconds": elapsed, "peak_rss": rss.peak, "peak_tree": rss.peak_tree}
 
 
-def train(dense: Path, batch_size: int, workers: int) -> dict:
-    """One epoch of the default MLP on the dense store, validation included."""
+def train(store: Path, batch_size: int, workers: int) -> dict:
+    """One epoch of the default MLP on a store, gene scaling and validation included."""
     import schce
     from schce.data import SCTabStoreDataModule
 
     with PeakRSS() as rss:
-        dm = SCTabStoreDataModule(dense, batch_size=batch_size, num_workers=workers)
-        model = schce.HCEClassifier.from_sctab_store(dense, backbone="mlp")
+        dm = SCTabStoreDataModule(store, batch_size=batch_size, num_workers=workers)
+        model = schce.HCEClassifier.from_sctab_store(store, backbone="mlp")
         t = time.perf_counter()
         model.train(datamodule=dm, max_epochs=1, seed=0, calibrate=False, enable_progress_bar=False)
         elapsed = time.perf_counter() - t
@@ -156,10 +160,14 @@ def compare_readers(dense: Path, compact: Path, args) -> dict:
     probe = _readers.write_probe(dense, CACHE / f"{dense.name}_csr_probe")
     out = {"readers": _readers.compare(dense, compact, probe, args.batch_size, args.rounds)}
     out["probe_bytes"] = _dir_size(probe)
-    out["bound"] = _readers.matmul_bound(args.batch_size, args.n_genes, 256, args.threads)
-    out["training"] = _readers.training_rates(
-        compact, args.batch_size, ["linear", "mlp", "tabnet"], args.train_batches, args.threads
-    )
+    out["store_bytes"] = {p.name: _dir_size(p / "train") for p in (compact, _readers.uncompressed(dense, compact))}
+    out["bound"], out["training"] = {}, {}
+    for threads in args.threads:
+        out["bound"][threads] = _readers.matmul_bound(args.batch_size, args.n_genes, 256, threads)
+        backbones = ["linear", "mlp", "tabnet"] if threads == args.threads[-1] else ["mlp"]
+        out["training"][threads] = _readers.training_rates(
+            compact, args.batch_size, backbones, args.train_batches, threads
+        )
     return out
 
 
@@ -175,18 +183,26 @@ def print_readers(out: dict, args) -> None:
             f"  {name}: {rate:,.0f} cells/s ({rate / floor:.2f}x floor, {rate / probe:.2f}x CSR probe, "
             f"{rate / fresh:.2f}x compact fresh dense), {per_cpu:,.0f} cells per CPU-second"
         )
-    print(f"  CSR probe on disk: {out['probe_bytes'] / 2**30:.2f} GiB")
-    gflops, bound = out["bound"]
+    shuffled = readers["CSR probe, shuffled as schce"][0]
+    ours = readers["schce compact, sparse"][0]
     print(
-        f"first-layer matmul bound ({args.batch_size} x {args.n_genes} @ {args.n_genes} x 256, "
-        f"{args.threads} threads): "
-        f"{gflops:.1f} GFLOP/s -> {bound:,.0f} training cells/s (forward + weight gradient)"
+        f"  schce compact sparse vs the CSR probe read like for like (same batches): {ours / shuffled:.2f}x; "
+        f"vs the probe read in store order: {ours / probe:.2f}x"
     )
-    for name, (rate, share) in out["training"].items():
+    print(f"  CSR probe on disk: {out['probe_bytes'] / 2**30:.2f} GiB")
+    for name, size in out["store_bytes"].items():
+        print(f"  {name} training parts on disk: {size / 2**30:.2f} GiB")
+    for threads, (gflops, bound) in out["bound"].items():
         print(
-            f"training {name} (compact store, sparse batches, {args.threads} threads): {rate:,.0f} cells/s, "
-            f"loader {100 * share:.0f}% of the time, {100 * rate / bound:.0f}% of the first-layer bound"
+            f"first-layer matmul bound ({args.batch_size} x {args.n_genes} @ {args.n_genes} x 256, "
+            f"{threads} threads): {gflops:.1f} GFLOP/s -> {bound:,.0f} training cells/s (the first layer's forward "
+            "and backward matmuls: the product and the weight gradient; its input needs no gradient)"
         )
+        for name, (rate, share) in out["training"][threads].items():
+            print(
+                f"training {name} (compact store, sparse batches, {threads} threads): {rate:,.0f} cells/s, "
+                f"loader {100 * share:.0f}% of the time, {100 * rate / bound:.0f}% of the first-layer bound"
+            )
 
 
 def main() -> None:
@@ -196,18 +212,26 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--train", action="store_true", help="also time one epoch of MLP training (dense store)")
+    parser.add_argument("--train-compact", action="store_true", help="also time one MLP epoch on the compact store")
+    parser.add_argument(
+        "--worker-sweep", type=int, nargs="*", default=None, help="read the compact store with these worker counts"
+    )
     parser.add_argument("--prepare-only", action="store_true", help="only build the cached stores")
     parser.add_argument("--readers", action="store_true", help="also compare the readers, training and matmul bound")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the reader comparison")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for training and the matmul bound")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[2], help="torch threads for training and the matmul bound (each)"
+    )
     parser.add_argument("--train-batches", type=int, default=8, help="timed training batches per backbone")
-    parser.add_argument("--skip-epochs", action="store_true", help="skip the per-format epochs with workers")
+    parser.add_argument(
+        "--skip-epochs", action="store_true", help="skip the per-format read epochs with workers (not --train)"
+    )
     parser.add_argument("--_measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     dense, compact = prepare(args.n_cells, args.n_genes, args.workers)
     if args._measure:
-        if args._measure == "train":
-            out = train(dense, args.batch_size, args.workers)
+        if args._measure in ("train", "train-compact"):
+            out = train(dense if args._measure == "train" else compact, args.batch_size, args.workers)
         elif args._measure == "readers":
             out = compare_readers(dense, compact, args)
         else:
@@ -220,7 +244,7 @@ def main() -> None:
     def child(kind: str) -> dict:
         cmd = [sys.executable, __file__, "--_measure", kind, "--n-cells", str(args.n_cells)]
         cmd += ["--n-genes", str(args.n_genes), "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
-        cmd += ["--rounds", str(args.rounds), "--threads", str(args.threads)]
+        cmd += ["--rounds", str(args.rounds), "--threads", *map(str, args.threads)]
         cmd += ["--train-batches", str(args.train_batches)]
         res = subprocess.run(cmd, check=True, capture_output=True, text=True)
         return json.loads(res.stdout.strip().splitlines()[-1])
@@ -228,6 +252,27 @@ def main() -> None:
     gib = 2**30
     if args.readers:
         print_readers(child("readers"), args)
+    for w in args.worker_sweep or []:
+        r = child(f"compact-w{w}")
+        print(
+            f"compact store, {w} workers: {r['cells'] / r['seconds']:,.0f} cells/s ({r['cells']:,} cells), "
+            f"peak {r['peak_tree'] / gib:.2f} GiB with workers ({r['peak_rss'] / gib:.2f} GiB main process)"
+        )
+    if args.train_compact:
+        r = child("train-compact")
+        print(
+            f"one MLP training epoch (compact store, {args.workers} workers): "
+            f"{r['cells'] / r['seconds']:,.0f} cells/s, {r['seconds']:.0f} s; "
+            f"peak RSS {r['peak_rss'] / gib:.2f} GiB (main process), "
+            f"{r['peak_tree'] / gib:.2f} GiB with workers"
+        )
+    if args.train:
+        r = child("train")
+        print(f"one MLP training epoch (dense store): {r['cells'] / r['seconds']:,.0f} cells/s, {r['seconds']:.0f} s")
+        print(
+            f"one MLP training epoch (dense store): peak RSS {r['peak_rss'] / gib:.2f} GiB (main process), "
+            f"{r['peak_tree'] / gib:.2f} GiB with workers (check: < 4 GiB)"
+        )
     if args.skip_epochs:
         return
     results = {}
@@ -249,13 +294,6 @@ def main() -> None:
         results["dense"]["cells"] / results["dense"]["seconds"]
     )
     print(f"compact vs dense: {speed:.1f}x faster to read")
-    if args.train:
-        r = child("train")
-        print(f"one MLP training epoch (dense store): {r['cells'] / r['seconds']:,.0f} cells/s, {r['seconds']:.0f} s")
-        print(
-            f"one MLP training epoch (dense store): peak RSS {r['peak_rss'] / gib:.2f} GiB (main process), "
-            f"{r['peak_tree'] / gib:.2f} GiB with workers (check: < 4 GiB)"
-        )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,12 @@ from schce._output import CHUNK_CELLS, SPARSE_SCORE_MIN, SPARSE_TOP, PredictionA
 from schce.data._augmentation import augment, published_augmentation_candidates
 from schce.data._loader import EpochBatchSampler, group_split, make_loader, split_cells
 from schce.data._protocol import datamodule_class_weights
+from schce.data.sctab import _kernels as store_kernels
 from schce.data.sctab._format import (
     _dense_values,
+    decode_cells,
+    decode_cells_numpy,
+    encode_cells,
     label_usage,
     read_part_metadata,
     split_parts,
@@ -33,6 +37,7 @@ from schce.nn._sparse_mappings import entmax15, sparsemax
 from schce.nn._tabnet import GhostBatchNorm
 from schce.train._callbacks import HistoryRecorder, TrainingProgress
 from schce.train._config import DEFAULT_BACKBONE_KWARGS, TrainConfig
+from schce.train._plan import adamw
 from schce.train._recipe import LBFGS_MAX_VALUES, PAPER_MONITOR, RECIPES, matmul_precision, resolve_optimizer
 
 __all__ = [
@@ -57,8 +62,12 @@ __all__ = [
     "TrainConfig",
     "TrainingProgress",
     "_dense_values",
+    "adamw",
     "augment",
     "datamodule_class_weights",
+    "decode_cells",
+    "decode_cells_numpy",
+    "encode_cells",
     "entmax15",
     "gene_moments",
     "group_split",
@@ -75,6 +84,7 @@ __all__ = [
     "sparsemax",
     "split_cells",
     "split_parts",
+    "store_kernels",
     "store_layout",
     "store_setup",
     "varint_decode",

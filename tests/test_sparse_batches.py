@@ -112,6 +112,30 @@ def test_densifier_reuses_one_zeroed_buffer():
     assert densifier(kept) is dense  # dense batches pass through
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_densifier_compiled_scatter_matches_numpy_and_checks_indices(dtype):
+    """The CPU scatter (compiled for float32/64, numpy for other types) writes every entry; the compiled one checks
+    the gene indices (numpy's flat scatter would write an index past the row into the next row)."""
+    m = sp.random(300, 500, density=0.1, format="csr", random_state=0, dtype=np.float64)
+    m.data = np.round(m.data * 100)  # exact in float16 too
+    m.data[m.indptr[7] : m.indptr[8]] = 0  # an empty row
+    m.eliminate_zeros()
+    batch = {
+        "x_indptr": torch.as_tensor(m.indptr, dtype=torch.int64),
+        "x_indices": torch.as_tensor(m.indices, dtype=torch.int32),
+        "x_values": torch.as_tensor(m.data).to(dtype),
+        "x_shape": m.shape,
+    }
+    got = Densifier()(batch)
+    torch.testing.assert_close(got, torch.as_tensor(m.toarray(), dtype=torch.float32), rtol=0, atol=0)
+    if dtype == torch.float16:
+        return
+    bad = {**batch, "x_indices": batch["x_indices"].clone()}
+    bad["x_indices"][5] = 500
+    with pytest.raises(IndexError):
+        Densifier()(bad)
+
+
 def test_gene_moments_from_sparse_values_match_the_dense_pass():
     X = sp.random(300, 40, density=0.15, format="csr", random_state=2, dtype=np.float32) * 20
     X[5] = 0  # a cell with no counts
@@ -139,6 +163,29 @@ def test_in_place_preprocessing_equals_the_plain_forward():
     leaf = x.clone().requires_grad_(True)
     module(leaf, inplace=True)
     torch.testing.assert_close(leaf.detach(), x, rtol=0, atol=0)
+
+
+def test_in_place_input_dropout_trains_the_same_function():
+    """The MLP's input dropout in the batch buffer: the same mask, values, logits and gradients as out of place."""
+    x = torch.poisson(torch.rand(64, 40) * 5)
+    runs = []
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        module = HCEModule(MLP(40, 3, n_hidden=16, n_layers=2, dropout=0.2, input_dropout=0.3)).train()
+        module.set_input_scaling(torch.rand(40), torch.rand(40) + 0.1)
+        torch.manual_seed(1)
+        logits, h = module(x.clone(), inplace=inplace)
+        logits.logsumexp(1).sum().backward()
+        runs.append([logits, h, *(p.grad for p in module.parameters())])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    layer = MLP(40, 3, input_dropout=0.3).input_dropout.train()
+    buffer = x.clone()
+    torch.manual_seed(2)
+    want = layer(x)
+    torch.manual_seed(2)
+    assert layer(buffer, inplace=True) is buffer
+    torch.testing.assert_close(buffer, want, rtol=0, atol=0)
 
 
 def test_input_dropout_rate_scale_and_seeded_repeatability():

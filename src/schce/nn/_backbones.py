@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from schce.nn import _kernels
 from schce.nn._tabnet import TabNet
 
 
@@ -50,16 +52,30 @@ class InputDropout(nn.Module):
         self.p = float(p)
         self.threshold = round(self.p * 2**16)  # values whose 16-bit draw is below this are dropped
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``x`` with dropped genes zeroed and the rest scaled; ``inplace`` overwrites ``x`` (a buffer of the caller's).
+
+        In place, the same mask and values come without the two ``(B, n_genes)`` temporaries of the out-of-place
+        form (at 2048 × 19,331 genes, 300 MB of fresh pages per step).
+        """
         if not self.training or self.threshold == 0:
             return x
         if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
+            return F.dropout(x, self.p, training=True, inplace=inplace)
         n = x.numel()
         words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
         draws = words.view(torch.int16)[:n].view(x.shape)  # uniform over [-2**15, 2**15)
-        keep = draws >= self.threshold - 2**15
-        return torch.where(keep, x * (2**16 / (2**16 - self.threshold)), 0.0)
+        scale = 2**16 / (2**16 - self.threshold)
+        if inplace:
+            kernel = _kernels.dropout() if x.dtype == torch.float32 and x.is_contiguous() else None
+            if kernel is None:
+                return x.masked_fill_(draws < self.threshold - 2**15, 0.0).mul_(scale)
+            # One pass instead of a mask, a fill and a scale (three quarters of the in-place dropout's time).
+            kernel(
+                x.numpy().reshape(-1), draws.numpy().reshape(-1), np.int16(self.threshold - 2**15), np.float32(scale)
+            )
+            return x
+        return torch.where(draws >= self.threshold - 2**15, x * scale, 0.0)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -110,14 +126,17 @@ class MLP(nn.Module):
         self.linear = nn.Linear(n_hidden, n_labels)
         self.input_dropout = InputDropout(input_dropout)
 
+    #: :meth:`embed` may overwrite its input when asked (``inplace=True``, see :class:`~schce.nn.HCEModule`).
+    embeds_inplace = True
+
     @property
     def n_latent(self) -> int:
         """Width of :meth:`embed`'s output."""
         return self.linear.in_features
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, n_input) -> (B, n_hidden)`` penultimate-layer embedding."""
-        return self.encoder(self.input_dropout(x))
+    def embed(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``(B, n_input) -> (B, n_hidden)`` embedding; ``inplace``: the input dropout overwrites ``x``."""
+        return self.encoder(self.input_dropout(x, inplace=inplace))
 
     def classify(self, h: torch.Tensor) -> torch.Tensor:
         """``(B, n_hidden) -> (B, n_labels)`` logits."""

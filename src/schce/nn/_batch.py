@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from schce.nn import _kernels
+
 #: Keys of a sparse batch's expression.
 SPARSE_KEYS = ("x_indptr", "x_indices", "x_values", "x_shape")
 #: What loaders yield: ``"sparse"`` (CSR parts), ``"dense"`` (``"x"``) or ``"auto"`` (sparse where it is faster).
@@ -78,7 +80,13 @@ class Densifier:
         device = torch.device(device) if device is not None else batch["x_values"].device
         indptr, indices, values = (batch[k].to(device, non_blocking=True) for k in SPARSE_KEYS[:3])
         out = self.buffer(n, n_genes, device)
-        if device.type == "cpu":  # numpy's repeat and scatter: a third of the CPU time of the torch ops here
+        if device.type == "cpu":
+            scatter = _kernels.scatter() if values.dtype in (torch.float32, torch.float64) else None
+            if scatter is not None:  # one compiled pass, no index arrays: half numpy's time
+                if not scatter(indptr.numpy(), indices.numpy(), values.numpy(), out.numpy()):
+                    raise IndexError(f"A sparse batch holds gene indices outside [0, {n_genes}) or a bad indptr.")
+                return out
+            # numpy's repeat and scatter: a third of the CPU time of the torch ops here
             flat = np.repeat(np.arange(n, dtype=np.int64) * n_genes, np.diff(indptr.numpy()))
             flat += indices.numpy()
             out.numpy().reshape(-1)[flat] = values.numpy()

@@ -147,11 +147,16 @@ class HCEModule(nn.Module):
         normalize
             Whether to apply :func:`normalize_counts` first (before the standardisation, when set).
         inplace
-            Preprocess ``x`` in place (:meth:`prepare`); for batch buffers the caller does not keep.
+            Preprocess ``x`` in place (:meth:`prepare`, and the MLP's input dropout); for batch buffers the caller
+            does not keep.
 
         Returns
         -------
         ``(logits (B, n_labels), embedding (B, n_latent))``.
         """
-        h = self.classifier.embed(self.prepare(x, normalize, inplace))
+        x = self.prepare(x, normalize, inplace)
+        if inplace and not x.requires_grad and getattr(self.classifier, "embeds_inplace", False):
+            h = self.classifier.embed(x, inplace=True)  # the MLP's input dropout, in the same buffer
+        else:
+            h = self.classifier.embed(x)
         return self.classifier.classify(h), h

@@ -20,6 +20,20 @@ from schce.metrics import code_scores, paper_report
 from schce.nn._batch import Densifier, is_sparse
 from schce.nn._module import normalize_counts
 
+
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, with torch's fused kernel when every parameter is on the CPU.
+
+    The default CPU AdamW updates tensor by tensor in several elementwise passes; the fused kernel makes one (on the
+    default MLP's 5 M parameters about 2x faster on 2 shared cores; the same update to float32 rounding, see
+    ``tests/test_training_pieces.py``). Elsewhere torch's default (``foreach`` on CUDA) stays: a fused optimizer
+    unscales gradients itself, which Lightning's mixed-precision gradient clipping refuses.
+    """
+    params = list(params)
+    fused = bool(params) and all(p.device.type == "cpu" and p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True if fused else None)
+
+
 # Terms that can be added to the task loss, computed on the penultimate embedding.
 AUXILIARY = ("adversarial", "batch_mixing", "ecs")
 #: Optimisers: AdamW on mini-batches (any backbone, any data size) and full-batch L-BFGS (the linear backbone on
@@ -252,6 +266,6 @@ class HCETrainingPlan(pl.LightningModule):
                 tolerance_change=1e-9,
             )
         # self.parameters(): the classifier and, when on, the batch discriminator.
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = adamw(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=self.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -256,7 +256,24 @@ def encode_cells(x: np.ndarray, rank: np.ndarray, coding: str) -> tuple[pa.Binar
 def decode_cells(
     indices: pa.ChunkedArray, values: pa.ChunkedArray, gene_order: np.ndarray, coding: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Inverse of :func:`encode_cells`: per-cell offsets, gene indices (int32) and values of the rows."""
+    """Inverse of :func:`encode_cells`: per-cell offsets, gene indices (int32) and values of the rows.
+
+    One compiled pass (:func:`~schce.data.sctab._kernels.decode_cells_compiled`) where numba imports, else the
+    numpy passes of :func:`decode_cells_numpy` (the reference).
+    """
+    from schce.data.sctab import _kernels
+
+    if not _kernels.AVAILABLE:
+        return decode_cells_numpy(indices, values, gene_order, coding)
+    cell_bytes, code_bytes = _binary_parts(indices)
+    _, value_bytes = _binary_parts(values)
+    return _kernels.decode_cells_compiled(cell_bytes, code_bytes, value_bytes, gene_order, coding)
+
+
+def decode_cells_numpy(
+    indices: pa.ChunkedArray, values: pa.ChunkedArray, gene_order: np.ndarray, coding: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`decode_cells` in whole-array numpy passes (the reference of the compiled decoder)."""
     cell_bytes, code_bytes = _binary_parts(indices)
     # int32 suffices: a code is at most 2 * n_genes + 1.
     codes, more_bytes = varint_decode(code_bytes, np.int32)
@@ -276,7 +293,7 @@ def decode_cells(
         if len(rest) != above_one.sum():
             raise ValueError("A compact part's values do not match its indices; the store is damaged.")
         out = np.ones(len(genes), dtype=np.float32)
-        np.place(out, above_one, (rest + 2).astype(np.float32))
+        out[above_one] = rest + 2
     else:
         out = value_bytes.view(coding)
         if len(out) != len(genes):

@@ -10,6 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from anndata import AnnData
 
+from schce.data.sctab import _kernels
 from schce.data.sctab._format import (
     CODE_COLUMNS,
     _dense_values,
@@ -47,6 +48,9 @@ class _Block:
         if self.dense is not None:
             out[dest] = self.dense[rows]
             return
+        if _kernels.AVAILABLE:  # one pass over the rows' entries, no position arrays
+            _kernels.scatter_rows(self.offsets, self.indices, self.values, rows, dest, out)
+            return
         pos, lens = self._csr_positions(rows)
         flat = np.repeat(dest.astype(np.int64) * self.n_genes, lens) + self.indices[pos]
         out.reshape(-1)[flat] = self.values[pos]
@@ -65,6 +69,9 @@ class _Block:
             lens = np.bincount(r, minlength=len(rows))
             out = np.arange(len(r)) + np.repeat(indptr[dest] - (np.cumsum(lens) - lens), lens)
             indices[out], values[out] = c, sub[r, c]
+            return
+        if _kernels.AVAILABLE:
+            _kernels.gather_rows(self.offsets, self.indices, self.values, rows, dest, indptr, indices, values)
             return
         pos, lens = self._csr_positions(rows)
         out = np.arange(len(pos)) + np.repeat(indptr[dest] - (np.cumsum(lens) - lens), lens)

@@ -1,0 +1,88 @@
+"""The compiled loops of the compact store (decoding, gathering, scattering) against their numpy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from _private import decode_cells, decode_cells_numpy, encode_cells, store_kernels
+
+pytestmark = pytest.mark.skipif(not store_kernels.AVAILABLE, reason="numba is not importable")
+
+N_GENES = 700
+
+
+def _cells(coding: str, seed: int = 0) -> np.ndarray:
+    """Cells with empty rows, a full row, counts needing 1 to 5 varint bytes and ranks needing 2 bytes."""
+    rng = np.random.default_rng(seed)
+    x = (rng.random((60, N_GENES)) < 0.1) * rng.integers(1, 4, (60, N_GENES))
+    x[0] = 0
+    x[1] = np.arange(1, N_GENES + 1)
+    x[2, [0, 5, N_GENES - 1]] = [2**14, 2**24, 2**31]
+    x[3, N_GENES - 1] = 1  # a lone gene at the end: a two-byte gap
+    x = x.astype(np.float32)
+    if coding != "count":
+        x = np.log1p(x) * 0.7
+    return x
+
+
+@pytest.mark.parametrize("coding", ["count", "float16", "float32"])
+def test_compiled_decoder_matches_numpy_and_the_cells(coding):
+    x = _cells(coding)
+    rank = np.random.default_rng(1).permutation(N_GENES)
+    order = np.argsort(rank).astype(np.uint16)  # the part's gene order: gene of each rank
+    indices, values, nnz = encode_cells(x, rank, coding)
+    ind, val = pa.chunked_array([indices]), pa.chunked_array([values])
+    fast, ref = decode_cells(ind, val, order, coding), decode_cells_numpy(ind, val, order, coding)
+    assert fast[1].dtype == np.int32 and fast[2].dtype == np.float32 and len(fast[1]) == nnz
+    for a, b in zip(fast, ref, strict=True):
+        np.testing.assert_array_equal(a, b.astype(a.dtype))
+    offsets, genes, vals = fast
+    back = np.zeros_like(x)
+    rows = np.repeat(np.arange(len(x)), np.diff(offsets))
+    back[rows, genes] = vals
+    expect = x if coding != "float16" else x.astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(back, expect)
+
+
+def test_compiled_decoder_rejects_damaged_parts():
+    x = _cells("count")
+    rank = np.arange(N_GENES)
+    indices, values, _ = encode_cells(x, rank, "count")
+    order = np.arange(N_GENES, dtype=np.uint16)
+    ind = pa.chunked_array([indices])
+    with pytest.raises(ValueError, match="values do not match"):
+        decode_cells(ind, pa.chunked_array([values.slice(0, len(values) - 1)]), order, "count")
+    with pytest.raises(ValueError, match="beyond its gene order"):
+        decode_cells(ind, pa.chunked_array([values]), order[: N_GENES // 2], "count")
+    # A cell whose last byte announces another one: the number runs past the cell's bytes into the next cell, and
+    # the last cell's past the data.
+    data = np.frombuffer(indices.buffers()[2], dtype=np.uint8).copy()
+    data[-1] |= 128
+    offsets = np.frombuffer(indices.buffers()[1], dtype=np.int32)[: len(indices) + 1]
+    bad = pa.BinaryArray.from_buffers(pa.binary(), len(indices), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    with pytest.raises(ValueError, match="Truncated|damaged"):
+        decode_cells(pa.chunked_array([bad]), pa.chunked_array([values]), order, "count")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16])  # decoded, the probe's, format 1's counts
+def test_gather_and_scatter_rows_match_fancy_indexing(dtype):
+    rng = np.random.default_rng(2)
+    x = np.minimum(_cells("count", seed=3), 60_000)
+    offsets = np.concatenate([[0], np.cumsum((x != 0).sum(1))]).astype(np.int64)
+    r, c = np.nonzero(x)
+    indices, values = c.astype(np.uint16), x[r, c].astype(dtype)
+    rows = rng.permutation(len(x))[:40]
+    dest = rng.permutation(40)
+    lens = np.zeros(40, dtype=np.int64)
+    lens[dest] = np.diff(offsets)[rows]
+    indptr = np.concatenate([[0], np.cumsum(lens)])
+    out_i, out_v = np.full(indptr[-1], -1, np.int32), np.full(indptr[-1], np.nan, np.float32)
+    store_kernels.gather_rows(offsets, indices, values, rows, dest, indptr, out_i, out_v)
+    for j, row in zip(dest, rows, strict=True):
+        lo, hi = offsets[row], offsets[row + 1]
+        np.testing.assert_array_equal(out_i[indptr[j] : indptr[j + 1]], indices[lo:hi])
+        np.testing.assert_array_equal(out_v[indptr[j] : indptr[j + 1]], values[lo:hi].astype(np.float32))
+    out = np.zeros((40, N_GENES), dtype=np.float32)
+    store_kernels.scatter_rows(offsets, indices, values, rows, dest, out)
+    np.testing.assert_array_equal(out[dest], x[rows].astype(dtype).astype(np.float32))
