@@ -57,6 +57,13 @@ def test_cpu_adamw_is_fused_and_takes_the_default_steps():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_adamw_is_not_fused_under_mixed_precision():
+    """Lightning's mixed-precision gradient clipping refuses an optimizer that unscales itself (a fused one)."""
+    layer = torch.nn.Linear(4, 2)
+    assert adamw(layer.parameters(), lr=1e-3, weight_decay=0.0, mixed_precision=True).param_groups[0]["fused"] is None
+    assert adamw(layer.parameters(), lr=1e-3, weight_decay=0.0).param_groups[0]["fused"] is True
+
+
 def test_adamw_is_always_allowed_and_lbfgs_explains_every_obstacle():
     assert resolve_optimizer("adamw", **{**LINEAR_IN_MEMORY, "backbone": "tabnet", "n_values": None}) == "adamw"
     assert resolve_optimizer("lbfgs", **LINEAR_IN_MEMORY) == "lbfgs"
