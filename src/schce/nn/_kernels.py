@@ -12,12 +12,35 @@ from __future__ import annotations
 _KERNELS: dict = {}
 
 
-def _numba():
-    try:
-        import numba
-    except ImportError:  # pragma: no cover - numba comes with scanpy
-        return None
-    return numba
+def _scatter(indptr, indices, values, out):  # pragma: no cover - compiled
+    n_genes, n_values = out.shape[1], len(values)
+    for i in range(len(indptr) - 1):
+        if indptr[i] < 0 or indptr[i + 1] > n_values:
+            return False
+        for j in range(indptr[i], indptr[i + 1]):
+            g = indices[j]
+            if g < 0 or g >= n_genes:
+                return False
+            out[i, g] = values[j]
+    return True
+
+
+def _dropout(x, draws, threshold, scale):  # pragma: no cover - compiled
+    for i in range(len(x)):
+        x[i] = x[i] * scale if draws[i] >= threshold else 0.0
+
+
+def _compiled(loop):
+    """``loop`` as a numba function (compiled once, at its first call, or loaded from the cache); None without numba."""
+    name = loop.__name__
+    if name not in _KERNELS:
+        try:
+            import numba
+        except ImportError:  # pragma: no cover - numba comes with scanpy
+            _KERNELS[name] = None
+        else:
+            _KERNELS[name] = numba.njit(cache=True, nogil=True, boundscheck=False)(loop)
+    return _KERNELS[name]
 
 
 def scatter():
@@ -25,27 +48,7 @@ def scatter():
 
     Returns False (having written part of ``out``) when a gene index or ``indptr`` is out of range.
     """
-    if "scatter" not in _KERNELS:
-        numba = _numba()
-        if numba is None:  # pragma: no cover
-            _KERNELS["scatter"] = None
-        else:
-
-            @numba.njit(cache=True, nogil=True, boundscheck=False)
-            def kernel(indptr, indices, values, out):  # pragma: no cover - compiled
-                n_genes, n_values = out.shape[1], len(values)
-                for i in range(len(indptr) - 1):
-                    if indptr[i] < 0 or indptr[i + 1] > n_values:
-                        return False
-                    for j in range(indptr[i], indptr[i + 1]):
-                        g = indices[j]
-                        if g < 0 or g >= n_genes:
-                            return False
-                        out[i, g] = values[j]
-                return True
-
-            _KERNELS["scatter"] = kernel
-    return _KERNELS["scatter"]
+    return _compiled(_scatter)
 
 
 def dropout():
@@ -54,16 +57,4 @@ def dropout():
     ``x[i] = 0`` where ``draws[i] < threshold``, else ``x[i] * scale`` (float32 arithmetic, as torch's
     ``masked_fill_`` then ``mul_``).
     """
-    if "dropout" not in _KERNELS:
-        numba = _numba()
-        if numba is None:  # pragma: no cover
-            _KERNELS["dropout"] = None
-        else:
-
-            @numba.njit(cache=True, nogil=True, boundscheck=False)
-            def kernel(x, draws, threshold, scale):  # pragma: no cover - compiled
-                for i in range(len(x)):
-                    x[i] = x[i] * scale if draws[i] >= threshold else 0.0
-
-            _KERNELS["dropout"] = kernel
-    return _KERNELS["dropout"]
+    return _compiled(_dropout)
