@@ -77,6 +77,16 @@ class _Block:
         out = np.arange(len(pos)) + np.repeat(indptr[dest] - (np.cumsum(lens) - lens), lens)
         indices[out], values[out] = self.indices[pos], self.values[pos]
 
+    def take(self, rows: np.ndarray) -> _Block:
+        """A new block of only ``rows`` (in that order), copied, so that it holds no reference to this one's memory."""
+        table = self.table.take(rows)
+        if self.dense is not None:
+            return _Block(table, self.n_genes, dense=self.dense[rows])
+        pos, lens = self._csr_positions(rows)
+        offsets = np.zeros(len(rows) + 1, dtype=self.offsets.dtype)
+        np.cumsum(lens, out=offsets[1:])
+        return _Block(table, self.n_genes, offsets=offsets, indices=self.indices[pos], values=self.values[pos])
+
     def to_csr(self, n: int):
         import scipy.sparse as sp
 
