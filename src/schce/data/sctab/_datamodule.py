@@ -17,7 +17,15 @@ from schce._constants import SCALING_SAMPLE
 from schce._memory import release_free_memory
 from schce.data._loader import EpochLoader
 from schce.data._protocol import check_batch_size, check_split, check_streaming_options
-from schce.data.sctab._format import CODE_COLUMNS, label_usage, read_lookup, read_var, split_parts, store_layout
+from schce.data.sctab._format import (
+    CODE_COLUMNS,
+    label_usage,
+    part_codec,
+    read_lookup,
+    read_var,
+    split_parts,
+    store_layout,
+)
 from schce.data.sctab._read import _Block, _read_block
 from schce.nn._batch import check_batch_format, csr_batch
 
@@ -68,7 +76,7 @@ class StoreDataset(IterableDataset):
         check_batch_format(batch_format)
         # Sparse batches where they are the faster read: the compact layout stores CSR rows already.
         self.sparse = batch_format == "sparse" or (batch_format == "auto" and self.layout != "dense")
-        self.n_genes = len(read_var(path))
+        self.n_genes = pq.read_metadata(Path(path) / "var.parquet").num_rows  # the rows of read_var, not read
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.buffer_size, self.sub_sample_frac, self.batch_column = buffer_size, sub_sample_frac, batch_column
         self.num_workers, self.shard_ranks, self.even_batches = num_workers, shard_ranks, even_batches
@@ -156,15 +164,18 @@ class StoreDataset(IterableDataset):
         units = self.shard(rank, world, worker, n_workers, epoch)
         cap = self._worker_batches(rank, world, worker, n_workers, epoch)
         rng = np.random.default_rng([self.seed, epoch, rank, worker])
-        files: dict[str, pq.ParquetFile] = {}
+        files: dict[str, tuple] = {}  # an open part and its codec, read once
         pending: list[tuple[_Block, np.ndarray]] = []
         emitted = 0
         try:
             for start in range(0, len(units), self.buffer_size):
                 for u in units[start : start + self.buffer_size]:
                     file, group, _ = self.units[u]
-                    pf = files.setdefault(file, pq.ParquetFile(file))
-                    block = _read_block(pf, group, self.layout, self.n_genes, self._columns())
+                    if file not in files:
+                        pf = pq.ParquetFile(file)
+                        files[file] = pf, part_codec(pf) if self.layout != "dense" else None
+                    pf, codec = files[file]
+                    block = _read_block(pf, group, self.layout, self.n_genes, self._columns(), codec)
                     pending.append((block, np.arange(len(block))))
                 ids = np.concatenate([np.full(len(r), k) for k, (_, r) in enumerate(pending)])
                 rows = np.concatenate([r for _, r in pending])
