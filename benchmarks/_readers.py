@@ -17,7 +17,9 @@ Readers of one epoch of the training split (batch ``--batch-size``, no workers, 
   time, rows shuffled across them): the same batches as the schce reader (checked), so the like-for-like peer.
 
 Each reader's wall-clock and CPU time (this process) are taken per round; rounds interleave the readers so a
-shared machine's load hits them alike, and the median round is reported.
+shared machine's load hits them alike, and the median round is reported. :func:`head_to_head` then times the compact
+readers and the like-for-like probe alone, back to back with the order rotated each round, and reports each round's
+ratio to the probe (median and range): the like-for-like figure.
 """
 
 from __future__ import annotations
@@ -240,6 +242,40 @@ def compare(dense: Path, compact: Path, probe: Path, batch_size: int, rounds: in
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             timings[name].append((n / wall, n / max(cpu, 1e-9)))
     return {k: (statistics.median(r for r, _ in v), statistics.median(c for _, c in v)) for k, v in timings.items()}
+
+
+#: The like-for-like trio of :func:`head_to_head`: the probe last, as the reference.
+PAIRED = ("schce compact, sparse", "schce compact, uncompressed parts, sparse", "CSR probe, shuffled as schce")
+
+
+def head_to_head(dense: Path, compact: Path, probe: Path, batch_size: int, rounds: int) -> dict:
+    """The compact readers and the like-for-like probe alone, back to back, the order rotated every round.
+
+    In the interleaved rounds of :func:`compare` each reader follows another one (the dense readers allocate
+    158 MB batches, the probe in store order the probe's sizes), which leaves the allocator and the caches in
+    different states for the two like-for-like readers. Here only these readers alternate, each first in turn, and
+    every round gives each reader's rate over the probe's of the same round: ``name -> (median, min, max)`` of
+    those ratios, in cells/s and in cells per CPU-second.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    funcs = readers(dense, compact, probe, batch_size)
+    ratios: dict[str, list[tuple[float, float]]] = {k: [] for k in PAIRED[:-1]}
+    for r in range(rounds):
+        rates = {}
+        for name in PAIRED[r % len(PAIRED) :] + PAIRED[: r % len(PAIRED)]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            n = sum(_rows(b) for b in funcs[name]())
+            rates[name] = (n / (time.perf_counter() - wall), n / max(time.process_time() - cpu, 1e-9))
+        ref = rates[PAIRED[-1]]
+        for name in ratios:
+            ratios[name].append((rates[name][0] / ref[0], rates[name][1] / ref[1]))
+    out = {}
+    for name, v in ratios.items():
+        wall, cpu = [w for w, _ in v], [c for _, c in v]
+        out[name] = [(statistics.median(x), min(x), max(x)) for x in (wall, cpu)]
+    return out
 
 
 def matmul_bound(batch_size: int, n_genes: int, n_hidden: int, threads: int) -> tuple[float, float]:
