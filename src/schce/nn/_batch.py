@@ -26,13 +26,17 @@ def check_batch_format(batch_format: str) -> str:
     return batch_format
 
 
-def csr_batch(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, n_genes: int) -> dict:
-    """The expression keys of a sparse batch from CSR parts (copied to the dtypes of the format where needed)."""
-    indptr = np.asarray(indptr, dtype=np.int64)
+def csr_batch(indptr, indices, values, n_genes: int) -> dict:
+    """The expression keys of a sparse batch from CSR parts, numpy arrays or tensors.
+
+    Parts already of the format's dtypes are used as they are (a tensor keeps its storage, e.g. shared memory);
+    others are copied to them.
+    """
+    indptr = torch.as_tensor(indptr, dtype=torch.int64)
     return {
-        "x_indptr": torch.from_numpy(indptr),
-        "x_indices": torch.from_numpy(np.asarray(indices, dtype=np.int32)),
-        "x_values": torch.from_numpy(np.asarray(values, dtype=np.float32)),
+        "x_indptr": indptr,
+        "x_indices": torch.as_tensor(indices, dtype=torch.int32),
+        "x_values": torch.as_tensor(values, dtype=torch.float32),
         "x_shape": (len(indptr) - 1, int(n_genes)),
     }
 

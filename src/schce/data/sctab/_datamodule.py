@@ -36,11 +36,26 @@ def _new_batch(n: int, n_genes: int) -> torch.Tensor:
     """A zeroed float32 batch; in a DataLoader worker it is created in shared memory so it is not copied again."""
     if get_worker_info() is None:
         return torch.zeros((n, n_genes), dtype=torch.float32)
+    x = _shared(n * n_genes, torch.float32)  # new shared memory is zero-filled by the OS
+    return torch.zeros((n, n_genes), dtype=torch.float32) if x is None else x.view(n, n_genes)
+
+
+def _new_array(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised 1-d tensor; in a DataLoader worker in shared memory, so sending the batch does not copy it.
+
+    In this process it is numpy's (which asks for huge pages on large arrays: fewer page faults than torch.empty).
+    """
+    x = None if get_worker_info() is None else _shared(n, dtype)
+    return torch.from_numpy(np.empty(n, dtype=str(dtype).removeprefix("torch."))) if x is None else x
+
+
+def _shared(n: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """A tensor of ``n`` elements over new shared memory (``None`` where torch's private API to make one is missing)."""
     try:
-        storage = torch.UntypedStorage._new_shared(n * n_genes * 4)  # new shared memory is zero-filled by the OS
-    except (AttributeError, RuntimeError):  # a private torch API: fall back to a copy when sending the batch
-        return torch.zeros((n, n_genes), dtype=torch.float32)
-    return torch.tensor([], dtype=torch.float32).set_(storage).view(n, n_genes)
+        storage = torch.UntypedStorage._new_shared(max(n, 1) * dtype.itemsize)
+    except (AttributeError, RuntimeError):  # a private torch API: the batch is then copied when it is sent
+        return None
+    return torch.tensor([], dtype=dtype).set_(storage)[:n]
 
 
 class StoreDataset(IterableDataset):
@@ -231,10 +246,10 @@ class StoreDataset(IterableDataset):
             lens[dest] = block.row_lengths(rows[dest])
         indptr = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lens, out=indptr[1:])
-        indices = np.empty(indptr[-1], dtype=np.int32)
-        values = np.empty(indptr[-1], dtype=np.float32)
+        # Written in place: in a DataLoader worker these are in shared memory, which the batch is sent through.
+        indices, values = _new_array(int(indptr[-1]), torch.int32), _new_array(int(indptr[-1]), torch.float32)
         for dest, block in parts:
-            block.write_csr(rows[dest], indptr, dest, indices, values)
+            block.write_csr(rows[dest], indptr, dest, indices.numpy(), values.numpy())
         return csr_batch(indptr, indices, values, self.n_genes)
 
 
