@@ -10,7 +10,8 @@ Readers of one epoch of the training split (batch ``--batch-size``, no workers, 
 - ``schce compact, dense (fresh)``: ``batch_format="dense"``, a new dense batch per batch (the previous default),
   and the same with the numpy passes (the previous version's rate, the baseline of the dense-batch target);
 - ``schce compact, sparse (numpy loops)``: the same reader with numpy passes instead of the compiled loops
-  (``data/sctab/_kernels.py``): the previous version's reader, as a baseline in the same run;
+  (``data/sctab/_kernels.py``): the fallback without numba (each row group decoded whole, then the batch gathered),
+  as a baseline in the same run;
 - ``CSR probe``: written here: per part ``.npy`` shards of ``indptr`` (int64), ``indices`` (uint16) and ``values``
   (float16), read whole in store order and cut into CSR batches of int32 indices and float32 values;
 - ``CSR probe, shuffled as schce``: the same shards read in the schce reader's order (row groups permuted, 8 at a
@@ -80,8 +81,9 @@ def _probe_shuffled(probe: Path, batch_size: int, buffer_size: int = 8, seed: in
     """The CSR probe read as :class:`~schce.data.StoreDataset` reads a store: the same batches.
 
     Units of 1024 rows (the store's row groups) in the epoch's permuted order, ``buffer_size`` units at a time,
-    their rows shuffled with the reader's generator and gathered into CSR batches with the reader's compiled gather:
-    what is left between this and the schce reader is the storage format (parquet + varint codec vs raw arrays).
+    their rows shuffled with the reader's generator and gathered into CSR batches with the compiled gather of decoded
+    blocks (the schce reader decodes its rows straight into the batch instead): what is left between this and the
+    schce reader is the storage format (parquet + varint codec vs raw arrays).
     """
     import torch
 

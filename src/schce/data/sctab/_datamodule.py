@@ -287,7 +287,7 @@ class SCTabStoreDataModule(pl.LightningDataModule):
     batch_format
         ``"sparse"``: batches carry CSR parts (``x_indptr``, ``x_indices``, ``x_values``, ``x_shape``) that the model
         densifies on its device into a reused buffer; ``"dense"``: batches carry ``"x"``; ``"auto"`` (default):
-        sparse for the compact layout (its rows are CSR already: 2.9× the dense batches' rate in
+        sparse for the compact layout (its rows are CSR already: 4.7-5.2× the fresh dense batches' rate in
         ``benchmarks/loader_throughput.py``), dense for the published dense layout.
 
     Notes
