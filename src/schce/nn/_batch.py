@@ -32,13 +32,20 @@ def csr_batch(indptr, indices, values, n_genes: int) -> dict:
     Parts already of the format's dtypes are used as they are (a tensor keeps its storage, e.g. shared memory);
     others are copied to them.
     """
-    indptr = torch.as_tensor(indptr, dtype=torch.int64)
+    indptr = _part(indptr, torch.int64)
     return {
         "x_indptr": indptr,
-        "x_indices": torch.as_tensor(indices, dtype=torch.int32),
-        "x_values": torch.as_tensor(values, dtype=torch.float32),
+        "x_indices": _part(indices, torch.int32),
+        "x_values": _part(values, torch.float32),
         "x_shape": (len(indptr) - 1, int(n_genes)),
     }
+
+
+def _part(x, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor as it is when of ``dtype``, else converted; a numpy array through numpy (as it was before tensors)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype)
+    return torch.from_numpy(np.asarray(x, dtype=str(dtype).removeprefix("torch.")))
 
 
 def is_sparse(batch: dict) -> bool:
