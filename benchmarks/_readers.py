@@ -10,14 +10,17 @@ Readers of one epoch of the training split (batch ``--batch-size``, no workers, 
 - ``schce compact, dense (fresh)``: ``batch_format="dense"``, a new dense batch per batch (the previous default),
   and the same with the numpy passes (the previous version's rate, the baseline of the dense-batch target);
 - ``schce compact, sparse (numpy loops)``: the same reader with numpy passes instead of the compiled loops
-  (``data/sctab/_kernels.py``): the previous version's reader, as a baseline in the same run;
+  (``data/sctab/_kernels.py``): the fallback without numba (each row group decoded whole, then the batch gathered),
+  as a baseline in the same run;
 - ``CSR probe``: written here: per part ``.npy`` shards of ``indptr`` (int64), ``indices`` (uint16) and ``values``
   (float16), read whole in store order and cut into CSR batches of int32 indices and float32 values;
 - ``CSR probe, shuffled as schce``: the same shards read in the schce reader's order (row groups permuted, 8 at a
   time, rows shuffled across them): the same batches as the schce reader (checked), so the like-for-like peer.
 
 Each reader's wall-clock and CPU time (this process) are taken per round; rounds interleave the readers so a
-shared machine's load hits them alike, and the median round is reported.
+shared machine's load hits them alike, and the median round is reported. :func:`head_to_head` then times the compact
+readers and the like-for-like probe alone, back to back with the order rotated each round, and reports each round's
+ratio to the probe (median and range): the like-for-like figure.
 """
 
 from __future__ import annotations
@@ -78,8 +81,9 @@ def _probe_shuffled(probe: Path, batch_size: int, buffer_size: int = 8, seed: in
     """The CSR probe read as :class:`~schce.data.StoreDataset` reads a store: the same batches.
 
     Units of 1024 rows (the store's row groups) in the epoch's permuted order, ``buffer_size`` units at a time,
-    their rows shuffled with the reader's generator and gathered into CSR batches with the reader's compiled gather:
-    what is left between this and the schce reader is the storage format (parquet + varint codec vs raw arrays).
+    their rows shuffled with the reader's generator and gathered into CSR batches with the compiled gather of decoded
+    blocks (the schce reader decodes its rows straight into the batch instead): what is left between this and the
+    schce reader is the storage format (parquet + varint codec vs raw arrays).
     """
     import torch
 
@@ -240,6 +244,40 @@ def compare(dense: Path, compact: Path, probe: Path, batch_size: int, rounds: in
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             timings[name].append((n / wall, n / max(cpu, 1e-9)))
     return {k: (statistics.median(r for r, _ in v), statistics.median(c for _, c in v)) for k, v in timings.items()}
+
+
+#: The like-for-like trio of :func:`head_to_head`: the probe last, as the reference.
+PAIRED = ("schce compact, sparse", "schce compact, uncompressed parts, sparse", "CSR probe, shuffled as schce")
+
+
+def head_to_head(dense: Path, compact: Path, probe: Path, batch_size: int, rounds: int) -> dict:
+    """The compact readers and the like-for-like probe alone, back to back, the order rotated every round.
+
+    In the interleaved rounds of :func:`compare` each reader follows another one (the dense readers allocate
+    158 MB batches, the probe in store order the probe's sizes), which leaves the allocator and the caches in
+    different states for the two like-for-like readers. Here only these readers alternate, each first in turn, and
+    every round gives each reader's rate over the probe's of the same round: ``name -> (median, min, max)`` of
+    those ratios, in cells/s and in cells per CPU-second.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    funcs = readers(dense, compact, probe, batch_size)
+    ratios: dict[str, list[tuple[float, float]]] = {k: [] for k in PAIRED[:-1]}
+    for r in range(rounds):
+        rates = {}
+        for name in PAIRED[r % len(PAIRED) :] + PAIRED[: r % len(PAIRED)]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            n = sum(_rows(b) for b in funcs[name]())
+            rates[name] = (n / (time.perf_counter() - wall), n / max(time.process_time() - cpu, 1e-9))
+        ref = rates[PAIRED[-1]]
+        for name in ratios:
+            ratios[name].append((rates[name][0] / ref[0], rates[name][1] / ref[1]))
+    out = {}
+    for name, v in ratios.items():
+        wall, cpu = [w for w, _ in v], [c for _, c in v]
+        out[name] = [(statistics.median(x), min(x), max(x)) for x in (wall, cpu)]
+    return out
 
 
 def matmul_bound(batch_size: int, n_genes: int, n_hidden: int, threads: int) -> tuple[float, float]:

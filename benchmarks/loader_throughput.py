@@ -14,8 +14,9 @@ number of workers: cells/s and peak memory with the workers).
 ``--readers`` adds, from one further process on the same stores, the reader comparison of ``_readers.py`` (plain
 pyarrow on the dense layout as the floor, schce on the dense layout, the compact layout as sparse batches, densified
 into a reused buffer and as fresh dense batches, and a CSR probe written by the benchmark: median cells/s and cells
-per CPU-second of ``--rounds`` interleaved rounds), training cells/s per backbone with the loader's share, and the
-first-layer matmul bound of the machine.
+per CPU-second of ``--rounds`` interleaved rounds), the compact readers against the like-for-like probe alone (6 x
+``--rounds`` rounds back to back, order rotated: the median and range of the per-round ratios), training cells/s per
+backbone with the loader's share, and the first-layer matmul bound of the machine.
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ def compare_readers(dense: Path, compact: Path, args) -> dict:
 
     probe = _readers.write_probe(dense, CACHE / f"{dense.name}_csr_probe")
     out = {"readers": _readers.compare(dense, compact, probe, args.batch_size, args.rounds)}
+    out["head_to_head"] = _readers.head_to_head(dense, compact, probe, args.batch_size, 6 * args.rounds)
     out["probe_bytes"] = _dir_size(probe)
     out["store_bytes"] = {p.name: _dir_size(p / "train") for p in (compact, _readers.uncompressed(dense, compact))}
     out["bound"], out["training"] = {}, {}
@@ -189,6 +191,12 @@ def print_readers(out: dict, args) -> None:
         f"  schce compact sparse vs the CSR probe read like for like (same batches): {ours / shuffled:.2f}x; "
         f"vs the probe read in store order: {ours / probe:.2f}x"
     )
+    for name, ((wall, lo, hi), (cpu, cpu_lo, cpu_hi)) in out["head_to_head"].items():
+        print(
+            f"  like for like, alone and back to back ({6 * args.rounds} rounds, order rotated): {name} / CSR probe "
+            f"shuffled as schce: {wall:.2f}x cells/s (range {lo:.2f}-{hi:.2f}), {cpu:.2f}x cells per CPU-second "
+            f"(range {cpu_lo:.2f}-{cpu_hi:.2f})"
+        )
     print(f"  CSR probe on disk: {out['probe_bytes'] / 2**30:.2f} GiB")
     for name, size in out["store_bytes"].items():
         print(f"  {name} training parts on disk: {size / 2**30:.2f} GiB")

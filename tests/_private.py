@@ -32,6 +32,7 @@ from schce.data.sctab._format import (
 )
 from schce.model._store import store_setup
 from schce.nn._backbones import BACKBONES
+from schce.nn._batch import csr_batch
 from schce.nn._module import CLIP, gene_moments
 from schce.nn._sparse_mappings import entmax15, sparsemax
 from schce.nn._tabnet import GhostBatchNorm
@@ -64,6 +65,7 @@ __all__ = [
     "_dense_values",
     "adamw",
     "augment",
+    "csr_batch",
     "datamodule_class_weights",
     "decode_cells",
     "decode_cells_numpy",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from _private import gene_moments, make_loader, split_cells
+from _private import csr_batch, gene_moments, make_loader, split_cells
 from torch.utils.data import DataLoader
 
 import schce
@@ -256,3 +256,15 @@ def test_csr_rows_with_empty_rows_anywhere():
         indptr = torch.as_tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
         want = torch.repeat_interleave(torch.arange(len(lengths)), torch.as_tensor(lengths))
         torch.testing.assert_close(csr_rows(indptr, len(lengths)), want, rtol=0, atol=0)
+
+
+def test_csr_batch_keeps_tensors_of_its_dtypes_and_converts_the_rest():
+    """A store worker writes a batch into shared memory: csr_batch must send those tensors on, not copies of them."""
+    indptr, indices, values = np.array([0, 2, 3]), torch.tensor([4, 1, 0], dtype=torch.int32), torch.ones(3)
+    batch = csr_batch(indptr, indices, values, 5)
+    assert batch["x_indices"].data_ptr() == indices.data_ptr() and batch["x_values"].data_ptr() == values.data_ptr()
+    assert batch["x_indptr"].dtype == torch.int64 and batch["x_shape"] == (2, 5)
+    other = csr_batch(indptr, np.array([4, 1, 0], dtype=np.int64), np.array([1, 2, 3], dtype=np.float16), 5)
+    assert other["x_indices"].dtype == torch.int32 and other["x_values"].dtype == torch.float32
+    torch.testing.assert_close(other["x_values"], torch.tensor([1.0, 2.0, 3.0]), rtol=0, atol=0)
+    np.testing.assert_array_equal(densify(other).numpy(), [[0, 2, 0, 0, 1], [3, 0, 0, 0, 0]])

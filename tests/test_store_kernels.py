@@ -86,3 +86,90 @@ def test_gather_and_scatter_rows_match_fancy_indexing(dtype):
     out = np.zeros((40, N_GENES), dtype=np.float32)
     store_kernels.scatter_rows(offsets, indices, values, rows, dest, out)
     np.testing.assert_array_equal(out[dest], x[rows].astype(dtype).astype(np.float32))
+
+
+def _coded(x: np.ndarray, coding: str, seed: int = 1):
+    rank = np.random.default_rng(seed).permutation(N_GENES)
+    order = np.argsort(rank).astype(np.uint16)
+    indices, values, _ = encode_cells(x, rank, coding)
+    ind, val = pa.chunked_array([indices]), pa.chunked_array([values])
+    return ind, val, order
+
+
+@pytest.mark.parametrize("coding", ["count", "float16", "float32"])
+def test_coded_cells_decode_drawn_rows_straight_into_a_batch(coding):
+    """Rows decoded where a batch wants them equal the numpy decoder's rows; the other batch entries are untouched."""
+    x = _cells(coding, seed=4)
+    ind, val, order = _coded(x, coding)
+    offsets, genes, values = decode_cells_numpy(ind, val, order, coding)
+    cells = store_kernels.CodedCells(*_parts(ind), *_parts(val), order, coding)
+    np.testing.assert_array_equal(cells.lengths, np.diff(offsets))
+    rng = np.random.default_rng(5)
+    rows, dest = rng.permutation(len(x))[:25], rng.permutation(40)[:25]  # 15 batch rows belong to other blocks
+    lens = np.zeros(40, dtype=np.int64)
+    lens[dest] = cells.lengths[rows]
+    indptr = np.concatenate([[0], np.cumsum(lens)])
+    out_i, out_v = np.full(indptr[-1], -1, np.int32), np.full(indptr[-1], np.nan, np.float32)
+    cells.write_csr(rows, dest, indptr, out_i, out_v)
+    for j, row in zip(dest, rows, strict=True):
+        lo, hi = offsets[row], offsets[row + 1]
+        np.testing.assert_array_equal(out_i[indptr[j] : indptr[j + 1]], genes[lo:hi])
+        np.testing.assert_array_equal(out_v[indptr[j] : indptr[j + 1]], values[lo:hi].astype(np.float32))
+    assert np.isnan(out_v[lens.sum() :]).all()  # nothing written past the rows (all batch rows are accounted for)
+    other = np.setdiff1d(np.arange(40), dest)
+    for j in other:
+        assert (out_i[indptr[j] : indptr[j + 1]] == -1).all()
+    # decode(rows) is the same rows as a CSR of their own.
+    sub_offsets, sub_genes, sub_values = cells.decode(rows)
+    np.testing.assert_array_equal(np.diff(sub_offsets), cells.lengths[rows])
+    np.testing.assert_array_equal(sub_genes, np.concatenate([genes[offsets[r] : offsets[r + 1]] for r in rows]))
+    np.testing.assert_array_equal(sub_values, np.concatenate([values[offsets[r] : offsets[r + 1]] for r in rows]))
+
+
+def _parts(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    arr = col.combine_chunks()
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[: len(arr) + 1].astype(np.int64)
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
+    return offsets, data[: offsets[-1]]
+
+
+def test_coded_cells_with_only_counts_of_one_and_empty_cells():
+    """No value bytes at all (every count is 1), and cells without genes."""
+    x = (np.random.default_rng(6).random((30, N_GENES)) < 0.05).astype(np.float32)
+    x[[0, 7, 29]] = 0
+    ind, val, order = _coded(x, "count")
+    cells = store_kernels.CodedCells(*_parts(ind), *_parts(val), order, "count")
+    offsets, genes, values = cells.decode()
+    back = np.zeros_like(x)
+    back[np.repeat(np.arange(len(x)), np.diff(offsets)), genes] = values
+    np.testing.assert_array_equal(back, x)
+
+
+def test_coded_cells_name_the_damage_of_a_cell():
+    x = _cells("count", seed=7)
+    ind, val, order = _coded(x, "count")
+    (cell_bytes, code_bytes), (value_cells, value_bytes) = _parts(ind), _parts(val)
+    # A cell that takes one value byte of its neighbour: its own count of values no longer matches.
+    shifted = value_cells.copy()
+    k = int(np.flatnonzero(np.diff(value_cells) > 0)[0])
+    shifted[k + 1] -= 1
+    cells = store_kernels.CodedCells(cell_bytes, code_bytes, shifted, value_bytes, order, "count")
+    with pytest.raises(ValueError, match="values do not match"):
+        cells.decode(np.array([k]))
+    cells.decode(np.array([k + 2]))  # the other cells still decode
+    # A cell whose last byte announces another one: that number has no final byte within the cell.
+    truncated = code_bytes.copy()
+    k = int(np.flatnonzero(np.diff(cell_bytes) > 0)[3])
+    truncated[cell_bytes[k + 1] - 1] |= 128
+    cells = store_kernels.CodedCells(cell_bytes, truncated, value_cells, value_bytes, order, "count")
+    with pytest.raises(ValueError, match="Truncated"):
+        cells.decode(np.array([k]))
+    # float values whose bytes do not hold one value per gene.
+    ind, val, order = _coded(_cells("float16"), "float16")
+    (cell_bytes, code_bytes), (value_cells, value_bytes) = _parts(ind), _parts(val)
+    with pytest.raises(ValueError, match="values do not match"):
+        store_kernels.CodedCells(cell_bytes, code_bytes, value_cells[:-1], value_bytes, order, "float16")
+    bad = value_cells.copy()
+    bad[1:] += 2
+    with pytest.raises(ValueError, match="values do not match"):
+        store_kernels.CodedCells(cell_bytes, code_bytes, bad, np.append(value_bytes, [0, 0]), order, "float16")

@@ -26,15 +26,26 @@ def check_batch_format(batch_format: str) -> str:
     return batch_format
 
 
-def csr_batch(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, n_genes: int) -> dict:
-    """The expression keys of a sparse batch from CSR parts (copied to the dtypes of the format where needed)."""
-    indptr = np.asarray(indptr, dtype=np.int64)
+def csr_batch(indptr, indices, values, n_genes: int) -> dict:
+    """The expression keys of a sparse batch from CSR parts, numpy arrays or tensors.
+
+    Parts already of the format's dtypes are used as they are (a tensor keeps its storage, e.g. shared memory);
+    others are copied to them.
+    """
+    indptr = _part(indptr, torch.int64)
     return {
-        "x_indptr": torch.from_numpy(indptr),
-        "x_indices": torch.from_numpy(np.asarray(indices, dtype=np.int32)),
-        "x_values": torch.from_numpy(np.asarray(values, dtype=np.float32)),
+        "x_indptr": indptr,
+        "x_indices": _part(indices, torch.int32),
+        "x_values": _part(values, torch.float32),
         "x_shape": (len(indptr) - 1, int(n_genes)),
     }
+
+
+def _part(x, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor as it is when of ``dtype``, else converted; a numpy array through numpy (as it was before tensors)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype)
+    return torch.from_numpy(np.asarray(x, dtype=str(dtype).removeprefix("torch.")))
 
 
 def is_sparse(batch: dict) -> bool:

@@ -17,7 +17,15 @@ from schce._constants import SCALING_SAMPLE
 from schce._memory import release_free_memory
 from schce.data._loader import EpochLoader
 from schce.data._protocol import check_batch_size, check_split, check_streaming_options
-from schce.data.sctab._format import CODE_COLUMNS, label_usage, read_lookup, read_var, split_parts, store_layout
+from schce.data.sctab._format import (
+    CODE_COLUMNS,
+    label_usage,
+    part_codec,
+    read_lookup,
+    read_var,
+    split_parts,
+    store_layout,
+)
 from schce.data.sctab._read import _Block, _read_block
 from schce.nn._batch import check_batch_format, csr_batch
 
@@ -28,11 +36,26 @@ def _new_batch(n: int, n_genes: int) -> torch.Tensor:
     """A zeroed float32 batch; in a DataLoader worker it is created in shared memory so it is not copied again."""
     if get_worker_info() is None:
         return torch.zeros((n, n_genes), dtype=torch.float32)
+    x = _shared(n * n_genes, torch.float32)  # new shared memory is zero-filled by the OS
+    return torch.zeros((n, n_genes), dtype=torch.float32) if x is None else x.view(n, n_genes)
+
+
+def _new_array(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised 1-d tensor; in a DataLoader worker in shared memory, so sending the batch does not copy it.
+
+    In this process it is numpy's (which asks for huge pages on large arrays: fewer page faults than torch.empty).
+    """
+    x = None if get_worker_info() is None else _shared(n, dtype)
+    return torch.from_numpy(np.empty(n, dtype=str(dtype).removeprefix("torch."))) if x is None else x
+
+
+def _shared(n: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """A tensor of ``n`` elements over new shared memory (``None`` where torch's private API to make one is missing)."""
     try:
-        storage = torch.UntypedStorage._new_shared(n * n_genes * 4)  # new shared memory is zero-filled by the OS
-    except (AttributeError, RuntimeError):  # a private torch API: fall back to a copy when sending the batch
-        return torch.zeros((n, n_genes), dtype=torch.float32)
-    return torch.tensor([], dtype=torch.float32).set_(storage).view(n, n_genes)
+        storage = torch.UntypedStorage._new_shared(max(n, 1) * dtype.itemsize)
+    except (AttributeError, RuntimeError):  # a private torch API: the batch is then copied when it is sent
+        return None
+    return torch.tensor([], dtype=dtype).set_(storage)[:n]
 
 
 class StoreDataset(IterableDataset):
@@ -68,7 +91,7 @@ class StoreDataset(IterableDataset):
         check_batch_format(batch_format)
         # Sparse batches where they are the faster read: the compact layout stores CSR rows already.
         self.sparse = batch_format == "sparse" or (batch_format == "auto" and self.layout != "dense")
-        self.n_genes = len(read_var(path))
+        self.n_genes = pq.read_metadata(Path(path) / "var.parquet").num_rows  # the rows of read_var, not read
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.buffer_size, self.sub_sample_frac, self.batch_column = buffer_size, sub_sample_frac, batch_column
         self.num_workers, self.shard_ranks, self.even_batches = num_workers, shard_ranks, even_batches
@@ -156,15 +179,18 @@ class StoreDataset(IterableDataset):
         units = self.shard(rank, world, worker, n_workers, epoch)
         cap = self._worker_batches(rank, world, worker, n_workers, epoch)
         rng = np.random.default_rng([self.seed, epoch, rank, worker])
-        files: dict[str, pq.ParquetFile] = {}
+        files: dict[str, tuple] = {}  # an open part and its codec, read once
         pending: list[tuple[_Block, np.ndarray]] = []
         emitted = 0
         try:
             for start in range(0, len(units), self.buffer_size):
                 for u in units[start : start + self.buffer_size]:
                     file, group, _ = self.units[u]
-                    pf = files.setdefault(file, pq.ParquetFile(file))
-                    block = _read_block(pf, group, self.layout, self.n_genes, self._columns())
+                    if file not in files:
+                        pf = pq.ParquetFile(file)
+                        files[file] = pf, part_codec(pf) if self.layout != "dense" else None
+                    pf, codec = files[file]
+                    block = _read_block(pf, group, self.layout, self.n_genes, self._columns(), codec)
                     pending.append((block, np.arange(len(block))))
                 ids = np.concatenate([np.full(len(r), k) for k, (_, r) in enumerate(pending)])
                 rows = np.concatenate([r for _, r in pending])
@@ -224,10 +250,10 @@ class StoreDataset(IterableDataset):
             lens[dest] = block.row_lengths(rows[dest])
         indptr = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lens, out=indptr[1:])
-        indices = np.empty(indptr[-1], dtype=np.int32)
-        values = np.empty(indptr[-1], dtype=np.float32)
+        # Written in place: in a DataLoader worker these are in shared memory, which the batch is sent through.
+        indices, values = _new_array(int(indptr[-1]), torch.int32), _new_array(int(indptr[-1]), torch.float32)
         for dest, block in parts:
-            block.write_csr(rows[dest], indptr, dest, indices, values)
+            block.write_csr(rows[dest], indptr, dest, indices.numpy(), values.numpy())
         return csr_batch(indptr, indices, values, self.n_genes)
 
 
@@ -265,7 +291,7 @@ class SCTabStoreDataModule(pl.LightningDataModule):
     batch_format
         ``"sparse"``: batches carry CSR parts (``x_indptr``, ``x_indices``, ``x_values``, ``x_shape``) that the model
         densifies on its device into a reused buffer; ``"dense"``: batches carry ``"x"``; ``"auto"`` (default):
-        sparse for the compact layout (its rows are CSR already: 2.9× the dense batches' rate in
+        sparse for the compact layout (its rows are CSR already: 4.7-5.2× the fresh dense batches' rate in
         ``benchmarks/loader_throughput.py``), dense for the published dense layout.
 
     Notes

@@ -258,16 +258,26 @@ def decode_cells(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inverse of :func:`encode_cells`: per-cell offsets, gene indices (int32) and values of the rows.
 
-    One compiled pass (:func:`~schce.data.sctab._kernels.decode_cells_compiled`) where numba imports, else the
-    numpy passes of :func:`decode_cells_numpy` (the reference).
+    One compiled pass (:class:`~schce.data.sctab._kernels.CodedCells`) where numba imports, else the numpy passes
+    of :func:`decode_cells_numpy` (the reference).
     """
     from schce.data.sctab import _kernels
 
     if not _kernels.AVAILABLE:
         return decode_cells_numpy(indices, values, gene_order, coding)
+    return coded_cells(indices, values, gene_order, coding).decode()
+
+
+def coded_cells(indices: pa.ChunkedArray, values: pa.ChunkedArray, gene_order: np.ndarray, coding: str):
+    """The cells of format-2 columns as stored, decoded row by row into batches (needs numba).
+
+    A :class:`~schce.data.sctab._kernels.CodedCells` over the columns' bytes (not copied).
+    """
+    from schce.data.sctab import _kernels
+
     cell_bytes, code_bytes = _binary_parts(indices)
-    _, value_bytes = _binary_parts(values)
-    return _kernels.decode_cells_compiled(cell_bytes, code_bytes, value_bytes, gene_order, coding)
+    value_cells, value_bytes = _binary_parts(values)
+    return _kernels.CodedCells(cell_bytes, code_bytes, value_cells, value_bytes, gene_order, coding)
 
 
 def decode_cells_numpy(
@@ -308,17 +318,26 @@ def delta_decode(gaps: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return total - np.repeat(before, np.diff(offsets))
 
 
-def read_compact_rows(pf: pq.ParquetFile, table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-cell offsets (from 0), gene indices and values of the ``indices``/``values`` columns read from ``pf``.
-
-    Reads both formats: 2 (binary columns, see :func:`encode_cells`) and 1 (``list`` columns of delta-coded
-    indices and plain values, as earlier versions wrote).
-    """
+def part_codec(pf: pq.ParquetFile) -> tuple[str, np.ndarray] | None:
+    """The value coding and gene order of a format-2 compact part; ``None`` for format 1."""
     kv = pf.metadata.metadata or {}
     meta = json.loads(kv[_PART_META_KEY]) if _PART_META_KEY in kv else {}
-    if meta.get("format_version", 1) >= 2:
-        order = np.frombuffer(base64.b64decode(kv[_GENE_ORDER_KEY]), dtype=meta["gene_order"])
-        return decode_cells(table.column("indices"), table.column("values"), order, meta["values"])
+    if meta.get("format_version", 1) < 2:
+        return None
+    return meta["values"], np.frombuffer(base64.b64decode(kv[_GENE_ORDER_KEY]), dtype=meta["gene_order"])
+
+
+def read_compact_rows(
+    table: pa.Table, codec: tuple[str, np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-cell offsets (from 0), gene indices and values of the ``indices``/``values`` columns of a compact part.
+
+    ``codec`` is the part's :func:`part_codec`. Reads both formats: 2 (binary columns, see :func:`encode_cells`) and
+    1 (``list`` columns of delta-coded indices and plain values, as earlier versions wrote).
+    """
+    if codec is not None:
+        coding, order = codec
+        return decode_cells(table.column("indices"), table.column("values"), order, coding)
     ind = table.column("indices").combine_chunks()
     val = table.column("values").combine_chunks()
     offsets = ind.offsets.to_numpy().astype(np.int64)

@@ -1,12 +1,13 @@
-"""Compiled (numba) loops of the compact store: decoding a row group and gathering or scattering rows of a block.
+"""Compiled (numba) loops of the compact store: row groups' cells decoded straight into batches, rows gathered.
 
-The numpy forms (:func:`~schce.data.sctab._format.decode_cells`, the fancy indexing of ``_Block``) make several
-whole-array passes and temporaries per row group (varint continuation masks, running sums, position arrays of
-every batch entry); each loop here makes one pass and writes straight into its output. numba is a dependency of
-scanpy, so nothing new is installed; it is imported, and the kernels compiled, on first use, and they are cached on
-disk (``cache=True``), so DataLoader workers and later processes load them instead of compiling again. The numpy
-forms (:func:`~schce.data.sctab._format.decode_cells_numpy`) stay the reference (the tests compare both) and are
-used when numba cannot be imported.
+A format-2 row group is kept as it is stored (:class:`CodedCells`: each cell's byte strings, the part's gene order)
+and each row is decoded only when a batch draws it, straight into the batch's CSR arrays: no decoded copy of the
+row group is written and then copied again. The numpy forms (:func:`~schce.data.sctab._format.decode_cells_numpy`,
+the fancy indexing of ``_Block``) make several whole-array passes and temporaries per row group; each loop here
+makes one pass and writes straight into its output. numba is a dependency of scanpy, so nothing new is installed;
+it is imported, and the loops compiled, on first use, and they are cached on disk (``cache=True``), so DataLoader
+workers and later processes load them instead of compiling again. The numpy forms stay the reference (the tests
+compare both) and are used when numba cannot be imported.
 """
 
 from __future__ import annotations
@@ -24,31 +25,34 @@ _COMPILED = False
 # Error codes of the decoder (0: fine).
 _TRUNCATED, _RANK, _VALUES = 1, 2, 3
 _ERRORS = {
-    _TRUNCATED: "Truncated varint data in a compact part: the last number has no final byte; the store is damaged.",
+    _TRUNCATED: "Truncated varint data in a compact part: a cell ends inside a number; the store is damaged.",
     _RANK: "A compact part codes a gene beyond its gene order; the store is damaged.",
     _VALUES: "A compact part's values do not match its indices; the store is damaged.",
 }
+#: float32 value of every float16 bit pattern: float16 values are decoded by one table look-up (numba has no float16).
+_HALF = None
 
 
 def _compile() -> None:
     """Turn the loops below into numba functions (once; compiled at their first call, or loaded from the cache).
 
-    The module names are rebound, so ``_decode`` finds the compiled ``_varint`` when it compiles.
+    The module names are rebound, so ``_decode_rows`` finds the compiled ``_varint`` when it compiles.
     """
-    global _varint, _decode, _gather, _scatter, _COMPILED
+    global _varint, _lengths, _decode_rows, _copy_values, _gather, _scatter, _COMPILED
     if _COMPILED:
         return
     import numba
 
     jit = numba.njit(cache=True, nogil=True, boundscheck=False)
-    _varint, _decode, _gather, _scatter = jit(_varint), jit(_decode), jit(_gather), jit(_scatter)
+    _varint, _lengths, _decode_rows = jit(_varint), jit(_lengths), jit(_decode_rows)
+    _copy_values, _gather, _scatter = jit(_copy_values), jit(_gather), jit(_scatter)
     _COMPILED = True
 
 
-def _varint(data, pos, n):  # pragma: no cover - compiled
-    """The LEB128 number at ``data[pos]`` and the position after it (``-1``: truncated)."""
+def _varint(data, pos, end):  # pragma: no cover - compiled
+    """The LEB128 number at ``data[pos]`` and the position after it (``-1``: no final byte before ``end``)."""
     x, shift = 0, 0
-    while pos < n:
+    while pos < end:
         b = data[pos]
         pos += 1
         x |= np.int64(b & 127) << shift
@@ -58,34 +62,48 @@ def _varint(data, pos, n):  # pragma: no cover - compiled
     return x, -1
 
 
-def _decode(cell_bytes, code_bytes, value_bytes, order, counts, offsets, genes, values):  # pragma: no cover - compiled
-    """Decode format-2 cells into ``offsets``, ``genes`` (and ``values`` when ``counts``); returns an error code."""
-    n_codes, n_order, n_values = len(code_bytes), len(order), len(value_bytes)
-    k, vpos = 0, 0
-    offsets[0] = 0
+def _lengths(cell_bytes, code_bytes, out):  # pragma: no cover - compiled
+    """Numbers (non-zero genes) of each cell: its bytes below 128, as every number ends with one."""
     for c in range(len(cell_bytes) - 1):
-        pos, end = cell_bytes[c], cell_bytes[c + 1]
+        n = 0
+        for p in range(cell_bytes[c], cell_bytes[c + 1]):
+            n += code_bytes[p] < 128
+        out[c] = n
+
+
+def _decode_rows(
+    cell_bytes, code_bytes, value_cells, value_bytes, order, counts, rows, dest, indptr, genes, values
+):  # pragma: no cover - compiled
+    """Decode cells ``rows`` into rows ``dest`` of a CSR batch (``indptr`` set); returns an error code.
+
+    ``genes`` get the gene of each coded rank; with ``counts`` also ``values`` (1, or 2 + the cell's next varint of
+    ``value_bytes`` when the code's low bit is set). The value byte is read without a branch on that bit (which is
+    set about as often as not on UMI counts, so a branch would be mispredicted): ``value_bytes`` has at least one
+    byte and the read is clamped to its last one; every cell must use exactly its own value bytes.
+    """
+    n_order, last = len(order), len(value_bytes) - 1
+    for j in range(len(rows)):
+        r = rows[j]
+        pos, end = cell_bytes[r], cell_bytes[r + 1]
+        vpos, vend = value_cells[r], value_cells[r + 1]
+        k = indptr[dest[j]]
         rank = -1
         while pos < end:
             code = np.int64(code_bytes[pos])
-            if code < 128:  # nearly every gap fits one byte
-                pos += 1
-            else:
-                code, pos = _varint(code_bytes, pos, n_codes)
+            pos += 1
+            if code >= 128:  # rare: nearly every gap fits one byte
+                code, pos = _varint(code_bytes, pos - 1, end)
                 if pos < 0:
                     return 1
             if counts:
                 rank += (code >> 1) + 1
                 more = code & 1
-                # Counts above one take their bytes from ``values``, mostly one each: no branch on ``more`` there.
-                v = np.int64(value_bytes[min(vpos, n_values - 1)]) if n_values else np.int64(0)
-                if more and v >= 128:
-                    v, vpos = _varint(value_bytes, vpos, n_values)
+                v = np.int64(value_bytes[min(vpos, last)])
+                if more & (v >> 7):  # rare: a count above 129
+                    v, vpos = _varint(value_bytes, vpos, vend)
                     if vpos < 0:
                         return 3
                     vpos -= 1
-                elif more and vpos >= n_values:
-                    return 3
                 vpos += more
                 values[k] = 1 + more * (v + 1)
             else:
@@ -94,30 +112,25 @@ def _decode(cell_bytes, code_bytes, value_bytes, order, counts, offsets, genes, 
                 return 2
             genes[k] = order[rank]
             k += 1
-        offsets[c + 1] = k
-    if counts and vpos != n_values:
-        return 3
+        if counts and vpos != vend:
+            return 3
     return 0
 
 
-def decode_cells_compiled(cell_bytes, code_bytes, value_bytes, order, coding):
-    """Per-cell offsets (int64), gene indices (int32) and values (float32, or the stored float type) of format 2."""
-    _compile()
-    counts = coding == "count"
-    # Every number ends with one byte below 128: that many entries.
-    nnz = int(np.count_nonzero(code_bytes < 128))
-    offsets = np.empty(len(cell_bytes), dtype=np.int64)
-    genes = np.empty(nnz, dtype=np.int32)
-    values = np.empty(nnz if counts else 0, dtype=np.float32)
-    order = order.astype(np.int32)
-    err = _decode(cell_bytes.astype(np.int64), code_bytes, value_bytes, order, counts, offsets, genes, values)
-    if err:
-        raise ValueError(_ERRORS[err])
-    if not counts:
-        values = value_bytes.view(coding).astype(np.float32)
-        if len(values) != nnz:
-            raise ValueError(_ERRORS[_VALUES])
-    return offsets, genes, values
+def _copy_values(starts, src, table, rows, dest, indptr, values):  # pragma: no cover - compiled
+    """Stored float values of cells ``rows`` (from entry ``starts[r]``) into rows ``dest`` of a CSR batch.
+
+    float16 values come as their bit patterns and are looked up in ``table`` (an entry per pattern); float32 values
+    come as they are, with an empty ``table``.
+    """
+    for j in range(len(rows)):
+        s, o, e = starts[rows[j]], indptr[dest[j]], indptr[dest[j] + 1]
+        if len(table):
+            for i in range(e - o):
+                values[o + i] = table[src[s + i]]
+        else:
+            for i in range(e - o):
+                values[o + i] = src[s + i]
 
 
 def _gather(src_offsets, src_indices, src_values, rows, dest, indptr, indices, values):  # pragma: no cover
@@ -135,6 +148,75 @@ def _scatter(src_offsets, src_indices, src_values, rows, dest, out):  # pragma: 
         r, d = rows[j], dest[j]
         for i in range(src_offsets[r], src_offsets[r + 1]):
             out[d, src_indices[i]] = src_values[i]
+
+
+def _half_table() -> np.ndarray:
+    global _HALF
+    if _HALF is None:
+        _HALF = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    return _HALF
+
+
+class CodedCells:
+    """One format-2 row group as stored, decoded row by row straight into the batches that draw its rows.
+
+    Parameters are the parts of :func:`~schce.data.sctab._format.encode_cells`' columns: per-cell byte offsets (from
+    0) and bytes of ``indices`` and ``values``, the part's gene order (gene of each rank) and the value coding. The
+    per-cell numbers of genes are counted once here (one pass over the bytes); the rest is checked as rows decode.
+    """
+
+    def __init__(self, cell_bytes, code_bytes, value_cells, value_bytes, order, coding: str):
+        _compile()
+        if len(value_cells) != len(cell_bytes):
+            raise ValueError(_ERRORS[_VALUES])
+        self.cell_bytes, self.code_bytes = cell_bytes.astype(np.int64, copy=False), code_bytes
+        self.order, self.counts = order.astype(np.int32, copy=False), coding == "count"
+        self.lengths = np.empty(len(cell_bytes) - 1, dtype=np.int64)
+        _lengths(self.cell_bytes, code_bytes, self.lengths)
+        value_cells = value_cells.astype(np.int64, copy=False)
+        if self.counts:
+            # At least one byte, so the branch-free read of the decoder always has one to read.
+            self.value_cells, self.value_bytes = value_cells, value_bytes if len(value_bytes) else np.zeros(1, np.uint8)
+            return
+        size = np.dtype(coding).itemsize
+        if len(value_bytes) % size or not np.array_equal(np.diff(value_cells), self.lengths * size):
+            raise ValueError(_ERRORS[_VALUES])
+        self.value_cells = value_cells // size
+        if value_bytes.ctypes.data % size:  # a view needs aligned bytes
+            value_bytes = value_bytes.copy()
+        # Bit patterns: float16 is decoded by table look-up, float32 copied as it is.
+        self.value_bytes = value_bytes.view(np.uint16 if size == 2 else np.uint32)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def write_csr(self, rows: np.ndarray, dest: np.ndarray, indptr: np.ndarray, indices, values) -> None:
+        """Decode cells ``rows`` into rows ``dest`` of a CSR batch whose ``indptr`` holds their :attr:`lengths`."""
+        rows, dest = rows.astype(np.int64, copy=False), dest.astype(np.int64, copy=False)
+        args = (self.cell_bytes, self.code_bytes, self.value_cells, self.value_bytes, self.order, self.counts)
+        err = _decode_rows(*args, rows, dest, indptr, indices, values)
+        if err:
+            raise ValueError(_ERRORS[err])
+        if self.counts:
+            return
+        table = _half_table() if self.value_bytes.dtype == np.uint16 else np.zeros(0, np.float32)
+        # float32 bits are copied as uint32, so that the table look-up compiles for both (it indexes with src).
+        out = values if len(table) else values.view(np.uint32)
+        _copy_values(self.value_cells, self.value_bytes, table, rows, dest, indptr, out)
+
+    def decode(self, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """CSR offsets (int64), gene indices (int32) and values (float32) of cells ``rows`` (default: all)."""
+        rows = np.arange(len(self)) if rows is None else np.asarray(rows)
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(self.lengths[rows], out=offsets[1:])
+        genes, values = np.empty(offsets[-1], dtype=np.int32), np.empty(offsets[-1], dtype=np.float32)
+        self.write_csr(rows, np.arange(len(rows)), offsets, genes, values)
+        return offsets, genes, values
+
+
+def decode_cells_compiled(cell_bytes, code_bytes, value_cells, value_bytes, order, coding):
+    """Per-cell offsets (int64), gene indices (int32) and values (float32) of format 2, in one compiled pass."""
+    return CodedCells(cell_bytes, code_bytes, value_cells, value_bytes, order, coding).decode()
 
 
 def _numba_values(values: np.ndarray) -> np.ndarray:

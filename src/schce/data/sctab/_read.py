@@ -14,6 +14,8 @@ from schce.data.sctab import _kernels
 from schce.data.sctab._format import (
     CODE_COLUMNS,
     _dense_values,
+    coded_cells,
+    part_codec,
     read_compact_rows,
     read_lookup,
     read_var,
@@ -23,17 +25,27 @@ from schce.data.sctab._format import (
 
 
 class _Block:
-    """One row group in memory: expression as a dense array or as CSR parts, and its other columns."""
+    """One row group in memory, and its other columns.
 
-    def __init__(self, table, n_genes: int, dense=None, offsets=None, indices=None, values=None):
+    Expression as a dense array (``dense``), as decoded CSR parts (``offsets``, ``indices``, ``values``) or, for
+    the compact format 2 with numba, as stored (``coded``, a :class:`~schce.data.sctab._kernels.CodedCells`):
+    then the rows are decoded only into the batches that draw them.
+    """
+
+    def __init__(self, table, n_genes: int, dense=None, offsets=None, indices=None, values=None, coded=None):
         self.table, self.n_genes = table, n_genes
         self.dense, self.offsets, self.indices, self.values = dense, offsets, indices, values
+        self.coded = coded
+        self._columns: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         return self.table.num_rows
 
     def column(self, name: str) -> np.ndarray:
-        return self.table.column(name).to_numpy()
+        """A non-expression column as numpy (converted once)."""
+        if name not in self._columns:
+            self._columns[name] = self.table.column(name).to_numpy()
+        return self._columns[name]
 
     def _csr_positions(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         starts, ends = self.offsets[rows], self.offsets[rows + 1]
@@ -48,6 +60,10 @@ class _Block:
         if self.dense is not None:
             out[dest] = self.dense[rows]
             return
+        if self.coded is not None:  # decoded into a small CSR first: the dense batch's zeroing costs far more
+            offsets, indices, values = self.coded.decode(rows)
+            _kernels.scatter_rows(offsets, indices, values, np.arange(len(rows)), dest, out)
+            return
         if _kernels.AVAILABLE:  # one pass over the rows' entries, no position arrays
             _kernels.scatter_rows(self.offsets, self.indices, self.values, rows, dest, out)
             return
@@ -59,6 +75,8 @@ class _Block:
         """Stored values per row (non-zeros for the dense layout)."""
         if self.dense is not None:
             return np.count_nonzero(self.dense[rows], axis=1)
+        if self.coded is not None:
+            return self.coded.lengths[rows]
         return self.offsets[rows + 1] - self.offsets[rows]
 
     def write_csr(self, rows: np.ndarray, indptr: np.ndarray, dest: np.ndarray, indices, values) -> None:
@@ -69,6 +87,9 @@ class _Block:
             lens = np.bincount(r, minlength=len(rows))
             out = np.arange(len(r)) + np.repeat(indptr[dest] - (np.cumsum(lens) - lens), lens)
             indices[out], values[out] = c, sub[r, c]
+            return
+        if self.coded is not None:
+            self.coded.write_csr(rows, dest, indptr, indices, values)
             return
         if _kernels.AVAILABLE:
             _kernels.gather_rows(self.offsets, self.indices, self.values, rows, dest, indptr, indices, values)
@@ -82,6 +103,9 @@ class _Block:
         table = self.table.take(rows)
         if self.dense is not None:
             return _Block(table, self.n_genes, dense=self.dense[rows])
+        if self.coded is not None:
+            offsets, indices, values = self.coded.decode(rows)
+            return _Block(table, self.n_genes, offsets=offsets, indices=indices, values=values)
         pos, lens = self._csr_positions(rows)
         offsets = np.zeros(len(rows) + 1, dtype=self.offsets.dtype)
         np.cumsum(lens, out=offsets[1:])
@@ -92,6 +116,11 @@ class _Block:
 
         if self.dense is not None:
             return sp.csr_matrix(self.dense[:n])
+        if self.coded is not None:
+            offsets, indices, values = self.coded.decode(np.arange(n))
+            out = sp.csr_matrix((values, indices, offsets), shape=(n, self.n_genes))
+            out.sort_indices()  # each cell's genes are in the part's gene order
+            return out
         pos, lens = self._csr_positions(np.arange(n))
         indptr = np.concatenate([[0], np.cumsum(lens)])
         out = sp.csr_matrix(
@@ -101,8 +130,14 @@ class _Block:
         return out
 
 
-def _read_block(pf: pq.ParquetFile, group: int, layout: str, n_genes: int, columns: list[str] | None) -> _Block:
-    """Row group ``group`` of a part; ``columns`` are the non-expression columns to keep (``None``: all)."""
+def _read_block(
+    pf: pq.ParquetFile, group: int, layout: str, n_genes: int, columns: list[str] | None, codec=False
+) -> _Block:
+    """Row group ``group`` of a part; ``columns`` are the non-expression columns to keep (``None``: all).
+
+    ``codec``: the part's :func:`~schce.data.sctab._format.part_codec` when the caller has read it already (a
+    reader of many row groups of one part reads it once).
+    """
     names = [f.name for f in pf.schema_arrow]
     expr = ["X"] if layout == "dense" else ["indices", "values"]
     missing = [c for c in expr if c not in names]
@@ -113,7 +148,11 @@ def _read_block(pf: pq.ParquetFile, group: int, layout: str, n_genes: int, colum
     rest = table.select(keep)
     if layout == "dense":
         return _Block(rest, n_genes, dense=_dense_values(table, n_genes))
-    offsets, indices, values = read_compact_rows(pf, table)
+    codec = part_codec(pf) if codec is False else codec
+    if codec is not None and _kernels.AVAILABLE:
+        coded = coded_cells(table.column("indices"), table.column("values"), codec[1], codec[0])
+        return _Block(rest, n_genes, coded=coded)
+    offsets, indices, values = read_compact_rows(table, codec)
     return _Block(rest, n_genes, offsets=offsets, indices=indices, values=values)
 
 
