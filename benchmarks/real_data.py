@@ -18,8 +18,10 @@ as errors. All schce methods use the package defaults (one configuration for eve
 
 Levers are appended to a schce method with ``+``: ``+ens5`` averages the calibrated probabilities of 5 models trained
 with seeds ``seed, seed + 1000, ...`` (``ens2`` to ``ens9``); ``+query`` re-estimates the per-gene standardisation on
-the query cells (query-time adaptation). Variants of one method reuse its trained models, and each line's wall time
-counts the training of every model it uses.
+the query cells (query-time adaptation); ``+refit`` trains a second model on every training cell (no validation
+split, no calibration) for the epoch count early stopping kept in the first. Variants of one method reuse its trained
+models, and each line's wall time counts the training of every model it uses. Each trained schce model logs its kept
+epoch, epochs trained and seconds to stderr (``# ...`` lines).
 
 With ``--per-class``, each summary line is followed by one line per true label: its hierarchy-corrected F1 (mean
 over the folds whose test set holds it, then mean ± sd over seeds) and its test cells per fold. Macro F1 weighs
@@ -53,7 +55,7 @@ LOSSES = ("hce-aware", "hce", "ce")
 METHODS = tuple(f"{loss}-{backbone}" for backbone in ("mlp", "linear", "tabnet") for loss in LOSSES) + ("lr", *PEERS)
 # Levers on top of a schce method, appended with "+": an ensemble of N seeds (ens2 ... ens9), query-time
 # standardisation.
-LEVERS = tuple(f"ens{n}" for n in range(2, 10)) + ("query",)
+LEVERS = tuple(f"ens{n}" for n in range(2, 10)) + ("query", "refit")
 
 
 def folds(task: str, seed: int) -> Iterator[tuple[ad.AnnData, ad.AnnData]]:
@@ -122,6 +124,8 @@ def predict_labels(
     for k in range(n_models):
         # an ensemble of seeds: seed, seed + 1000, ... averaged on the calibrated probabilities (scTab's ensembles)
         model = trained(train, loss, backbone, seed + 1000 * k, model_kwargs, train_kwargs)
+        if "refit" in levers:
+            model = refitted(model, train, loss, backbone, seed + 1000 * k, model_kwargs, train_kwargs)
         query = test.copy()
         if "query" in levers:
             with query_scaling(model, test):
@@ -156,7 +160,21 @@ def trained(train: ad.AnnData, loss: str, backbone: str, seed: int, model_kwargs
     model = schce.HCEClassifier(train, loss=loss, backbone=backbone, **(model_kwargs or {}))
     model.train(seed=seed, enable_progress_bar=False, **(train_kwargs or {}))
     _TRAINED[key] = model, time.perf_counter() - t0
+    epochs = {k: len(v) for k, v in (model.history_ or {}).items()}
+    print(
+        f"# {loss}-{backbone} seed {seed}: kept epoch {model.best_epoch_}, epochs {max(epochs.values(), default=0)}, "
+        f"{_TRAINED[key][1]:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     return model
+
+
+def refitted(model, train: ad.AnnData, loss: str, backbone: str, seed: int, model_kwargs, train_kwargs):
+    """A model trained on every cell (no validation split) for the epochs early stopping kept in ``model``."""
+    epochs = (model.best_epoch_ or 0) + 1
+    kwargs = {**(train_kwargs or {}), "validation_size": 0.0, "calibrate": False, "early_stopping": False}
+    return trained(train, loss, backbone, seed, model_kwargs, {**kwargs, "max_epochs": epochs})
 
 
 @contextmanager
@@ -184,7 +202,8 @@ def method_name(name: str) -> str:
     """A method of :data:`METHODS`; a schce method may append levers of :data:`LEVERS` (``hce-aware-mlp+ens5``)."""
     base, *levers = name.split("+")
     if base not in METHODS or (levers and base in ("lr", *PEERS)) or any(lever not in LEVERS for lever in levers):
-        raise argparse.ArgumentTypeError(f"{name!r}: choose from {METHODS}, schce ones with '+ensN' and '+query'")
+        levers_help = "'+ensN', '+query', '+refit'"
+        raise argparse.ArgumentTypeError(f"{name!r}: choose from {METHODS}, schce ones with {levers_help}")
     return name
 
 

@@ -66,7 +66,8 @@ class HCEClassifier(SetupMixin, TrainingMixin, FineTuneMixin, InferenceMixin, Pe
     **backbone_kwargs
         Backbone hyperparameters. The MLP defaults to ``n_hidden=256, n_layers=3, dropout=0.2, input_dropout=0.2``;
         scTab's architecture is ``n_hidden=128, n_layers=8, dropout=0.1, input_dropout=0`` (the defaults of
-        :class:`schce.nn.MLP`).
+        :class:`schce.nn.MLP`). ``wide=True`` adds a linear map of the input genes to the MLP's logits (wide & deep,
+        off by default).
     setup_state
         With ``registry``: the model's :class:`~schce.model.SetupState` (labels, hierarchy, genes), which a model
         built on ``adata`` takes from :meth:`setup_anndata` (used by :meth:`load`; leave ``None``).

@@ -103,6 +103,10 @@ class MLP(nn.Module):
         Dropout on the input genes in training (``0``: none, as scTab's MLP): each gene of each cell is zeroed with
         this probability, which teaches the model not to lean on any single gene (detection is noisy in single
         cells and gene panels differ between studies). It has no parameters, so state dicts are unchanged.
+    wide
+        Add a linear map of the input genes to the logits ("wide & deep"): ``logits = head(encoder(x)) + wide(x)``,
+        the wide part reading the input before input dropout. Off by default (scTab's MLP); its weights are the
+        state dict's ``wide.weight`` / ``wide.bias``.
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class MLP(nn.Module):
         n_layers: int = 8,
         dropout: float = 0.1,
         input_dropout: float = 0.0,
+        wide: bool = False,
     ):
         super().__init__()
         if n_layers < 1:
@@ -125,6 +130,7 @@ class MLP(nn.Module):
         self.encoder = nn.Sequential(*layers)
         self.linear = nn.Linear(n_hidden, n_labels)
         self.input_dropout = InputDropout(input_dropout)
+        self.wide = nn.Linear(n_input, n_labels) if wide else None
 
     #: :meth:`embed` may overwrite its input when asked (``inplace=True``, see :class:`~schce.nn.HCEModule`).
     embeds_inplace = True
@@ -139,12 +145,18 @@ class MLP(nn.Module):
         return self.encoder(self.input_dropout(x, inplace=inplace))
 
     def classify(self, h: torch.Tensor) -> torch.Tensor:
-        """``(B, n_hidden) -> (B, n_labels)`` logits."""
+        """``(B, n_hidden) -> (B, n_labels)`` logits of the deep part."""
         return self.linear(h)
+
+    def wide_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``(B, n_input) -> (B, n_labels)`` logits of the wide part, added to :meth:`classify`'s; ``None`` if off."""
+        return None if self.wide is None else self.wide(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, n_input) -> (B, n_labels)`` logits."""
-        return self.classify(self.embed(x))
+        skip = self.wide_logits(x)  # before the input dropout
+        logits = self.classify(self.embed(x))
+        return logits if skip is None else logits + skip
 
 
 BACKBONES = {"linear": Linear, "mlp": MLP, "tabnet": TabNet}

@@ -44,6 +44,16 @@ def extend_head(classifier: nn.Module, n_new: int) -> nn.Module:
     layer = output_layer(classifier)
     if n_new == 0:
         return classifier
+    wide = getattr(classifier, "wide", None)  # a wide & deep MLP's linear logits grow alike
+    for grown in (layer, wide) if isinstance(wide, nn.Linear) else (layer,):
+        _add_rows(grown, n_new)
+    if hasattr(classifier, "n_labels"):  # TabNet records its output width
+        classifier.n_labels = layer.out_features
+    return classifier
+
+
+def _add_rows(layer: nn.Linear, n_new: int) -> None:
+    """``n_new`` freshly initialised output rows appended to ``layer``, in place; the existing rows unchanged."""
     w = layer.weight
     fresh = nn.Linear(layer.in_features, n_new, bias=layer.bias is not None, device=w.device, dtype=w.dtype)
     with torch.no_grad():
@@ -51,6 +61,3 @@ def extend_head(classifier: nn.Module, n_new: int) -> nn.Module:
         if layer.bias is not None:
             layer.bias = nn.Parameter(torch.cat([layer.bias.detach(), fresh.bias]), requires_grad=w.requires_grad)
     layer.out_features += n_new
-    if hasattr(classifier, "n_labels"):  # TabNet records its output width
-        classifier.n_labels = layer.out_features
-    return classifier

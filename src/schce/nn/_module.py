@@ -155,8 +155,12 @@ class HCEModule(nn.Module):
         ``(logits (B, n_labels), embedding (B, n_latent))``.
         """
         x = self.prepare(x, normalize, inplace)
+        # a wide & deep backbone's linear logits read the input before the input dropout may overwrite it
+        wide = getattr(self.classifier, "wide_logits", None)
+        skip = wide(x) if wide is not None else None
         if inplace and not x.requires_grad and getattr(self.classifier, "embeds_inplace", False):
             h = self.classifier.embed(x, inplace=True)  # the MLP's input dropout, in the same buffer
         else:
             h = self.classifier.embed(x)
-        return self.classifier.classify(h), h
+        logits = self.classifier.classify(h)
+        return (logits if skip is None else logits + skip), h
