@@ -28,7 +28,7 @@ def test_wide_logits_are_added_to_the_deep_ones_and_read_the_input_before_dropou
     buffer = x.clone()
     torch.manual_seed(1)
     logits, h = module(buffer, normalize=False, inplace=True)
-    assert not torch.equal(buffer, x)  # the dropout overwrote the buffer ...
+    assert (buffer == 0).sum() > (x == 0).sum() + 20  # the dropout zeroed genes in the buffer ...
     torch.manual_seed(1)
     dropped = net.input_dropout(x.clone())
     deep = net.linear(net.encoder(dropped))
