@@ -116,15 +116,10 @@ class _Block:
 
         if self.dense is not None:
             return sp.csr_matrix(self.dense[:n])
-        if self.coded is not None:
-            offsets, indices, values = self.coded.decode(np.arange(n))
-            out = sp.csr_matrix((values, indices, offsets), shape=(n, self.n_genes))
-            out.sort_indices()  # each cell's genes are in the part's gene order
-            return out
-        pos, lens = self._csr_positions(np.arange(n))
-        indptr = np.concatenate([[0], np.cumsum(lens)])
+        part = self.take(np.arange(n))  # the first n cells as decoded CSR parts
         out = sp.csr_matrix(
-            (self.values[pos].astype(np.float32), self.indices[pos].astype(np.int32), indptr), shape=(n, self.n_genes)
+            (part.values.astype(np.float32, copy=False), part.indices.astype(np.int32, copy=False), part.offsets),
+            shape=(n, self.n_genes),
         )
         out.sort_indices()  # compact parts hold each cell's genes in the part's gene order
         return out
