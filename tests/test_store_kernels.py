@@ -173,3 +173,19 @@ def test_coded_cells_name_the_damage_of_a_cell():
     bad[1:] += 2
     with pytest.raises(ValueError, match="values do not match"):
         store_kernels.CodedCells(cell_bytes, code_bytes, bad, np.append(value_bytes, [0, 0]), order, "float16")
+
+
+@pytest.mark.parametrize("coding", ["count", "float32"])
+def test_coded_cells_reject_a_gap_so_large_the_rank_would_wrap_around(coding):
+    """A ten-byte gap of 2**64 - 1 added to a rank would wrap around to a small, valid-looking rank."""
+    huge = np.array([255] * 9 + [1], dtype=np.uint8)  # LEB128 of 2**64 - 1
+    cell_bytes, code_bytes = np.array([0, 11]), np.concatenate([[0], huge]).astype(np.uint8)
+    if coding == "count":  # both numbers have the low bit (count > 1) set for the first, none for the huge one
+        code_bytes[0] = 1
+        value_cells, value_bytes = np.array([0, 1]), np.array([0], dtype=np.uint8)
+    else:
+        value_cells, value_bytes = np.array([0, 8]), np.zeros(8, dtype=np.uint8)
+    cells = store_kernels.CodedCells(cell_bytes, code_bytes, value_cells, value_bytes, np.arange(N_GENES), coding)
+    assert len(cells) == 1 and cells.lengths[0] == 2
+    with pytest.raises(ValueError, match="beyond its gene order"):
+        cells.decode()

@@ -49,24 +49,29 @@ def _compile() -> None:
     _COMPILED = True
 
 
+# The loops index with unsigned integers: numba wraps a negative signed index around (a compare and a select at
+# every access), which doubled the time of these loops; unsigned indices cannot be negative, so it has nothing to do.
+_ONE = np.uint64(1)
+
+
 def _varint(data, pos, end):  # pragma: no cover - compiled
-    """The LEB128 number at ``data[pos]`` and the position after it (``-1``: no final byte before ``end``)."""
-    x, shift = 0, 0
+    """The LEB128 number at ``data[pos]``, the position after it, and whether it ended before ``end``."""
+    x, shift = np.uint64(0), np.uint64(0)
     while pos < end:
-        b = data[pos]
-        pos += 1
-        x |= np.int64(b & 127) << shift
-        shift += 7
-        if b < 128:
-            return x, pos
-    return x, -1
+        b = np.uint64(data[pos])
+        pos += _ONE
+        x |= (b & np.uint64(127)) << shift
+        shift += np.uint64(7)
+        if b < np.uint64(128):
+            return x, pos, True
+    return x, pos, False
 
 
 def _lengths(cell_bytes, code_bytes, out):  # pragma: no cover - compiled
     """Numbers (non-zero genes) of each cell: its bytes below 128, as every number ends with one."""
     for c in range(len(cell_bytes) - 1):
         n = 0
-        for p in range(cell_bytes[c], cell_bytes[c + 1]):
+        for p in range(np.uint64(cell_bytes[c]), np.uint64(cell_bytes[c + 1])):
             n += code_bytes[p] < 128
         out[c] = n
 
@@ -77,41 +82,48 @@ def _decode_rows(
     """Decode cells ``rows`` into rows ``dest`` of a CSR batch (``indptr`` set); returns an error code.
 
     ``genes`` get the gene of each coded rank; with ``counts`` also ``values`` (1, or 2 + the cell's next varint of
-    ``value_bytes`` when the code's low bit is set). The value byte is read without a branch on that bit (which is
-    set about as often as not on UMI counts, so a branch would be mispredicted): ``value_bytes`` has at least one
-    byte and the read is clamped to its last one; every cell must use exactly its own value bytes.
+    ``value_bytes`` when the code's low bit is set). A row of ``indptr`` holds as many entries as the cell has final
+    bytes (:func:`_lengths`), so the loop runs that many numbers and never reads past the cell. The value byte is read
+    without a branch on the low bit (set about as often as not on UMI counts, so a branch would be mispredicted):
+    ``value_bytes`` has at least one byte and the read is clamped to its last one; every cell must use exactly its own
+    value bytes. A rank beyond the gene order is clamped while writing and reported after the cell.
     """
-    n_order, last = len(order), len(value_bytes) - 1
+    n_order, last = np.uint64(len(order)), np.uint64(len(value_bytes) - 1)
+    shift = _ONE if counts else np.uint64(0)
     for j in range(len(rows)):
-        r = rows[j]
-        pos, end = cell_bytes[r], cell_bytes[r + 1]
-        vpos, vend = value_cells[r], value_cells[r + 1]
-        k = indptr[dest[j]]
-        rank = -1
-        while pos < end:
-            code = np.int64(code_bytes[pos])
-            pos += 1
-            if code >= 128:  # rare: nearly every gap fits one byte
-                code, pos = _varint(code_bytes, pos - 1, end)
-                if pos < 0:
+        r, d = np.uint64(rows[j]), np.uint64(dest[j])
+        pos, end = np.uint64(cell_bytes[r]), np.uint64(cell_bytes[r + _ONE])
+        vpos, vend = np.uint64(value_cells[r]), np.uint64(value_cells[r + _ONE])
+        k, stop = np.uint64(indptr[d]), np.uint64(indptr[d + _ONE])
+        rank, bad = np.uint64(0), False
+        while k < stop:
+            code = np.uint64(code_bytes[pos])
+            pos += _ONE
+            if code >= np.uint64(128):  # rare: nearly every gap fits one byte
+                code, pos, ok = _varint(code_bytes, pos - _ONE, end)
+                if not ok:
                     return 1
+                if code >> shift >= n_order:  # so that the rank cannot wrap around
+                    return 2
+            rank += code >> shift
             if counts:
-                rank += (code >> 1) + 1
-                more = code & 1
-                v = np.int64(value_bytes[min(vpos, last)])
-                if more & (v >> 7):  # rare: a count above 129
-                    v, vpos = _varint(value_bytes, vpos, vend)
-                    if vpos < 0:
+                more = code & _ONE
+                v = np.uint64(value_bytes[min(vpos, last)])
+                if more & (v >> np.uint64(7)):  # rare: a count above 129
+                    v, vpos, ok = _varint(value_bytes, vpos, vend)
+                    if not ok:
                         return 3
-                    vpos -= 1
+                    vpos -= _ONE
                 vpos += more
-                values[k] = 1 + more * (v + 1)
-            else:
-                rank += code + 1
-            if rank >= n_order:
-                return 2
-            genes[k] = order[rank]
-            k += 1
+                values[k] = np.int64(_ONE + more * (v + _ONE))
+            bad |= rank >= n_order
+            genes[k] = order[min(rank, n_order - _ONE)]
+            rank += _ONE
+            k += _ONE
+        if bad:
+            return 2
+        if pos != end:  # bytes after the cell's last number: it ends inside one
+            return 1
         if counts and vpos != vend:
             return 3
     return 0
@@ -124,10 +136,11 @@ def _copy_values(starts, src, table, rows, dest, indptr, values):  # pragma: no 
     come as they are, with an empty ``table``.
     """
     for j in range(len(rows)):
-        s, o, e = starts[rows[j]], indptr[dest[j]], indptr[dest[j] + 1]
+        d = np.uint64(dest[j])
+        s, o, e = np.uint64(starts[np.uint64(rows[j])]), np.uint64(indptr[d]), np.uint64(indptr[d + _ONE])
         if len(table):
             for i in range(e - o):
-                values[o + i] = table[src[s + i]]
+                values[o + i] = table[np.uint64(src[s + i])]
         else:
             for i in range(e - o):
                 values[o + i] = src[s + i]
@@ -135,9 +148,9 @@ def _copy_values(starts, src, table, rows, dest, indptr, values):  # pragma: no 
 
 def _gather(src_offsets, src_indices, src_values, rows, dest, indptr, indices, values):  # pragma: no cover
     for j in range(len(rows)):
-        r = rows[j]
-        s, e = src_offsets[r], src_offsets[r + 1]
-        o = indptr[dest[j]]
+        r, d = np.uint64(rows[j]), np.uint64(dest[j])
+        s, e = np.uint64(src_offsets[r]), np.uint64(src_offsets[r + _ONE])
+        o = np.uint64(indptr[d])
         for i in range(e - s):
             indices[o + i] = src_indices[s + i]
             values[o + i] = src_values[s + i]
@@ -145,9 +158,9 @@ def _gather(src_offsets, src_indices, src_values, rows, dest, indptr, indices, v
 
 def _scatter(src_offsets, src_indices, src_values, rows, dest, out):  # pragma: no cover - compiled
     for j in range(len(rows)):
-        r, d = rows[j], dest[j]
-        for i in range(src_offsets[r], src_offsets[r + 1]):
-            out[d, src_indices[i]] = src_values[i]
+        r, d = np.uint64(rows[j]), np.uint64(dest[j])
+        for i in range(np.uint64(src_offsets[r]), np.uint64(src_offsets[r + _ONE])):
+            out[d, np.uint64(src_indices[i])] = src_values[i]
 
 
 def _half_table() -> np.ndarray:
