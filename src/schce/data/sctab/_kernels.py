@@ -52,6 +52,8 @@ def _compile() -> None:
 # The loops index with unsigned integers: numba wraps a negative signed index around (a compare and a select at
 # every access), which doubled the time of these loops; unsigned indices cannot be negative, so it has nothing to do.
 _ONE = np.uint64(1)
+#: A count coded in one value byte, by ``(low bit of the gene's code) << 8 | byte``: 1 without the bit, else 2 + byte.
+_SMALL = np.concatenate([np.ones(256), np.arange(256) + 2]).astype(np.float32)
 
 
 def _varint(data, pos, end):  # pragma: no cover - compiled
@@ -77,16 +79,17 @@ def _lengths(cell_bytes, code_bytes, out):  # pragma: no cover - compiled
 
 
 def _decode_rows(
-    cell_bytes, code_bytes, value_cells, value_bytes, order, counts, rows, dest, indptr, genes, values
+    cell_bytes, code_bytes, value_cells, value_bytes, order, counts, small, rows, dest, indptr, genes, values
 ):  # pragma: no cover - compiled
     """Decode cells ``rows`` into rows ``dest`` of a CSR batch (``indptr`` set); returns an error code.
 
     ``genes`` get the gene of each coded rank; with ``counts`` also ``values`` (1, or 2 + the cell's next varint of
-    ``value_bytes`` when the code's low bit is set). A row of ``indptr`` holds as many entries as the cell has final
-    bytes (:func:`_lengths`), so the loop runs that many numbers and never reads past the cell. The value byte is read
-    without a branch on the low bit (set about as often as not on UMI counts, so a branch would be mispredicted):
-    ``value_bytes`` has at least one byte and the read is clamped to its last one; every cell must use exactly its own
-    value bytes. A rank beyond the gene order is clamped while writing and reported after the cell.
+    ``value_bytes`` when the code's low bit is set), the one-byte cases looked up in ``small`` (:data:`_SMALL`).
+    A row of ``indptr`` holds as many entries as the cell has final bytes (:func:`_lengths`), so the loop runs that
+    many numbers and never reads past the cell. The value byte is read without a branch on the low bit (set about as
+    often as not on UMI counts, so a branch would be mispredicted): ``value_bytes`` has at least one byte and the
+    read is clamped to its last one; every cell must use exactly its own value bytes. Ranks only grow, so the last
+    one is checked against the gene order after the cell (the reads are clamped meanwhile).
     """
     n_order, last = np.uint64(len(order)), np.uint64(len(value_bytes) - 1)
     shift = _ONE if counts else np.uint64(0)
@@ -95,7 +98,7 @@ def _decode_rows(
         pos, end = np.uint64(cell_bytes[r]), np.uint64(cell_bytes[r + _ONE])
         vpos, vend = np.uint64(value_cells[r]), np.uint64(value_cells[r + _ONE])
         k, stop = np.uint64(indptr[d]), np.uint64(indptr[d + _ONE])
-        rank, bad = np.uint64(0), False
+        rank = np.uint64(0)  # the rank of the next number, given a gap of 0
         while k < stop:
             code = np.uint64(code_bytes[pos])
             pos += _ONE
@@ -114,13 +117,14 @@ def _decode_rows(
                     if not ok:
                         return 3
                     vpos -= _ONE
+                    values[k] = np.int64(v + np.uint64(2))
+                else:
+                    values[k] = small[(more << np.uint64(8)) | v]
                 vpos += more
-                values[k] = np.int64(_ONE + more * (v + _ONE))
-            bad |= rank >= n_order
             genes[k] = order[min(rank, n_order - _ONE)]
             rank += _ONE
             k += _ONE
-        if bad:
+        if rank > n_order:
             return 2
         if pos != end:  # bytes after the cell's last number: it ends inside one
             return 1
@@ -206,7 +210,7 @@ class CodedCells:
     def write_csr(self, rows: np.ndarray, dest: np.ndarray, indptr: np.ndarray, indices, values) -> None:
         """Decode cells ``rows`` into rows ``dest`` of a CSR batch whose ``indptr`` holds their :attr:`lengths`."""
         rows, dest = rows.astype(np.int64, copy=False), dest.astype(np.int64, copy=False)
-        args = (self.cell_bytes, self.code_bytes, self.value_cells, self.value_bytes, self.order, self.counts)
+        args = (self.cell_bytes, self.code_bytes, self.value_cells, self.value_bytes, self.order, self.counts, _SMALL)
         err = _decode_rows(*args, rows, dest, indptr, indices, values)
         if err:
             raise ValueError(_ERRORS[err])
