@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -276,3 +277,47 @@ def test_a_failed_fine_tune_leaves_every_member_as_it_was(without_treg, pbmc, mo
     for (module, labels, t, h), (module2, labels2, t2, h2) in zip(before, after, strict=True):
         assert module is module2 and labels == labels2 and t == t2 and h == h2
     assert TREG not in ens.hierarchy.labels
+
+
+def test_from_members_checks_the_models_and_evaluates_a_store(tmp_path):
+    from schce.data import SCTabStoreDataModule, read_sctab_store, write_sctab_store
+
+    atlas = schce.datasets.simulate_atlas(900, n_genes=150, n_cell_types=6, library_size=300, seed=1, progress=False)
+    path = write_sctab_store(atlas, tmp_path / "store", split_key="donor_id")
+    dm = SCTabStoreDataModule(path, batch_size=128, num_workers=0, seed=0)
+    models = []
+    for seed in (0, 1000):
+        model = schce.HCEClassifier.from_sctab_store(path, **SMALL_MLP)
+        model.train(datamodule=dm, max_epochs=1, seed=seed, enable_progress_bar=False)
+        models.append(model)
+    ens = schce.HCEEnsemble.from_members(models, seeds=[0, 1000])
+    assert ens.members == models and ens.seeds_ == [0, 1000]
+    result = ens.evaluate(datamodule=dm)
+    test = read_sctab_store(path, "test")
+    mean = sum(_probabilities(m, test).to_numpy() for m in models) / 2
+    expected = np.asarray(ens.hierarchy.labels)[mean.argmax(axis=1)]
+    detailed = result.detailed.set_index(result.detailed.index.astype(str)).loc[test.obs_names]
+    np.testing.assert_array_equal(detailed["predicted"].astype(str).to_numpy(), expected)
+    assert result.overall.loc["n_cells", "value"] == dm.n_cells("test")
+    with pytest.raises(TypeError, match="non-empty list of HCEClassifier"):
+        schce.HCEEnsemble.from_members([])
+    with pytest.raises(ValueError, match="seeds must be None or 2 integers"):
+        schce.HCEEnsemble.from_members(models, seeds=[0])
+
+
+def test_members_of_different_models_are_refused(ensemble, without_treg, tmp_path):
+    other = schce.HCEEnsemble.load(without_treg, accelerator="cpu")
+    with pytest.raises(ValueError, match="Model 1 differs from model 0 in its labels"):
+        schce.HCEEnsemble.from_members([ensemble.members[0], other.members[0]])
+    # a saved ensemble whose member was swapped for another model's, checksum and all
+    path = tmp_path / "ens"
+    ensemble.save(path)
+    manifest = json.loads((path / "schce-ensemble.json").read_text())
+    shutil.rmtree(path / "member-1")
+    shutil.copytree(without_treg / "member-0", path / "member-1")
+    manifest["checksums"]["member-1"] = json.loads((without_treg / "schce-ensemble.json").read_text())["checksums"][
+        "member-0"
+    ]
+    (path / "schce-ensemble.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="come from different models.*labels"):
+        schce.HCEEnsemble.load(path)

@@ -61,6 +61,8 @@ class HCEEnsemble(InferenceMixin):
     seeds_
         The seed each member was trained with (``None`` before :meth:`train`).
 
+    An ensemble of classifiers trained elsewhere (e.g. on a store) is :meth:`from_members`.
+
     Examples
     --------
     >>> schce.HCEEnsemble.setup_anndata(adata, labels_key="cell_type_ontology_term_id")
@@ -87,9 +89,37 @@ class HCEEnsemble(InferenceMixin):
         self.seeds_: list[int] | None = None
 
     @classmethod
-    def _from_members(cls, members: list[HCEClassifier], seeds: list[int] | None) -> HCEEnsemble:
+    def from_members(cls, models: list[HCEClassifier], seeds: list[int] | None = None) -> HCEEnsemble:
+        """An ensemble of trained classifiers, e.g. models trained on a store (:meth:`HCEClassifier.from_sctab_store`).
+
+        The models must share their genes, their labels in the same order and their input handling; they are used as
+        they are, not copied. ``seeds``: what they were trained with (recorded, saved and written to ``uns``).
+        """
+        models = list(models)
+        if not models or not all(isinstance(m, HCEClassifier) for m in models):
+            raise TypeError("from_members takes a non-empty list of HCEClassifier models.")
+        if seeds is not None and (
+            len(seeds) != len(models) or not all(isinstance(x, Integral) and not isinstance(x, bool) for x in seeds)
+        ):
+            raise ValueError(f"seeds must be None or {len(models)} integers, one per model, got {seeds!r}.")
+        first = models[0]
+        for i, m in enumerate(models[1:], start=1):
+            what = [
+                name
+                for name, differs in (
+                    ("genes", m.genes != first.genes),
+                    ("labels", list(m.hierarchy.labels) != list(first.hierarchy.labels)),
+                    ("input normalisation", m.setup_state.normalize != first.setup_state.normalize),
+                )
+                if differs
+            ]
+            if what:
+                raise ValueError(
+                    f"Model {i} differs from model 0 in its {' and '.join(what)}: an ensemble averages probabilities "
+                    "over the same labels from the same input, so its members must share them."
+                )
         ensemble = cls.__new__(cls)
-        ensemble.members, ensemble.seeds_ = members, seeds
+        ensemble.members, ensemble.seeds_ = models, None if seeds is None else [int(x) for x in seeds]
         return ensemble
 
     # ------------------------------------------------------------------ what the members share
@@ -290,14 +320,10 @@ class HCEEnsemble(InferenceMixin):
         """
         manifest, dirs = _model_file.read_ensemble(dir_path, cls.__name__)
         members = [HCEClassifier.load(d, adata, accelerator, device) for d in dirs]
-        first = members[0]
-        for d, m in zip(dirs[1:], members[1:], strict=True):
-            if m.genes != first.genes or m.hierarchy.labels != first.hierarchy.labels:
-                raise ValueError(
-                    f"{d} does not share the genes and labels of {dirs[0]}: the members come from different "
-                    "ensembles. Restore the whole directory from the same save."
-                )
-        return cls._from_members(members, manifest["seeds"])
+        try:
+            return cls.from_members(members, manifest["seeds"])
+        except ValueError as err:
+            raise ValueError(f"The members in {dir_path} come from different models: {err}") from err
 
     # ------------------------------------------------------------------ display
     def view_anndata_setup(self, adata: AnnData | None = None, hide_state_registries: bool = False) -> None:
