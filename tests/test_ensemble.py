@@ -321,3 +321,14 @@ def test_members_of_different_models_are_refused(ensemble, without_treg, tmp_pat
     (path / "schce-ensemble.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="come from different models.*labels"):
         schce.HCEEnsemble.load(path)
+
+
+def test_checkpoints_go_to_one_directory_per_member_and_setup_is_shown(pbmc, tmp_path, capsys):
+    ens = schce.HCEEnsemble(_registered(pbmc), n_members=2, **SMALL_MLP)
+    ens.train(seed=0, max_epochs=1, enable_progress_bar=False, checkpoint_dir=tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["member-0", "member-1"]
+    for name in ("member-0", "member-1"):
+        assert {"best.ckpt", "last.ckpt"} <= {p.name for p in (tmp_path / "ckpt" / name).iterdir()}
+    ens.view_anndata_setup()
+    shown = capsys.readouterr().out
+    assert LABELS in shown
