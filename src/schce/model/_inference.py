@@ -72,8 +72,8 @@ class InferenceMixin:
     def _scorers(self) -> list:
         """The trained classifiers whose mean probability is this model's: the model itself (an ensemble: its members).
 
-        Every probability :meth:`predict` and :meth:`evaluate` use is :func:`mean_scores` over these, so a single
-        model and an ensemble share every rule that follows.
+        Every probability :meth:`predict` and :meth:`evaluate` use is the mean over these (:func:`iter_mean_scores`),
+        so a single model and an ensemble share every rule that follows.
         """
         return [self]
 
@@ -421,11 +421,11 @@ class InferenceMixin:
         :class:`~schce.evaluation.EvaluationResult` with ``overall``, ``per_class``, ``per_group`` and ``detailed``.
         """
         if datamodule is not None:
+            from schce.model._store import datamodule_probabilities
+
             if groupby is not DEFAULT_GROUPBY:  # a named column the split's metadata lacks fails here, named
                 check_groupby(datamodule.read_obs(split).columns, groupby, DEFAULT_GROUPBY, f"the {split} split's obs")
             onto = load_cell_ontology(ontology)
-            from schce.model._store import datamodule_probabilities
-
             true_terms, probs, obs = datamodule_probabilities(self._scorers(), datamodule, split, calibrated)
             result = evaluate_predictions(
                 true_terms, probs, self.hierarchy, onto.ancestors, obs, groupby, coarse_threshold, obs.index, convention
