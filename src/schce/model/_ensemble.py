@@ -92,8 +92,9 @@ class HCEEnsemble(InferenceMixin):
     def from_members(cls, models: list[HCEClassifier], seeds: list[int] | None = None) -> HCEEnsemble:
         """An ensemble of trained classifiers, e.g. models trained on a store (:meth:`HCEClassifier.from_sctab_store`).
 
-        The models must share their genes, their labels in the same order and their input handling; they are used as
-        they are, not copied. ``seeds``: what they were trained with (recorded, saved and written to ``uns``).
+        The models must share their genes, their labels in the same order with the same hierarchy, and their input
+        handling; they are used as they are, not copied. ``seeds``: what they were trained with (recorded, saved and
+        written to ``uns``).
         """
         models = list(models)
         if not models or not all(isinstance(m, HCEClassifier) for m in models):
@@ -109,6 +110,7 @@ class HCEEnsemble(InferenceMixin):
                 for name, differs in (
                     ("genes", m.genes != first.genes),
                     ("labels", list(m.hierarchy.labels) != list(first.hierarchy.labels)),
+                    ("label hierarchy", m.setup_state.hierarchy != first.setup_state.hierarchy),
                     ("input normalisation", m.setup_state.normalize != first.setup_state.normalize),
                 )
                 if differs
