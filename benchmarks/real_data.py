@@ -16,12 +16,13 @@ the number of test cells called as a strict descendant of their true label (righ
 exact match; summed over folds, mean over seeds) and the wall time per run. Test labels absent from training count
 as errors. All schce methods use the package defaults (one configuration for every task).
 
-Levers are appended to a schce method with ``+``: ``+ens5`` averages the calibrated probabilities of 5 models trained
-with seeds ``seed, seed + 1000, ...`` (``ens2`` to ``ens9``); ``+query`` re-estimates the per-gene standardisation on
-the query cells (query-time adaptation); ``+refit`` trains a second model on every training cell (no validation
-split, no calibration) for the epoch count early stopping kept in the first. Variants of one method reuse its trained
-models, and each line's wall time counts the training of every model it uses. Each trained schce model logs its kept
-epoch, epochs trained and seconds to stderr (``# ...`` lines).
+Levers are appended to a schce method with ``+``: ``+ens5`` is ``schce.HCEEnsemble(n_members=5)``, the mean of the
+calibrated probabilities of 5 models trained with seeds ``seed, seed + 1000, ...`` (``ens2`` to ``ens9``);
+``+query`` re-estimates the per-gene standardisation on the query cells (query-time adaptation; every member's, with
+``+ensN``); ``+refit`` trains a second model on every training cell (no validation split, no calibration) for the
+epoch count early stopping kept in the first (not with ``+ensN``). Variants of one method reuse its trained models (an
+ensemble trains its own members), and each line's wall time counts the training of every model it uses. Each trained
+schce model logs its kept epoch and epochs trained, and each training its seconds, to stderr (``# ...`` lines).
 
 With ``--per-class``, each summary line is followed by one line per true label: its hierarchy-corrected F1 (mean
 over the folds whose test set holds it, then mean ± sd over seeds) and its test cells per fold. Macro F1 weighs
@@ -38,7 +39,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import anndata as ad
@@ -120,24 +121,21 @@ def predict_labels(
     base, *levers = method.split("+")
     loss, backbone = base.rsplit("-", 1)
     n_models = next((int(lever[3:]) for lever in levers if lever.startswith("ens")), 1)
-    probs = None
-    for k in range(n_models):
-        # an ensemble of seeds: seed, seed + 1000, ... averaged on the calibrated probabilities (scTab's ensembles)
-        model = trained(train, loss, backbone, seed + 1000 * k, model_kwargs, train_kwargs)
+    if n_models == 1:
+        model = trained(train, loss, backbone, seed, model_kwargs, train_kwargs)
         if "refit" in levers:
-            model = refitted(model, train, loss, backbone, seed + 1000 * k, model_kwargs, train_kwargs)
-        query = test.copy()
+            model = refitted(model, train, loss, backbone, seed, model_kwargs, train_kwargs)
+    else:
+        # schce.HCEEnsemble: member i trained with seed + 1000 * i, the mean of their calibrated probabilities
+        model = trained(train, loss, backbone, seed, model_kwargs, train_kwargs, n_members=n_models)
+    query = test.copy()
+    with ExitStack() as stack:
         if "query" in levers:
-            with query_scaling(model, test):
-                model.predict(query)
-        else:
-            model.predict(query)
-        p = query.obsm["schce_probabilities"]
-        probs = p if probs is None else probs + p
-    if n_models == 1:  # the library's own call (empty cells "unassigned")
-        return query.obs["schce_prediction_ontology_term_id"].astype(str).to_numpy(), model.hierarchy
-    pred = probs.columns.to_numpy()[np.argmax(probs.to_numpy(), axis=1)].astype(str)
-    return pred, model.hierarchy
+            for member in getattr(model, "members", [model]):
+                stack.enter_context(query_scaling(member, test))
+        model.predict(query)
+    # the library's own call (empty cells "unassigned")
+    return query.obs["schce_prediction_ontology_term_id"].astype(str).to_numpy(), model.hierarchy
 
 
 _TRAINED: dict[tuple, tuple[object, float]] = {}
@@ -145,28 +143,37 @@ _TRAINED: dict[tuple, tuple[object, float]] = {}
 _CHARGED: list[float] = []
 
 
-def trained(train: ad.AnnData, loss: str, backbone: str, seed: int, model_kwargs, train_kwargs):
-    """A trained schce model, kept for the other levers on the same fold, seed and settings (one training each)."""
+def trained(train: ad.AnnData, loss: str, backbone: str, seed: int, model_kwargs, train_kwargs, n_members: int = 1):
+    """A trained schce model (an ``HCEEnsemble`` of ``n_members`` > 1), kept for the other levers on the same fold,
+    seed and settings (one training each).
+    """
     import schce
 
     labels = train.obs["training_label"].astype(str)
     key = (loss, backbone, seed, json.dumps([model_kwargs, train_kwargs], sort_keys=True), tuple(train.obs_names))
-    key += (hash(tuple(labels)),)
+    key += (hash(tuple(labels)), n_members)
     if key in _TRAINED:
         model, seconds = _TRAINED[key]
         _CHARGED.append(seconds)
         return model
     t0 = time.perf_counter()
-    model = schce.HCEClassifier(train, loss=loss, backbone=backbone, **(model_kwargs or {}))
+    kwargs = {"loss": loss, "backbone": backbone, **(model_kwargs or {})}
+    if n_members == 1:
+        model = schce.HCEClassifier(train, **kwargs)
+    else:
+        model = schce.HCEEnsemble(train, n_members=n_members, **kwargs)
     model.train(seed=seed, enable_progress_bar=False, **(train_kwargs or {}))
     _TRAINED[key] = model, time.perf_counter() - t0
-    epochs = {k: len(v) for k, v in (model.history_ or {}).items()}
-    print(
-        f"# {loss}-{backbone} seed {seed}: kept epoch {model.best_epoch_}, epochs {max(epochs.values(), default=0)}, "
-        f"{_TRAINED[key][1]:.1f} s",
-        file=sys.stderr,
-        flush=True,
-    )
+    for member, member_seed in zip(getattr(model, "members", [model]), getattr(model, "seeds_", [seed]), strict=True):
+        epochs = {k: len(v) for k, v in (member.history_ or {}).items()}
+        print(
+            f"# {loss}-{backbone} seed {member_seed}: kept epoch {member.best_epoch_}, epochs "
+            f"{max(epochs.values(), default=0)}" + (f", {_TRAINED[key][1]:.1f} s" if n_members == 1 else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+    if n_members > 1:
+        print(f"# ensemble of {n_members}: {_TRAINED[key][1]:.1f} s", file=sys.stderr, flush=True)
     return model
 
 
@@ -204,6 +211,8 @@ def method_name(name: str) -> str:
     if base not in METHODS or (levers and base in ("lr", *PEERS)) or any(lever not in LEVERS for lever in levers):
         levers_help = "'+ensN', '+query', '+refit'"
         raise argparse.ArgumentTypeError(f"{name!r}: choose from {METHODS}, schce ones with {levers_help}")
+    if "refit" in levers and any(lever.startswith("ens") for lever in levers):
+        raise argparse.ArgumentTypeError(f"{name!r}: '+refit' refits one model; it does not combine with '+ensN'")
     return name
 
 

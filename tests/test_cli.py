@@ -223,3 +223,26 @@ def test_library_errors_are_one_line_and_debug_shows_the_traceback(files, monkey
     monkeypatch.setattr("sys.argv", ["schce", "--debug", *args])
     with pytest.raises(schce.LabelMappingError):
         cli_module.main()
+
+
+def test_predict_and_evaluate_take_a_saved_ensemble(files, tmp_path):
+    adata = files["adata"].copy()
+    schce.HCEEnsemble.setup_anndata(adata, labels_key=LABELS)
+    ensemble = schce.HCEEnsemble(adata, n_members=2, **SMALL_MLP)
+    ensemble.train(seed=0, max_epochs=1, enable_progress_bar=False)
+    ensemble.save(tmp_path / "ens")
+    out = tmp_path / "annotated.h5ad"
+    result = _run("predict", tmp_path / "ens", files["h5ad"], "--out", out)
+    assert result.exit_code == 0, result.output
+    annotated = ad.read_h5ad(out)
+    expected = ensemble.predict(files["adata"].copy())
+    np.testing.assert_array_equal(
+        annotated.obs["schce_prediction_ontology_term_id"].astype(str), expected["schce_prediction_ontology_term_id"]
+    )
+    assert annotated.uns["schce"]["model"] == "HCEEnsemble" and annotated.uns["schce"]["n_members"] == 2
+    result = _run("evaluate", tmp_path / "ens", files["h5ad"], "--labels-key", LABELS, "--out", tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "report" / "overall_metrics.csv").is_file()
+    (tmp_path / "ens" / "member-1" / "schce.json").write_text("{}")
+    line = _one_error_line(_run("predict", tmp_path / "ens", files["h5ad"], "--out", tmp_path / "again.h5ad"))
+    assert "member-1/schce.json does not match the checksum" in line

@@ -20,6 +20,7 @@ _install_handler()  # schce's INFO messages reach notebooks; schce.settings.verb
 _LAZY = {
     "CellOntology": "schce.ontology",
     "HCEClassifier": "schce.model",
+    "HCEEnsemble": "schce.model",
     "Hierarchy": "schce.hierarchy",
     "HierarchyCycleError": "schce.hierarchy",
     "LabelMappingError": "schce.ontology",
@@ -42,7 +43,7 @@ __all__ = sorted([*_LAZY, "settings"])
 if TYPE_CHECKING:  # names for type checkers and IDEs; at run time __getattr__ loads them
     from schce import data, datasets, evaluation, losses, metrics, nn, pl, train  # noqa: F401
     from schce.hierarchy import Hierarchy, HierarchyCycleError  # noqa: F401
-    from schce.model import HCEClassifier  # noqa: F401
+    from schce.model import HCEClassifier, HCEEnsemble  # noqa: F401
     from schce.ontology import CellOntology, LabelMappingError, load_cell_ontology  # noqa: F401
     from schce.vocabulary import propose_label_mapping, read_label_mapping  # noqa: F401
     from schce.voting import majority_vote  # noqa: F401

@@ -20,6 +20,8 @@ WEIGHTS_FILE = "model.pt"
 ADATA_FILE = "adata.h5ad"
 # Everything HCEClassifier.save writes; overwrite=True replaces a directory holding only these.
 MODEL_FILES = (META_FILE, WEIGHTS_FILE, ADATA_FILE)
+# HCEEnsemble.save: this manifest beside one HCEClassifier directory per member.
+ENSEMBLE_FILE = "schce-ensemble.json"
 
 
 def _encode(obj):
@@ -184,6 +186,12 @@ def read_meta(dir_path: str | os.PathLike, prefix: str | None = None) -> dict:
     meta_name, weights_name, _ = model_files(prefix)
     if not path.exists():
         raise FileNotFoundError(f"No model at {path}: the path does not exist.")
+    if path.is_dir() and (path / ENSEMBLE_FILE).is_file():
+        raise ValueError(
+            f"{path} holds an HCEEnsemble ({ENSEMBLE_FILE} and one directory per member), not one HCEClassifier: "
+            f"load it with schce.HCEEnsemble.load({str(path)!r}), or one member with HCEClassifier.load on its "
+            "directory."
+        )
     if not path.is_dir() or not (path / meta_name).is_file() or not (path / weights_name).is_file():
         found = sorted(p.name[: -len(META_FILE)] for p in path.glob(f"*{META_FILE}")) if path.is_dir() else []
         hint = f" It holds models of prefix {', '.join(repr(f or None) for f in found)}." if found else ""

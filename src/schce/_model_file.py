@@ -222,3 +222,131 @@ def validate_meta(meta: dict, meta_file: Path, check_sums: bool = True) -> None:
         keys = ("weights", "labels", "genes", "hierarchy")
         if not isinstance(sums, dict) or not all(isinstance(sums.get(k), str) and len(sums[k]) == 64 for k in keys):
             _fail(meta_file, "checksums", f"an object of sha256 hex digests ({', '.join(keys)})", sums)
+
+
+# ---------------------------------------------------------------------------------------------------- ensembles
+ENSEMBLE_FORMAT = "schce-ensemble"
+ENSEMBLE_FORMAT_VERSION = 1
+
+
+def member_names(n_members: int) -> list[str]:
+    """The member directories of an ensemble of ``n_members``: ``member-0``, ``member-1``, ..."""
+    return [f"member-{i}" for i in range(n_members)]
+
+
+def _listed_members(path: Path) -> list[str]:
+    """The member directories an existing ensemble manifest at ``path`` names (none when there is none to read)."""
+    try:
+        listed = json.loads((path / _io.ENSEMBLE_FILE).read_text()).get("members")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [m for m in listed if isinstance(m, str) and "/" not in m] if isinstance(listed, list) else []
+
+
+def write_ensemble(dir_path: str | os.PathLike, overwrite: bool, saves: list, info: dict) -> None:
+    """Write an ensemble directory atomically: ``member-<i>/`` by ``saves[i](directory)``, then the manifest.
+
+    The manifest ``schce-ensemble.json`` holds ``info``, the member count and names, and the sha256 of every member's
+    ``schce.json`` (which itself holds the checksum of its weights).
+
+    An existing ``dir_path`` needs ``overwrite=True`` and may hold nothing but an ensemble's own entries (the
+    manifest and member directories holding only model files), so a user's file is never deleted.
+    """
+    path = Path(dir_path)
+    names = member_names(len(saves))
+    members = {*names, *(_listed_members(path) if path.is_dir() else [])}
+    own = {_io.ENSEMBLE_FILE, *members}
+    _io.check_save_target(path, overwrite, own)
+    for name in sorted(members):
+        sub = path / name
+        if sub.exists() and (
+            sub.is_symlink() or not sub.is_dir() or any(p.name not in _io.MODEL_FILES for p in sub.iterdir())
+        ):
+            raise FileExistsError(
+                f"{sub} holds files that schce did not write; overwrite=True only replaces an ensemble directory "
+                "schce wrote. Choose another path, or move those files away first."
+            )
+
+    def write(tmp: Path) -> None:
+        for name, save in zip(names, saves, strict=True):
+            save(tmp / name)
+        manifest = {
+            "format": ENSEMBLE_FORMAT,
+            "format_version": ENSEMBLE_FORMAT_VERSION,
+            **info,
+            "n_members": len(names),
+            "members": names,
+            "checksums": {name: file_sha256(tmp / name / _io.META_FILE) for name in names},
+        }
+        (tmp / _io.ENSEMBLE_FILE).write_text(_io.dumps(manifest))
+
+    _io.write_dir_atomically(path, overwrite, write, own=own)
+
+
+def read_ensemble(dir_path: str | os.PathLike, model_class: str) -> tuple[dict, list[Path]]:
+    """The checked manifest of an ensemble directory and its member directories, in member order.
+
+    Raises
+    ------
+    ValueError
+        When the directory holds one model instead, or the manifest is damaged, lacks a member, or a member's
+        ``schce.json`` does not match its checksum; the message names the file.
+    """
+    path = Path(dir_path)
+    if not path.exists():
+        raise FileNotFoundError(f"No model at {path}: the path does not exist.")
+    manifest_file = path / _io.ENSEMBLE_FILE
+    if not manifest_file.is_file():
+        if (path / _io.META_FILE).is_file():
+            raise ValueError(
+                f"{path} holds one HCEClassifier ({_io.META_FILE}), not an {model_class}: load it with "
+                f"schce.HCEClassifier.load({str(path)!r})."
+            )
+        raise ValueError(
+            f"{path} is not a schce ensemble directory (expected {_io.ENSEMBLE_FILE}, as written by "
+            f"{model_class}.save)."
+        )
+    try:
+        manifest = _io.loads(manifest_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{manifest_file} is corrupt (not valid JSON: {err}). Save the ensemble again.") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != ENSEMBLE_FORMAT:
+        raise ValueError(f"{manifest_file} is not a schce ensemble manifest (format {ENSEMBLE_FORMAT!r} expected).")
+    if not _is_int(manifest.get("format_version")) or manifest["format_version"] > ENSEMBLE_FORMAT_VERSION:
+        raise ValueError(
+            f"{path} was written by a newer schce (ensemble format {manifest.get('format_version')!r}); upgrade "
+            "schce to load it."
+        )
+    _check_manifest(manifest_file, manifest, model_class)
+    dirs = [path / name for name in manifest["members"]]
+    for name, sub in zip(manifest["members"], dirs, strict=True):
+        if not (sub / _io.META_FILE).is_file():
+            raise ValueError(
+                f"{sub} is missing: the manifest {manifest_file} lists {manifest['n_members']} members. Restore the "
+                "whole directory from the same save."
+            )
+        if file_sha256(sub / _io.META_FILE) != manifest["checksums"][name]:
+            raise ValueError(
+                f"{sub / _io.META_FILE} does not match the checksum recorded in {manifest_file}: the member was "
+                "damaged or replaced by another model. Restore the whole directory from the same save."
+            )
+    return manifest, dirs
+
+
+def _check_manifest(manifest_file: Path, manifest: dict, model_class: str) -> None:
+    """Every field of an ensemble manifest, with the first bad one named."""
+    if manifest.get("model_class") != model_class:
+        raise ValueError(f"{manifest_file} describes a {manifest.get('model_class')}, not a {model_class}.")
+    n = manifest.get("n_members")
+    if not (_is_int(n) and n >= 1):
+        _fail(manifest_file, "n_members", "a positive integer", n)
+    if manifest.get("members") != member_names(n):
+        _fail(manifest_file, "members", f"the list {member_names(n)}", manifest.get("members"))
+    seeds = manifest.get("seeds")
+    if seeds is not None and not (isinstance(seeds, list) and len(seeds) == n and all(_is_int(s) for s in seeds)):
+        _fail(manifest_file, "seeds", f"null or a list of {n} integers", seeds)
+    sums = manifest.get("checksums")
+    if not isinstance(sums, dict) or not all(
+        isinstance(sums.get(m), str) and len(sums[m]) == 64 for m in manifest["members"]
+    ):
+        _fail(manifest_file, "checksums", "an object of one sha256 hex digest per member", sums)

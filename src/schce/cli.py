@@ -96,9 +96,22 @@ def _check_model_dir(path: Path) -> None:
     from schce import _io
 
     try:
-        _io.read_meta(path)
+        if (path / _io.ENSEMBLE_FILE).is_file():
+            from schce._model_file import read_ensemble
+
+            read_ensemble(path, "HCEEnsemble")
+        else:
+            _io.read_meta(path)
     except (FileNotFoundError, ValueError) as err:
         raise click.ClickException(_one_line(err)) from err
+
+
+def _load_model(path: Path):
+    """The model saved at ``path``: an :class:`~schce.HCEEnsemble` when it holds one, else an HCEClassifier."""
+    from schce import _io
+    from schce.model import HCEClassifier, HCEEnsemble
+
+    return (HCEEnsemble if (path / _io.ENSEMBLE_FILE).is_file() else HCEClassifier).load(path)
 
 
 def _check_output(path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
@@ -338,7 +351,7 @@ def predict(
     hierarchical_scores: str,
     overwrite: bool,
 ) -> None:
-    """Annotate INPUT.h5ad with a saved model and write the result to --out, and a CSV of the calls beside it.
+    """Annotate INPUT.h5ad with a saved model or ensemble, write the result to --out and a CSV of the calls beside it.
 
     The output has the prediction columns in obs (schce_prediction, schce_prediction_coarse, schce_confidence, ...),
     the probabilities, hierarchical scores and embedding (X_schce) in obsm. The CSV (--out with the suffix .csv)
@@ -357,9 +370,8 @@ def predict(
         raise click.ClickException("--over-clustering applies with --majority-voting only.")
 
     from schce._io import write_file_atomically
-    from schce.model import HCEClassifier
 
-    model = HCEClassifier.load(model_dir)
+    model = _load_model(model_dir)
     adata = _read_h5ad(input_path)
     obs = model.predict(
         adata, layer=layer, gene_symbols=gene_symbols, coarse_threshold=coarse_threshold,
@@ -407,7 +419,7 @@ def evaluate(
     gene_symbols: str | None,
     overwrite: bool,
 ) -> None:
-    """Score a saved model on labelled cells and write the metric tables to --out.
+    """Score a saved model (or HCEEnsemble) on labelled cells and write the metric tables to --out.
 
     Writes overall_metrics.csv, per_class_metrics.csv, per_<column>_metrics.csv and detailed_results.parquet;
     metrics are exact and hierarchy-corrected (a prediction is correct when it is the truth or a descendant).
@@ -426,9 +438,8 @@ def evaluate(
     _require_columns(input_path, columns, "layers", {"--layer": layer})
 
     from schce.evaluation import DEFAULT_GROUPBY
-    from schce.model import HCEClassifier
 
-    model = HCEClassifier.load(model_dir)
+    model = _load_model(model_dir)
     adata = _read_h5ad(input_path)
     result = model.evaluate(
         adata,

@@ -40,10 +40,43 @@ MIN_GENE_OVERLAP = 0.1  # below 10% of its genes a model's calls are not evidenc
 logger = logging.getLogger(__name__)
 
 
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Per-label probabilities of ``logits`` divided by ``temperature``, in float64."""
+    return torch.softmax(torch.from_numpy(np.asarray(logits)).double() / temperature, dim=1).numpy()
+
+
+def iter_mean_scores(models, loader, normalize: bool, calibrated: bool):
+    """Yield, batch by batch, the mean of ``models``' probabilities (float64) and their embeddings side by side.
+
+    Each model's probability is its softmax, of the logits divided by its fitted temperature when ``calibrated``.
+    The embedding is one model's penultimate layer, or for several the members' concatenated in ``models`` order
+    (cells × the sum of their widths). One pass over ``loader``: every batch is read once and run through each model.
+    """
+    temperatures = [m.temperature_ if calibrated else 1.0 for m in models]
+    if len(models) == 1:  # the one model's own pass (with its progress bar)
+        outputs = ([out] for out in iter_loader_outputs(models[0].module, loader, normalize))
+    else:
+        outputs = ([[*iter_loader_outputs(m.module, [batch], normalize)][0] for m in models] for batch in loader)
+    for outs in outputs:
+        probs = softmax(outs[0]["logits"].numpy(), temperatures[0])
+        for out, t in zip(outs[1:], temperatures[1:], strict=True):
+            probs += softmax(out["logits"].numpy(), t)
+        embedding = torch.cat([out["embeddings"] for out in outs], dim=1).numpy() if len(outs) > 1 else None
+        yield probs / len(models), outs[0]["embeddings"].numpy() if embedding is None else embedding
+
+
 class InferenceMixin:
     """Predictions, evaluation and the latent representation of any AnnData, MuData or datamodule split."""
 
     # ------------------------------------------------------------------ inference
+    def _scorers(self) -> list:
+        """The trained classifiers whose mean probability is this model's: the model itself (an ensemble: its members).
+
+        Every probability :meth:`predict` and :meth:`evaluate` use is the mean over these (:func:`iter_mean_scores`),
+        so a single model and an ensemble share every rule that follows.
+        """
+        return [self]
+
     def _run(
         self, X, rows: np.ndarray, normalize: bool, aligner: GeneAligner | None, batch_size: int
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -135,9 +168,8 @@ class InferenceMixin:
         """
         loader = make_loader(X, np.arange(acc.n_cells), batch_size, aligner=aligner)
         embedding, start = None, 0
-        for out in iter_loader_outputs(self.module, loader, normalize):
-            acc.add(self._probabilities(out["logits"].numpy(), calibrated))
-            h = out["embeddings"].numpy()
+        for probs, h in iter_mean_scores(self._scorers(), loader, normalize, calibrated):
+            acc.add(probs)
             if keep_embedding:
                 if embedding is None:
                     embedding = np.zeros((acc.n_cells, h.shape[1]), dtype=np.float32)
@@ -302,6 +334,7 @@ class InferenceMixin:
     def _prediction_uns(self, coarse_threshold, calibrated, aligner, normalize_used, min_confidence) -> dict:
         from schce import __version__
 
+        temperatures = [float(m.temperature_ if calibrated else 1.0) for m in self._scorers()]  # an ensemble: each
         return {
             "schce_version": __version__,
             "backbone": self.backbone,
@@ -311,15 +344,24 @@ class InferenceMixin:
             "ontology_version": self.hierarchy.version,
             "coarse_threshold": float(coarse_threshold),
             "min_confidence": float(min_confidence),
-            "temperature": float(self.temperature_ if calibrated else 1.0),
+            "temperature": temperatures[0] if len(temperatures) == 1 else np.asarray(temperatures),
             "gene_overlap": aligner.summary(),
             "normalized": bool(normalize_used),
             "expression": self._query_expression,
         }
 
     def _probabilities(self, logits: np.ndarray, calibrated: bool) -> np.ndarray:
-        t = self.temperature_ if calibrated else 1.0
-        return torch.softmax(torch.from_numpy(logits).double() / t, dim=1).numpy()
+        return softmax(logits, self.temperature_ if calibrated else 1.0)
+
+    def _all_probabilities(
+        self, adata, layer, gene_symbols, batch_size: int, normalize, calibrated: bool
+    ) -> tuple[np.ndarray, AnnData]:
+        """Every cell's probabilities (the mean over :meth:`_scorers`) and the query's RNA AnnData, after all checks."""
+        self._require_trained()
+        adata, X, aligner, normalize_used = self._prepare(adata, layer, gene_symbols, normalize)
+        loader = make_loader(X, np.arange(adata.n_obs), batch_size, aligner=aligner)
+        batches = [probs for probs, _ in iter_mean_scores(self._scorers(), loader, normalize_used, calibrated)]
+        return np.concatenate(batches) if batches else np.empty((0, self.hierarchy.n_labels)), adata
 
     def evaluate(
         self,
@@ -379,13 +421,12 @@ class InferenceMixin:
         :class:`~schce.evaluation.EvaluationResult` with ``overall``, ``per_class``, ``per_group`` and ``detailed``.
         """
         if datamodule is not None:
-            from schce.model._store import datamodule_predictions
+            from schce.model._store import datamodule_probabilities
 
             if groupby is not DEFAULT_GROUPBY:  # a named column the split's metadata lacks fails here, named
                 check_groupby(datamodule.read_obs(split).columns, groupby, DEFAULT_GROUPBY, f"the {split} split's obs")
             onto = load_cell_ontology(ontology)
-            true_terms, logits, obs = datamodule_predictions(self, datamodule, split)
-            probs = self._probabilities(logits, calibrated)
+            true_terms, probs, obs = datamodule_probabilities(self._scorers(), datamodule, split, calibrated)
             result = evaluate_predictions(
                 true_terms, probs, self.hierarchy, onto.ancestors, obs, groupby, coarse_threshold, obs.index, convention
             )
@@ -397,10 +438,10 @@ class InferenceMixin:
         raw = self._labels(adata, labels_key)
         check_groupby(self._rna(adata).obs.columns, groupby, DEFAULT_GROUPBY)  # a typo fails here, named
         true_terms, ancestors = self._true_terms(raw, ontology)
-        logits, _, _, _, adata = self._forward(adata, layer, gene_symbols, batch_size, normalize)
+        probs, adata = self._all_probabilities(adata, layer, gene_symbols, batch_size, normalize, calibrated)
         result = evaluate_predictions(
             true_terms,
-            self._probabilities(logits, calibrated),
+            probs,
             self.hierarchy,
             ancestors,
             obs=adata.obs,

@@ -108,3 +108,20 @@ def datamodule_predictions(model, datamodule, split: str) -> tuple[np.ndarray, n
     obs = datamodule.read_obs(split).reindex(ids)
     obs.index = pd.Index(ids.astype(str))
     return true_terms, out["logits"], obs
+
+
+def datamodule_probabilities(models: list, datamodule, split: str, calibrated: bool):
+    """True CL IDs, the mean of ``models``' probabilities and the cell metadata of one split of a datamodule."""
+    total, first = None, None
+    for model in models:
+        true_terms, logits, obs = datamodule_predictions(model, datamodule, split)
+        if first is None:
+            first = true_terms, obs
+        elif not obs.index.equals(first[1].index):
+            raise ValueError(
+                f"The datamodule's {split} loader served its cells in a different order on another pass; an "
+                "ensemble reads the split once per member, so its loader must not shuffle."
+            )
+        probs = model._probabilities(logits, calibrated)
+        total = probs if total is None else total + probs
+    return first[0], total / len(models), first[1]
