@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from conftest import SMALL_MLP
 
 import schce
@@ -100,13 +99,7 @@ def test_predict_writes_the_classifiers_outputs_from_the_mean(ensemble, singles,
 
 def test_min_confidence_and_majority_voting_apply_to_the_mean(ensemble, pbmc):
     out = pbmc.copy()
-    threads = torch.get_num_threads()
-    try:
-        obs = ensemble.predict(out, min_confidence=0.9, majority_voting=True, key_added="ens")
-    finally:
-        # scanpy's neighbours (numba's OpenMP layer) set torch's OpenMP thread count to the CPU count; restored so
-        # the trainings of later tests run as the fixtures' did and compare bit for bit
-        torch.set_num_threads(threads)
+    obs = ensemble.predict(out, min_confidence=0.9, majority_voting=True, key_added="ens")
     confidence = out.obsm["ens_probabilities"].to_numpy().max(axis=1)
     low = confidence < 0.9
     assert 0 < low.sum() < len(low)

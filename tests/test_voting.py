@@ -9,7 +9,7 @@ from conftest import SMALL_MLP
 
 import schce
 from schce.hierarchy import Hierarchy
-from schce.voting import default_resolution, majority_vote, vote
+from schce.voting import default_resolution, majority_vote, over_cluster, vote
 
 # root -> T -> {CD4, CD8}; root -> B
 TOY = Hierarchy(
@@ -165,3 +165,19 @@ def test_majority_vote_on_predictions_schce_did_not_record(pbmc):
     with pytest.raises(ValueError, match=r"uns\['schce'\], which schce did not write"):
         majority_vote(query, TOY, over_clustering="cluster")
     assert query.uns["schce"] == {"mine": 1}
+
+
+def test_over_clustering_keeps_torch_thread_count():
+    """scanpy's neighbours (numba's OpenMP start-up) reset the OpenMP thread count torch shares; it is put back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    emb = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            clusters = over_cluster(emb)
+            assert len(clusters) == 200
+            assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(threads)

@@ -7,7 +7,9 @@ agrees with the vote is written beside it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 
 import numpy as np
 import pandas as pd
@@ -78,6 +80,23 @@ def vote(
     return cluster_term[clusters.codes], cluster_support[clusters.codes].astype(np.float32)
 
 
+@contextlib.contextmanager
+def _torch_threads_kept():
+    """Put torch's thread count back after the block (when torch is loaded; this module does not import it).
+
+    ``sc.pp.neighbors`` runs numba's parallel loops, whose OpenMP start-up resets the thread count of the OpenMP
+    runtime torch shares: torch went from 1 thread to all cores, so a training after ``majority_voting=True`` in the
+    same session ran with other threads and gave other numbers than the same training before it.
+    """
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def over_cluster(embedding: np.ndarray, resolution: float | None = None, random_state: int = 0) -> np.ndarray:
     """Leiden clusters of a neighbour graph of ``embedding`` (e.g. ``obsm["X_schce"]``), fine by default.
 
@@ -89,7 +108,8 @@ def over_cluster(embedding: np.ndarray, resolution: float | None = None, random_
     resolution = default_resolution(n) if resolution is None else float(resolution)
     tmp = AnnData(obs=pd.DataFrame(index=[str(i) for i in range(n)]))
     tmp.obsm["X_emb"] = np.asarray(embedding, dtype=np.float32)
-    sc.pp.neighbors(tmp, n_neighbors=min(10, max(n - 1, 2)), use_rep="X_emb", random_state=random_state)
+    with _torch_threads_kept():
+        sc.pp.neighbors(tmp, n_neighbors=min(10, max(n - 1, 2)), use_rep="X_emb", random_state=random_state)
     sc.tl.leiden(tmp, resolution=resolution, random_state=random_state, flavor="igraph", n_iterations=2)
     logger.info(
         "Over-clustered %d cells into %d clusters (leiden, resolution %g).", n, tmp.obs["leiden"].nunique(), resolution

@@ -31,7 +31,7 @@ from schce.data._loader import make_loader
 from schce.evaluation import DEFAULT_GROUPBY, EvaluationResult, evaluate_predictions
 from schce.model._setup import CUSTOM
 from schce.ontology import load_cell_ontology
-from schce.train._runner import iter_loader_outputs, loader_outputs
+from schce.train._runner import iter_loader_outputs, loader_outputs, progress
 from schce.vocabulary import map_labels
 from schce.voting import cluster_column, voting_frame
 
@@ -56,7 +56,9 @@ def iter_mean_scores(models, loader, normalize: bool, calibrated: bool):
     if len(models) == 1:  # the one model's own pass (with its progress bar)
         outputs = ([out] for out in iter_loader_outputs(models[0].module, loader, normalize))
     else:
-        outputs = ([[*iter_loader_outputs(m.module, [batch], normalize)][0] for m in models] for batch in loader)
+        # one bar over the batches (each member's pass over one batch is too short for its own)
+        batches = progress(loader, f"Predicting ({len(models)} members)")
+        outputs = ([[*iter_loader_outputs(m.module, [batch], normalize)][0] for m in models] for batch in batches)
     for outs in outputs:
         probs = softmax(outs[0]["logits"].numpy(), temperatures[0])
         for out, t in zip(outs[1:], temperatures[1:], strict=True):

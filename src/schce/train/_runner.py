@@ -55,6 +55,15 @@ def quiet_lightning_info():
         rank_zero.setLevel(level)
 
 
+def progress(loader, desc: str):
+    """``loader`` with a progress bar of batches, shown only when the pass is long enough to wait for."""
+    try:
+        total = len(loader)
+    except TypeError:
+        total = None
+    return tqdm(loader, desc=desc, unit="batch", total=total, disable=total is not None and total < 20)
+
+
 def iter_loader_outputs(module, loader, normalize: bool, desc: str = "Predicting"):
     """Yield ``{"logits", "embeddings"}`` (float32, CPU), with ``y`` / ``idx`` if given, batch by batch.
 
@@ -62,13 +71,8 @@ def iter_loader_outputs(module, loader, normalize: bool, desc: str = "Predicting
     """
     device = next(module.parameters()).device
     module.eval()
-    try:
-        total = len(loader)
-    except TypeError:
-        total = None
     densify = Densifier()  # sparse batches: densified on the device into one reused buffer
-    # A bar only when the pass is long enough to wait for.
-    for batch in tqdm(loader, desc=desc, unit="batch", total=total, disable=total is not None and total < 20):
+    for batch in progress(loader, desc):
         with torch.inference_mode():
             logits, h = module(densify(batch, device), normalize=normalize, inplace=is_sparse(batch))
             out = {"logits": logits.float().cpu(), "embeddings": h.float().cpu()}
