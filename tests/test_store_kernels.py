@@ -189,3 +189,19 @@ def test_coded_cells_reject_a_gap_so_large_the_rank_would_wrap_around(coding):
     assert len(cells) == 1 and cells.lengths[0] == 2
     with pytest.raises(ValueError, match="beyond its gene order"):
         cells.decode()
+
+
+def test_coded_cells_refuse_offsets_outside_their_bytes():
+    """The loops read without bounds checks, so offsets past the data or running backwards are refused up front."""
+    ind, val, order = _coded(_cells("count", seed=8), "count")
+    (cell_bytes, code_bytes), (value_cells, value_bytes) = _parts(ind), _parts(val)
+    with pytest.raises(ValueError, match="Truncated"):
+        store_kernels.CodedCells(cell_bytes, code_bytes[:-1], value_cells, value_bytes, order, "count")
+    backwards = value_cells.copy()
+    backwards[5] = backwards[6] + 1
+    for bad in (backwards, value_cells + 1):
+        with pytest.raises(ValueError, match="values do not match"):
+            store_kernels.CodedCells(cell_bytes, code_bytes, bad, value_bytes, order, "count")
+    cells = store_kernels.CodedCells(cell_bytes, code_bytes, value_cells, value_bytes, order, "count")
+    assert len(cells.value_bytes) == len(value_bytes) + cells.lengths.max() + 1  # the zeros the decoder may read
+    np.testing.assert_array_equal(cells.value_bytes[: len(value_bytes)], value_bytes)

@@ -87,11 +87,12 @@ def _decode_rows(
     ``value_bytes`` when the code's low bit is set), the one-byte cases looked up in ``small`` (:data:`_SMALL`).
     A row of ``indptr`` holds as many entries as the cell has final bytes (:func:`_lengths`), so the loop runs that
     many numbers and never reads past the cell. The value byte is read without a branch on the low bit (set about as
-    often as not on UMI counts, so a branch would be mispredicted): ``value_bytes`` has at least one byte and the
-    read is clamped to its last one; every cell must use exactly its own value bytes. Ranks only grow, so the last
-    one is checked against the gene order after the cell (the reads are clamped meanwhile).
+    often as not on UMI counts, so a branch would be mispredicted) and without a bounds check: ``value_bytes`` ends
+    with zeros as long as the longest cell (:class:`CodedCells`); every cell must use exactly its own value bytes.
+    Ranks only grow, so the last one is checked against the gene order after the cell (gene reads are clamped
+    meanwhile).
     """
-    n_order, last = np.uint64(len(order)), np.uint64(len(value_bytes) - 1)
+    n_order = np.uint64(len(order))
     shift = _ONE if counts else np.uint64(0)
     for j in range(len(rows)):
         r, d = np.uint64(rows[j]), np.uint64(dest[j])
@@ -111,7 +112,7 @@ def _decode_rows(
             rank += code >> shift
             if counts:
                 more = code & _ONE
-                v = np.uint64(value_bytes[min(vpos, last)])
+                v = np.uint64(value_bytes[vpos])  # in range: CodedCells pads the bytes
                 if more & (v >> np.uint64(7)):  # rare: a count above 129
                     v, vpos, ok = _varint(value_bytes, vpos, vend)
                     if not ok:
@@ -167,6 +168,11 @@ def _scatter(src_offsets, src_indices, src_values, rows, dest, out):  # pragma: 
             out[d, np.uint64(src_indices[i])] = src_values[i]
 
 
+def _offsets_within(offsets: np.ndarray, n: int) -> bool:
+    """Whether ``offsets`` start at or after 0, never decrease and end within ``n`` bytes."""
+    return len(offsets) > 0 and offsets[0] >= 0 and offsets[-1] <= n and bool(np.all(offsets[1:] >= offsets[:-1]))
+
+
 def _half_table() -> np.ndarray:
     global _HALF
     if _HALF is None:
@@ -184,16 +190,22 @@ class CodedCells:
 
     def __init__(self, cell_bytes, code_bytes, value_cells, value_bytes, order, coding: str):
         _compile()
-        if len(value_cells) != len(cell_bytes):
+        cell_bytes, value_cells = cell_bytes.astype(np.int64, copy=False), value_cells.astype(np.int64, copy=False)
+        # The loops read without bounds checks: every cell's bytes must lie within the data.
+        if not _offsets_within(cell_bytes, len(code_bytes)):
+            raise ValueError(_ERRORS[_TRUNCATED])
+        if len(value_cells) != len(cell_bytes) or not _offsets_within(value_cells, len(value_bytes)):
             raise ValueError(_ERRORS[_VALUES])
-        self.cell_bytes, self.code_bytes = cell_bytes.astype(np.int64, copy=False), code_bytes
+        self.cell_bytes, self.code_bytes = cell_bytes, code_bytes
         self.order, self.counts = order.astype(np.int32, copy=False), coding == "count"
         self.lengths = np.empty(len(cell_bytes) - 1, dtype=np.int64)
         _lengths(self.cell_bytes, code_bytes, self.lengths)
-        value_cells = value_cells.astype(np.int64, copy=False)
         if self.counts:
-            # At least one byte, so the branch-free read of the decoder always has one to read.
-            self.value_cells, self.value_bytes = value_cells, value_bytes if len(value_bytes) else np.zeros(1, np.uint8)
+            # The decoder reads a cell's next value byte before it knows whether the cell has one, without a bounds
+            # check: a cell reads at most one byte per number past its start, so zeros as long as the longest cell
+            # keep every read (a damaged cell's too) inside the array.
+            pad = np.zeros(int(self.lengths.max(initial=0)) + 1, dtype=np.uint8)
+            self.value_cells, self.value_bytes = value_cells, np.concatenate([value_bytes, pad])
             return
         size = np.dtype(coding).itemsize
         if len(value_bytes) % size or not np.array_equal(np.diff(value_cells), self.lengths * size):
