@@ -53,6 +53,7 @@ class TrainingMixin:
         split_key: str | None = None,
         early_stopping: bool = True,
         early_stopping_patience: int = 10,
+        early_stopping_monitor: Literal["f1", "loss"] = "f1",
         class_weights: Literal["balanced"] | None = "balanced",
         accelerator: str = "auto",
         devices: int | str = 1,
@@ -63,6 +64,8 @@ class TrainingMixin:
         batch_mixing_weight: float = 0.0,
         ecs_weight: float = 0.0,
         ecs_threshold: float = 0.8,
+        ema_decay: float | None = None,
+        label_smoothing: float = 0.0,
         calibrate: bool = True,
         augment: bool | np.ndarray | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
@@ -109,6 +112,9 @@ class TrainingMixin:
         early_stopping, early_stopping_patience
             Stop when the validation metric stalls: the hierarchy-corrected macro F1 over the true labels, or with
             ``recipe="sctab"`` the paper's (over the labels true or predicted, ``validation_paper_macro_f1``).
+        early_stopping_monitor
+            What early stopping, the kept best epoch and ``best.ckpt`` follow: ``"f1"`` (the validation metric
+            above, highest) or ``"loss"`` (the unweighted validation loss, lowest).
         class_weights
             ``"balanced"`` weighs label ``c`` by ``N / (K · n_c)`` in the training loss; ``None`` for none.
         accelerator, devices
@@ -130,6 +136,14 @@ class TrainingMixin:
             batches). Needs ``batch_key``. ``0`` = off.
         ecs_weight, ecs_threshold
             Weight and threshold of scGPT's elastic cell similarity term on the embedding. ``0`` = off.
+        ema_decay
+            Average the weights along training: an exponential moving average with this factor per optimiser step
+            (e.g. ``0.9`` weighs about the last 10 steps; bias-corrected, so it starts at the first step's weights).
+            Validation, the kept best epoch, calibration and prediction use the averaged weights; checkpoints keep
+            the average, so a resumed run continues it. AdamW only. ``None`` = off. See :doc:`/training`.
+        label_smoothing
+            ε of label smoothing in the training loss: ``(1 − ε) · loss + ε · mean_i(−log P_i)`` over the labels,
+            ``P_i`` a label's subtree probability with the hierarchical losses (its own with ``"ce"``). ``0`` = off.
         calibrate
             Fit a temperature on the validation cells after training (temperature scaling); :meth:`predict` applies
             it. Needs ``validation_size > 0``.
