@@ -53,7 +53,7 @@ class TrainingMixin:
         split_key: str | None = None,
         early_stopping: bool = True,
         early_stopping_patience: int = 10,
-        early_stopping_monitor: Literal["f1", "loss"] = "f1",
+        early_stopping_monitor: Literal["f1", "loss", "weighted_loss"] | None = None,
         class_weights: Literal["balanced"] | None = "balanced",
         accelerator: str = "auto",
         devices: int | str = 1,
@@ -76,9 +76,10 @@ class TrainingMixin:
     ) -> None:
         """Train the classifier.
 
-        A stratified ``validation_size`` fraction of the cells is held out; after every epoch the validation
-        hierarchy-corrected macro F1 is computed, training stops early when it has not improved for
-        ``early_stopping_patience`` epochs, and the weights of the best epoch are kept.
+        A stratified ``validation_size`` fraction of the cells is held out; after every epoch the validation loss
+        (class-weighted as the training loss is) and the hierarchy-corrected macro F1 are computed, training stops
+        early when the loss has not improved for ``early_stopping_patience`` epochs, and the weights of the best
+        epoch are kept (``early_stopping_monitor`` chooses what is followed).
 
         Parameters
         ----------
@@ -110,11 +111,16 @@ class TrainingMixin:
             ``obs`` column of donors, samples or batches: whole groups go to train, validation or test, as scTab
             splits by donor, so validation measures transfer to unseen groups. Default: random, per label.
         early_stopping, early_stopping_patience
-            Stop when the validation metric stalls: the hierarchy-corrected macro F1 over the true labels, or with
-            ``recipe="sctab"`` the paper's (over the labels true or predicted, ``validation_paper_macro_f1``).
+            Stop when the monitored validation quantity stalls (``early_stopping_monitor``). Its ``"f1"`` is the
+            hierarchy-corrected macro F1 over the true labels, or with ``recipe="sctab"`` the paper's (over the
+            labels true or predicted, ``validation_paper_macro_f1``).
         early_stopping_monitor
-            What early stopping, the kept best epoch and ``best.ckpt`` follow: ``"f1"`` (the validation metric
-            above, highest) or ``"loss"`` (the unweighted validation loss, lowest).
+            What early stopping, the kept best epoch and ``best.ckpt`` follow: ``"weighted_loss"`` (the validation
+            loss weighted by ``class_weights`` as the training loss is, lowest), ``"loss"`` (unweighted, lowest) or
+            ``"f1"`` (the validation metric named above, highest). Default (``None``): ``"weighted_loss"``, or
+            ``"loss"`` with ``class_weights=None``, and ``"f1"`` with ``recipe="sctab"`` (the published recipe). On
+            small references the loss of every validation cell picks a better epoch than the macro F1 of a few of
+            them (see :doc:`/method`).
         class_weights
             ``"balanced"`` weighs label ``c`` by ``N / (K · n_c)`` in the training loss; ``None`` for none.
         accelerator, devices

@@ -249,6 +249,12 @@ class HCETrainingPlan(pl.LightningModule):
         if self.paper_validation and "sparsity" in self.auxiliary:  # the HCE paper's TabNet: task - λ · M_loss
             loss = loss + self.auxiliary["sparsity"] * self.module.classifier.sparsity_loss
         self.log("validation_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        w = None if self.class_weights is None else float(self.class_weights[y].sum())
+        if w:  # a batch whose labels all have weight 0 (none in training) adds nothing to the weighted mean
+            # The training loss's class weights on the validation cells: each batch's weighted mean, averaged over
+            # the batches by their weight sums, is the weighted mean over all validation cells.
+            weighted = self._loss(logits, targets, self.class_weights)
+            self.log("validation_weighted_loss", weighted, on_step=False, on_epoch=True, batch_size=w)
         self._val_true.append(y.detach().cpu())
         self._val_pred.append(pred.detach().cpu())
 

@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from _private import PAPER_MONITOR, TrainConfig
 from conftest import SMALL_MLP
 
 import schce
@@ -222,5 +223,50 @@ def test_early_stopping_can_follow_the_validation_loss(registered):
     assert model.best_epoch_ == int(loss.idxmin())
     # stopped 2 epochs after the lowest loss, or at max_epochs
     assert int(loss.index.max()) == min(model.best_epoch_ + 2, 5)
-    with pytest.raises(ValueError, match=r"early_stopping_monitor must be one of \['f1', 'loss'\]"):
+    with pytest.raises(ValueError, match=r"early_stopping_monitor must be one of \['f1', 'loss', 'weighted_loss'\]"):
         schce.HCEClassifier(registered, **SMALL_MLP).train(early_stopping_monitor="auc", enable_progress_bar=False)
+
+
+def test_weighted_validation_loss_is_the_class_weighted_mean(registered):
+    from schce.losses import hierarchical_log_probs
+
+    model = schce.HCEClassifier(registered, loss="hce", **SMALL_MLP)
+    model.train(max_epochs=3, early_stopping_monitor="weighted_loss", seed=0, enable_progress_bar=False)
+    history = model.history_["validation_weighted_loss"]["validation_weighted_loss"]
+    assert model.best_epoch_ == int(history.idxmin())
+    codes = model.hierarchy.label_index(registered.obs["cell_type_ontology_term_id"].astype(str).tolist())
+    counts = np.bincount(codes[model.train_indices_], minlength=model.hierarchy.n_labels)
+    val = registered[model.validation_indices_].copy()
+    with torch.no_grad():
+        x = torch.as_tensor(np.asarray(val.X.todense() if hasattr(val.X, "todense") else val.X), dtype=torch.float32)
+        logits, _ = model.module.eval()(x, normalize=model.setup_state.normalize)
+    y = torch.as_tensor(codes[model.validation_indices_])
+    per_cell = -hierarchical_log_probs(logits.double(), torch.as_tensor(model.hierarchy.R)).gather(1, y[:, None])[:, 0]
+    w = torch.as_tensor(1.0 / counts, dtype=torch.float64)[y]  # balanced weights up to a factor, which cancels
+    np.testing.assert_allclose(history.loc[model.best_epoch_], float((w * per_cell).sum() / w.sum()), rtol=1e-4)
+    with pytest.raises(ValueError, match='weighted_loss" weighs the validation loss by the class weights'):
+        model.train(early_stopping_monitor="weighted_loss", class_weights=None, enable_progress_bar=False)
+
+
+def test_the_default_follows_the_class_weighted_validation_loss(registered):
+    model = _train(registered, max_epochs=5, early_stopping_patience=2)
+    weighted = model.history_["validation_weighted_loss"]["validation_weighted_loss"]
+    assert model.best_epoch_ == int(weighted.idxmin())
+    # stopped 2 epochs after the lowest weighted loss, or at max_epochs
+    assert int(weighted.index.max()) == min(model.best_epoch_ + 2, 4)
+    # the defaults by recipe and class weights
+    resolve = {"backbone": "mlp", "n_values": 1000}
+    assert TrainConfig().resolve(recipe=None, **resolve).monitor == "validation_weighted_loss"
+    assert TrainConfig(class_weights=None).resolve(recipe=None, **resolve).monitor == "validation_loss"
+    assert TrainConfig().resolve(recipe="sctab", **resolve).monitor == PAPER_MONITOR
+    assert TrainConfig(early_stopping_monitor="f1").resolve(recipe=None, **resolve).monitor == (
+        "validation_corrected_macro_f1"
+    )
+    assert TrainConfig().resolve(recipe=None, **resolve).monitor_mode == "min"
+
+
+def test_fine_tune_still_follows_the_validation_f1(registered):
+    model = _train(registered, max_epochs=2)
+    model.fine_tune(registered.copy(), "cell_type_ontology_term_id", max_epochs=3, enable_progress_bar=False)
+    f1 = model.history_["validation_corrected_macro_f1"]["validation_corrected_macro_f1"]
+    assert model.best_epoch_ == int(f1.idxmax())
