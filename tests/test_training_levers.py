@@ -75,8 +75,14 @@ def test_ema_is_what_validation_and_the_kept_epoch_see(registered):
     assert best is not None
     n = steps.steps_at_epoch_end[best]
     _assert_weights(model.module, _independent_ema(steps.weights[:n], 0.8))
-    # the recorded (training) weights were put back after each validation: the next step starts from them
-    assert len(steps.weights) == steps.steps_at_epoch_end[-1]
+    # the training weights were put back after each validation: the trajectory is the one training without an
+    # average follows, step for step
+    plain_steps = _Steps()
+    _train(registered, max_epochs=4, early_stopping=False, callbacks=[plain_steps])
+    assert len(plain_steps.weights) == len(steps.weights)
+    for a, b in zip(steps.weights, plain_steps.weights, strict=True):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
 
 
 def test_ema_training_is_deterministic_and_differs_from_plain(registered):

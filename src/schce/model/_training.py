@@ -162,7 +162,7 @@ class TrainingMixin:
             ``augmentations.npy`` or, on AnnData, :func:`schce.data.published_augmentation_matrix` over the training
             cells grouped by ``batch_key`` (else ``split_key``); see :doc:`/training`.
         checkpoint_dir
-            Directory for Lightning checkpoints: ``best.ckpt`` (highest validation hierarchy-corrected macro F1) and
+            Directory for Lightning checkpoints: ``best.ckpt`` (the best epoch by ``early_stopping_monitor``) and
             ``last.ckpt`` (end of every epoch, or every ``checkpoint_every_n_steps`` steps).
         ckpt_path
             Resume an interrupted run: ``"last"`` (``checkpoint_dir/last.ckpt``) or a checkpoint file. With the
