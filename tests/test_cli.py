@@ -70,8 +70,9 @@ def test_train_writes_a_loadable_model_and_reports_the_validation_metric(files):
     assert model.init_params_["kwargs"]["backbone_kwargs"] == {**DEFAULT_BACKBONE_KWARGS["mlp"], **SMALL_MLP}
     assert model.hierarchy.n_labels == files["adata"].obs[LABELS].nunique()
     assert model.genes == list(files["adata"].var_names)
-    # the model's own validation score for its best epoch is what the command printed
-    best = model.history_["validation_corrected_macro_f1"].iloc[:, 0].max()
+    # the model's own validation score for its kept epoch (lowest class-weighted validation loss) is what it printed
+    assert model.best_epoch_ == int(model.history_["validation_weighted_loss"].iloc[:, 0].idxmin())
+    best = model.history_["validation_corrected_macro_f1"].iloc[:, 0].loc[model.best_epoch_]
     assert score == pytest.approx(best, abs=1e-4)
 
 

@@ -5,7 +5,8 @@ Kept free of heavy imports so every layer (and ``schce --help``) can read them c
 
 #: Where model files of format 2 and earlier kept schce's set-up: inside the saved scvi-tools registry.
 SETUP_KEY = "schce"
-#: The validation metric that early stopping, best-weight selection and checkpoints follow.
+#: The validation metric that early stopping, best-weight selection and checkpoints follow with
+#: ``early_stopping_monitor="f1"`` (the default follows the class-weighted validation loss); ``schce train`` prints it.
 MONITOR = "validation_corrected_macro_f1"
 #: Default prefix of the keys :meth:`~schce.HCEClassifier.predict` writes.
 KEY_ADDED = "schce"

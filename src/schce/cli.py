@@ -253,8 +253,9 @@ def train(
 ) -> None:
     """Train a classifier on INPUT.h5ad and save it to --out.
 
-    Validation cells are held out; training keeps the weights of the epoch with the best validation
-    hierarchy-corrected macro F1 (the linear model is fitted by full-batch L-BFGS and keeps the converged weights).
+    Validation cells are held out; training keeps the weights of the epoch with the lowest class-weighted validation
+    loss and prints that epoch's hierarchy-corrected macro F1 (the linear model is fitted by full-batch L-BFGS and
+    keeps the converged weights).
     """
     _existing_file(input_path, "Input")
     if label_mapping is not None:

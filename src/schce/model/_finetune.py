@@ -97,7 +97,9 @@ class FineTuneMixin:
         if new_labels not in ("add", "error"):
             raise ValueError(f"new_labels must be 'add' or 'error', got {new_labels!r}.")
         # Fine-tuning continues with AdamW at the package defaults, whatever recipe trained the model.
-        config = TrainConfig.from_arguments(locals(), optimizer="adamw").resolve(self.backbone, None, None)
+        # The validation macro F1 as before: the weighted-loss default of train() was measured on training only.
+        config = TrainConfig.from_arguments(locals(), optimizer="adamw", early_stopping_monitor="f1")
+        config = config.resolve(self.backbone, None, None)
         if freeze_encoder and output_layer(self.module.classifier) is self.module.classifier:
             raise ValueError(f"The {self.backbone} backbone has no encoder to freeze; use freeze_encoder=False.")
         terms, added, hierarchy = self._fine_tune_labels(adata, labels_key, ontology, new_labels)

@@ -53,6 +53,7 @@ class TrainingMixin:
         split_key: str | None = None,
         early_stopping: bool = True,
         early_stopping_patience: int = 10,
+        early_stopping_monitor: Literal["f1", "loss", "weighted_loss"] | None = None,
         class_weights: Literal["balanced"] | None = "balanced",
         accelerator: str = "auto",
         devices: int | str = 1,
@@ -63,6 +64,8 @@ class TrainingMixin:
         batch_mixing_weight: float = 0.0,
         ecs_weight: float = 0.0,
         ecs_threshold: float = 0.8,
+        ema_decay: float | None = None,
+        label_smoothing: float = 0.0,
         calibrate: bool = True,
         augment: bool | np.ndarray | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
@@ -73,9 +76,10 @@ class TrainingMixin:
     ) -> None:
         """Train the classifier.
 
-        A stratified ``validation_size`` fraction of the cells is held out; after every epoch the validation
-        hierarchy-corrected macro F1 is computed, training stops early when it has not improved for
-        ``early_stopping_patience`` epochs, and the weights of the best epoch are kept.
+        A stratified ``validation_size`` fraction of the cells is held out; after every epoch the validation loss
+        (class-weighted as the training loss is) and the hierarchy-corrected macro F1 are computed, training stops
+        early when the loss has not improved for ``early_stopping_patience`` epochs, and the weights of the best
+        epoch are kept (``early_stopping_monitor`` chooses what is followed).
 
         Parameters
         ----------
@@ -107,8 +111,16 @@ class TrainingMixin:
             ``obs`` column of donors, samples or batches: whole groups go to train, validation or test, as scTab
             splits by donor, so validation measures transfer to unseen groups. Default: random, per label.
         early_stopping, early_stopping_patience
-            Stop when the validation metric stalls: the hierarchy-corrected macro F1 over the true labels, or with
-            ``recipe="sctab"`` the paper's (over the labels true or predicted, ``validation_paper_macro_f1``).
+            Stop when the monitored validation quantity stalls (``early_stopping_monitor``). Its ``"f1"`` is the
+            hierarchy-corrected macro F1 over the true labels, or with ``recipe="sctab"`` the paper's (over the
+            labels true or predicted, ``validation_paper_macro_f1``).
+        early_stopping_monitor
+            What early stopping, the kept best epoch and ``best.ckpt`` follow: ``"weighted_loss"`` (the validation
+            loss weighted by ``class_weights`` as the training loss is, lowest), ``"loss"`` (unweighted, lowest) or
+            ``"f1"`` (the validation metric named above, highest). Default (``None``): ``"weighted_loss"``, or
+            ``"loss"`` with ``class_weights=None``, and ``"f1"`` with ``recipe="sctab"`` (the published recipe). On
+            small references the loss of every validation cell picks a better epoch than the macro F1 of a few of
+            them (see :doc:`/method`).
         class_weights
             ``"balanced"`` weighs label ``c`` by ``N / (K · n_c)`` in the training loss; ``None`` for none.
         accelerator, devices
@@ -130,6 +142,14 @@ class TrainingMixin:
             batches). Needs ``batch_key``. ``0`` = off.
         ecs_weight, ecs_threshold
             Weight and threshold of scGPT's elastic cell similarity term on the embedding. ``0`` = off.
+        ema_decay
+            Average the weights along training: an exponential moving average with this factor per optimiser step
+            (e.g. ``0.9`` weighs about the last 10 steps; bias-corrected, so it starts at the first step's weights).
+            Validation, the kept best epoch, calibration and prediction use the averaged weights; checkpoints keep
+            the average, so a resumed run continues it. AdamW only. ``None`` = off. See :doc:`/training`.
+        label_smoothing
+            ε of label smoothing in the training loss: ``(1 − ε) · loss + ε · mean_i(−log P_i)`` over the labels,
+            ``P_i`` a label's subtree probability with the hierarchical losses (its own with ``"ce"``). ``0`` = off.
         calibrate
             Fit a temperature on the validation cells after training (temperature scaling); :meth:`predict` applies
             it. Needs ``validation_size > 0``.
@@ -142,7 +162,7 @@ class TrainingMixin:
             ``augmentations.npy`` or, on AnnData, :func:`schce.data.published_augmentation_matrix` over the training
             cells grouped by ``batch_key`` (else ``split_key``); see :doc:`/training`.
         checkpoint_dir
-            Directory for Lightning checkpoints: ``best.ckpt`` (highest validation hierarchy-corrected macro F1) and
+            Directory for Lightning checkpoints: ``best.ckpt`` (the best epoch by ``early_stopping_monitor``) and
             ``last.ckpt`` (end of every epoch, or every ``checkpoint_every_n_steps`` steps).
         ckpt_path
             Resume an interrupted run: ``"last"`` (``checkpoint_dir/last.ckpt``) or a checkpoint file. With the

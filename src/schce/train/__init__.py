@@ -1,7 +1,7 @@
 """Training: one validated config, the runner, the Lightning training plan, its callbacks and the named recipes."""
 
 from schce.train._calibration import fit_temperature
-from schce.train._callbacks import BestWeights, FrozenModules, HistoryRecorder
+from schce.train._callbacks import BestWeights, FrozenModules, HistoryRecorder, WeightAveraging
 from schce.train._config import TrainConfig
 from schce.train._plan import LOSSES, OPTIMIZERS, HCETrainingPlan
 from schce.train._recipe import RECIPES, Recipe
@@ -18,6 +18,7 @@ __all__ = [
     "RECIPES",
     "Recipe",
     "TrainConfig",
+    "WeightAveraging",
     "fit",
     "fit_temperature",
 ]

@@ -150,3 +150,103 @@ class FrozenModules(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         for m in self.modules:
             m.eval()
+
+
+class WeightAveraging(pl.Callback):
+    """An exponential moving average (EMA) of the module's trainable weights along the training trajectory.
+
+    After the ``n``-th optimiser step the average is ``Σ_k decay^(n−k) · w_k / Σ_k decay^(n−k)`` over the weights
+    ``w_1 … w_n`` after each step: the exponential moving average ``ema ← decay · ema + (1 − decay) · w``,
+    bias-corrected as Adam's moments are, so it starts at the first step's weights rather than being pulled towards
+    the initial ones (``decay`` = 0.9 weighs about the last 10 steps, 0.99 the last 100). Validation sees the averaged
+    weights (the training weights are put back when it ends, so checkpoints hold both: the training weights as the
+    model's and the average in this callback's state), so the best epoch, calibration and prediction all use them.
+    Buffers (batch-norm statistics, input scaling) are the live module's. With ``load_at_end`` the average is
+    loaded into the module when training ends (runs without validation; otherwise :class:`BestWeights` keeps the
+    averaged weights of the best epoch).
+
+    Parameters
+    ----------
+    decay
+        The EMA factor per optimiser step, in ``(0, 1)``.
+    load_at_end
+        Load the averaged weights into the module at the end of training.
+    """
+
+    def __init__(self, decay: float, load_at_end: bool = True):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema_decay must lie strictly between 0 and 1, got {decay}.")
+        self.decay, self.load_at_end = float(decay), load_at_end
+        self.n_updates, self._last_step = 0, -1
+        self.average: dict[str, torch.Tensor] | None = None
+        self._training: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def _params(pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        return {name: p for name, p in pl_module.module.named_parameters() if p.requires_grad}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        if trainer.global_step == self._last_step:  # no optimiser step yet (gradient accumulation)
+            return
+        self._last_step = trainer.global_step
+        params = self._params(pl_module)
+        with torch.no_grad():
+            if self.average is None:
+                self.average = {name: p.detach().clone() for name, p in params.items()}
+            else:
+                self._to_device(params)
+                # Bias-corrected update: d_n = decay · (1 − decay^n) / (1 − decay^(n+1)) after n earlier steps.
+                n, decay = self.n_updates, self.decay
+                d = decay * (1.0 - decay**n) / (1.0 - decay ** (n + 1))
+                for name, p in params.items():
+                    self.average[name].mul_(d).add_(p.detach(), alpha=1.0 - d)
+        self.n_updates += 1
+
+    def _to_device(self, params: dict[str, torch.Tensor]) -> None:
+        # An average restored from a checkpoint is on the CPU.
+        for name, p in params.items():
+            if self.average[name].device != p.device:
+                self.average[name] = self.average[name].to(p.device)
+
+    def _swap_in(self, pl_module: pl.LightningModule) -> None:
+        if self.average is None or self._training is not None:
+            return
+        params = self._params(pl_module)
+        self._to_device(params)
+        with torch.no_grad():
+            self._training = {name: p.detach().clone() for name, p in params.items()}
+            for name, p in params.items():
+                p.copy_(self.average[name])
+
+    def _swap_out(self, pl_module: pl.LightningModule) -> None:
+        if self._training is None:
+            return
+        with torch.no_grad():
+            for name, p in self._params(pl_module).items():
+                p.copy_(self._training[name])
+        self._training = None
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in(pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_out(pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_out(pl_module)
+        if self.load_at_end:
+            self._swap_in(pl_module)
+            self._training = None  # the average stays
+
+    def state_dict(self) -> dict[str, Any]:
+        average = None if self.average is None else {k: v.detach().cpu().clone() for k, v in self.average.items()}
+        return {"decay": self.decay, "n_updates": self.n_updates, "last_step": self._last_step, "average": average}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if float(state_dict["decay"]) != self.decay:
+            raise ValueError(
+                f"The checkpoint averaged weights with ema_decay={state_dict['decay']}, this run asks for "
+                f"{self.decay}; resume with the same ema_decay."
+            )
+        self.n_updates, self._last_step = int(state_dict["n_updates"]), int(state_dict["last_step"])
+        self.average = state_dict["average"]

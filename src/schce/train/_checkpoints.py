@@ -54,8 +54,10 @@ def check_checkpoint_args(
     return directory, path
 
 
-def checkpoint_callbacks(directory: Path, monitor: str | None, every_n_steps: int | None) -> list[pl.Callback]:
-    """``best.ckpt`` (highest ``monitor``, when there is one) and ``last.ckpt`` in ``directory``.
+def checkpoint_callbacks(
+    directory: Path, monitor: str | None, every_n_steps: int | None, mode: str = "max"
+) -> list[pl.Callback]:
+    """``best.ckpt`` (best ``monitor`` by ``mode``, when there is one) and ``last.ckpt`` in ``directory``.
 
     ``last.ckpt`` is rewritten at the end of every epoch, or every ``every_n_steps`` training steps when given (then
     an interrupted run resumes mid-epoch).
@@ -76,7 +78,7 @@ def checkpoint_callbacks(directory: Path, monitor: str | None, every_n_steps: in
                 dirpath=directory,
                 filename=BEST,
                 monitor=monitor,
-                mode="max",
+                mode=mode,
                 save_top_k=1,
                 auto_insert_metric_name=False,
                 enable_version_counter=False,

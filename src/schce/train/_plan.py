@@ -14,6 +14,7 @@ from schce.losses import (
     DomainAdversarialLoss,
     elastic_cell_similarity_loss,
     hierarchical_cross_entropy,
+    hierarchical_log_probs,
     log_mask_probability,
 )
 from schce.metrics import code_scores, paper_report
@@ -104,6 +105,11 @@ class HCETrainingPlan(pl.LightningModule):
         targets (a cell whose prediction is its label or a descendant of it counts that prediction as its target;
         TabNet's includes ``- λ_sparse · M_loss``, as the HCE paper's code has it), and :data:`PAPER_MONITOR` is
         logged after every validation epoch.
+    label_smoothing
+        ε of label smoothing in the training loss (validation is unsmoothed): each cell's loss becomes
+        ``(1 − ε) · loss + ε · mean_i(−log P_i)`` over every label ``i``, where ``P_i`` is the probability the loss
+        gives a cell annotated ``i``: its subtree mass with ``"hce"`` / ``"hce-aware"`` (the hierarchy rule), its own
+        probability with ``"ce"``. Weighted by the cell's class weight, as the loss is.
     """
 
     def __init__(
@@ -124,6 +130,7 @@ class HCETrainingPlan(pl.LightningModule):
         augmentations: np.ndarray | None = None,
         optimizer: str = "adamw",
         paper_validation: bool = False,
+        label_smoothing: float = 0.0,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -131,6 +138,9 @@ class HCETrainingPlan(pl.LightningModule):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
         self.optimizer_name, self.paper_validation = optimizer, paper_validation
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}.")
+        self.label_smoothing = float(label_smoothing)
         self.auxiliary = {k: float(w) for k, w in (auxiliary or {}).items() if w}
         unknown = sorted(set(self.auxiliary) - set(AUXILIARY))
         if unknown:
@@ -177,6 +187,18 @@ class HCETrainingPlan(pl.LightningModule):
         w = weight[y]
         return (w * loss).sum() / w.sum()
 
+    def _smoothing_term(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """``mean_i(−log P_i)`` over the labels, averaged over the cells as the loss is (class-weighted)."""
+        if self.loss_name == "ce":
+            log_p = torch.log_softmax(logits, dim=1)
+        else:  # every label read as its subtree, as the hierarchical losses read an annotation
+            log_p = hierarchical_log_probs(logits, self.reachability)
+        per_cell = -log_p.mean(dim=1)
+        if weight is None:
+            return per_cell.mean()
+        w = weight[y]
+        return (w * per_cell).sum() / w.sum()
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One optimisation step on the weighted training loss."""
         x, normalize, own = self._densify(batch, self.device), self.normalize, is_sparse(batch)
@@ -184,6 +206,9 @@ class HCETrainingPlan(pl.LightningModule):
             x, normalize = augment(normalize_counts(x) if normalize else x, self.augmentations), False
         logits, h = self.module(x, normalize=normalize, inplace=own)
         task = self._loss(logits, batch, self.class_weights)
+        if self.label_smoothing:
+            eps = self.label_smoothing
+            task = (1.0 - eps) * task + eps * self._smoothing_term(logits, batch["y"], self.class_weights)
         n = len(batch["y"])
         terms: dict[str, torch.Tensor] = {}
         if "adversarial" in self.auxiliary:
@@ -224,6 +249,12 @@ class HCETrainingPlan(pl.LightningModule):
         if self.paper_validation and "sparsity" in self.auxiliary:  # the HCE paper's TabNet: task - λ · M_loss
             loss = loss + self.auxiliary["sparsity"] * self.module.classifier.sparsity_loss
         self.log("validation_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
+        w = None if self.class_weights is None else float(self.class_weights[y].sum())
+        if w:  # a batch whose labels all have weight 0 (none in training) adds nothing to the weighted mean
+            # The training loss's class weights on the validation cells: each batch's weighted mean, averaged over
+            # the batches by their weight sums, is the weighted mean over all validation cells.
+            weighted = self._loss(logits, targets, self.class_weights)
+            self.log("validation_weighted_loss", weighted, on_step=False, on_epoch=True, batch_size=w)
         self._val_true.append(y.detach().cpu())
         self._val_pred.append(pred.detach().cpu())
 

@@ -128,12 +128,14 @@ def resolve_optimizer(
     batch_size: int | None,
     stochastic: list[str],
     gradient_clip_val: float | None,
+    averaging: bool = False,
 ) -> str:
     """Pick the optimiser of a :meth:`~schce.HCEClassifier.train` call, or explain why the requested one cannot run.
 
     ``None`` gives full-batch L-BFGS for the package-default linear model on in-memory data that fits
     (``n_values = n_train × n_genes ≤`` :data:`LBFGS_MAX_VALUES`, one device, a deterministic loss) and AdamW
-    otherwise. ``n_values`` is ``None`` for a datamodule; ``stochastic`` names the random training terms asked for.
+    otherwise. ``n_values`` is ``None`` for a datamodule; ``stochastic`` names the random training terms asked for;
+    ``averaging`` is whether an average of the weights along the trajectory was asked for (``ema_decay``).
     """
     if requested is not None and requested not in OPTIMIZERS:
         choices = ", ".join(repr(name) for name in OPTIMIZERS)
@@ -149,6 +151,8 @@ def resolve_optimizer(
         problems.append(f"it runs on one device (got devices={devices!r})")
     if stochastic:
         problems.append(f"its line search needs a deterministic loss (turn off {', '.join(stochastic)})")
+    if averaging:
+        problems.append("it converges to one optimum, with no stochastic steps to average (leave ema_decay=None)")
     if batch_size is not None:
         problems.append("every step uses all training cells (leave batch_size=None)")
     if gradient_clip_val:

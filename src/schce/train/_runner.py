@@ -24,10 +24,10 @@ from schce.data._protocol import check_datamodule, datamodule_class_weights
 from schce.nn._batch import Densifier, batch_rows, is_sparse
 from schce.nn._module import gene_moments
 from schce.train._calibration import fit_temperature
-from schce.train._callbacks import BestWeights, HistoryRecorder, TrainingProgress
+from schce.train._callbacks import BestWeights, HistoryRecorder, TrainingProgress, WeightAveraging
 from schce.train._checkpoints import checkpoint_callbacks
 from schce.train._config import TrainConfig
-from schce.train._plan import PAPER_MONITOR, HCETrainingPlan
+from schce.train._plan import HCETrainingPlan
 from schce.train._recipe import matmul_precision
 
 logger = logging.getLogger(__name__)
@@ -164,21 +164,27 @@ def _callbacks(config: TrainConfig, datamodule, has_val: bool, extra: Sequence[p
         callbacks.insert(0, TrainingProgress(*order))
     # L-BFGS solves a convex problem: its answer is the converged optimum, not the iterate that scored best on
     # the validation cells, and it stops when the training loss stops falling.
-    best = BestWeights(config.monitor) if has_val and config.optimizer != "lbfgs" else None
+    best = BestWeights(config.monitor, config.monitor_mode) if has_val and config.optimizer != "lbfgs" else None
     if best is not None:
         callbacks.append(best)
         if config.early_stopping:
             callbacks.append(
                 pl.callbacks.EarlyStopping(
-                    config.monitor, mode="max", patience=config.early_stopping_patience, check_finite=True
+                    config.monitor, mode=config.monitor_mode, patience=config.early_stopping_patience, check_finite=True
                 )
             )
     elif config.optimizer == "lbfgs" and config.early_stopping:
         callbacks.append(pl.callbacks.EarlyStopping("train_loss", mode="min", min_delta=1e-6, patience=1))
+    if config.ema_decay is not None:
+        # After BestWeights: validation (and so the kept best weights) sees the average; without validation the
+        # average is what training leaves.
+        callbacks.append(WeightAveraging(config.ema_decay, load_at_end=best is None))
     callbacks += list(config.trainer_kwargs.get("callbacks") or [])
     if config.checkpoint_dir is not None:
         monitor = config.monitor if has_val else None
-        callbacks += checkpoint_callbacks(config.checkpoint_dir, monitor, config.checkpoint_every_n_steps)
+        callbacks += checkpoint_callbacks(
+            config.checkpoint_dir, monitor, config.checkpoint_every_n_steps, config.monitor_mode
+        )
     return callbacks, history, best
 
 
@@ -242,15 +248,17 @@ def fit(
         ecs_threshold=config.ecs_threshold,
         augmentations=augmentations,
         optimizer=config.optimizer,
-        paper_validation=config.monitor == PAPER_MONITOR,
+        paper_validation=config.paper_validation,
+        label_smoothing=config.label_smoothing,
     )
     train_dl = datamodule.train_dataloader()
     all_callbacks, history, best = _callbacks(config, datamodule, n_val > 0, list(callbacks))
     trainer = _trainer(config, all_callbacks, len(train_dl))
     logger.info(
-        "Training %s with %s on %d cells (%d for validation), batch size %d, up to %d epochs.",
+        "Training %s with %s%s on %d cells (%d for validation), batch size %d, up to %d epochs.",
         loss.upper(),
         "full-batch L-BFGS" if config.optimizer == "lbfgs" else "AdamW",
+        "" if config.ema_decay is None else f" (EMA of the weights, decay {config.ema_decay})",
         n_train,
         n_val,
         datamodule.batch_size,
