@@ -56,7 +56,10 @@ LOSSES = ("hce-aware", "hce", "ce")
 METHODS = tuple(f"{loss}-{backbone}" for backbone in ("mlp", "linear", "tabnet") for loss in LOSSES) + ("lr", *PEERS)
 # Levers on top of a schce method, appended with "+": an ensemble of N seeds (ens2 ... ens9), query-time
 # standardisation.
-LEVERS = tuple(f"ens{n}" for n in range(2, 10)) + ("query", "refit")
+LEVERS = tuple(f"ens{n}" for n in range(2, 10)) + ("query", "refit", "self")
+# "+self": the query cells called with at least this calibrated confidence join the training cells, labelled with the
+# call, and a second model is trained on both (self-training on the query; its true labels are never read).
+SELF_CONFIDENCE = 0.9
 
 
 def folds(task: str, seed: int) -> Iterator[tuple[ad.AnnData, ad.AnnData]]:
@@ -128,6 +131,8 @@ def predict_labels(
     else:
         # schce.HCEEnsemble: member i trained with seed + 1000 * i, the mean of their calibrated probabilities
         model = trained(train, loss, backbone, seed, model_kwargs, train_kwargs, n_members=n_models)
+    if "self" in levers:
+        model = self_trained(model, train, test, loss, backbone, seed, model_kwargs, train_kwargs, n_models)
     query = test.copy()
     with ExitStack() as stack:
         if "query" in levers:
@@ -184,6 +189,24 @@ def refitted(model, train: ad.AnnData, loss: str, backbone: str, seed: int, mode
     return trained(train, loss, backbone, seed, model_kwargs, {**kwargs, "max_epochs": epochs})
 
 
+def self_trained(model, train, test, loss, backbone, seed, model_kwargs, train_kwargs, n_members: int = 1):
+    """Self-training: a model trained on the training cells plus the query cells ``model`` calls with calibrated
+    confidence ``>= SELF_CONFIDENCE``, labelled with those calls.
+    """
+    calls = model.predict(test.copy(), inplace=False)
+    keep = (calls["schce_confidence"].to_numpy() >= SELF_CONFIDENCE) & (calls["schce_confidence"].to_numpy() > 0)
+    pseudo = test[keep].copy()
+    pseudo.obs = pseudo.obs.drop(columns=[LABELS, "cell_type_cl_name"], errors="ignore")
+    pseudo.obs["training_label"] = calls["schce_prediction_ontology_term_id"].astype(str).to_numpy()[keep]
+    both = ad.concat([train, pseudo], join="inner", merge="same")
+    both.obs_names_make_unique()
+    import schce
+
+    schce.HCEClassifier.setup_anndata(both, labels_key="training_label", batch_key="batch" if "batch" in both.obs else None)
+    print(f"# self-training: {keep.sum()} of {len(keep)} query cells added", file=sys.stderr, flush=True)
+    return trained(both, loss, backbone, seed, model_kwargs, train_kwargs, n_members=n_members)
+
+
 @contextmanager
 def query_scaling(model, test: ad.AnnData) -> Iterator[None]:
     """Query-time adaptation: the model's per-gene standardisation re-estimated on the query cells themselves."""
@@ -209,7 +232,7 @@ def method_name(name: str) -> str:
     """A method of :data:`METHODS`; a schce method may append levers of :data:`LEVERS` (``hce-aware-mlp+ens5``)."""
     base, *levers = name.split("+")
     if base not in METHODS or (levers and base in ("lr", *PEERS)) or any(lever not in LEVERS for lever in levers):
-        levers_help = "'+ensN', '+query', '+refit'"
+        levers_help = "'+ensN', '+query', '+refit', '+self'"
         raise argparse.ArgumentTypeError(f"{name!r}: choose from {METHODS}, schce ones with {levers_help}")
     if "refit" in levers and any(lever.startswith("ens") for lever in levers):
         raise argparse.ArgumentTypeError(f"{name!r}: '+refit' refits one model; it does not combine with '+ensN'")

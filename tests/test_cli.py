@@ -247,3 +247,33 @@ def test_predict_and_evaluate_take_a_saved_ensemble(files, tmp_path):
     (tmp_path / "ens" / "member-1" / "schce.json").write_text("{}")
     line = _one_error_line(_run("predict", tmp_path / "ens", files["h5ad"], "--out", tmp_path / "again.h5ad"))
     assert "member-1/schce.json does not match the checksum" in line
+
+
+def test_train_with_n_members_saves_a_seed_ensemble(files, tmp_path):
+    out = tmp_path / "ens"
+    result = _run("train", files["h5ad"], "--labels-key", LABELS, "--out", out, "--max-epochs", 2, "--seed", 3,
+                  "--n-members", 2, "--no-progress", *SMALL)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Trained an ensemble of 2 HCE-AWARE mlp models" in result.output
+    ensemble = schce.HCEEnsemble.load(out)
+    assert ensemble.n_members == 2 and ensemble.seeds_ == [3, 1003]
+    # one line per member, each its own kept epoch's validation score
+    for i, member in enumerate(ensemble.members):
+        line = next(line for line in result.output.splitlines() if line.startswith(f"Member {i} (seed {3 + 1000 * i})"))
+        best = member.history_["validation_corrected_macro_f1"].iloc[:, 0].loc[member.best_epoch_]
+        assert float(line.split("macro F1 = ")[1]) == pytest.approx(best, abs=1e-4)
+    # the same as the library's ensemble trained with the same arguments
+    adata = files["adata"].copy()
+    schce.HCEEnsemble.setup_anndata(adata, labels_key=LABELS)
+    expected = schce.HCEEnsemble(adata, n_members=2, **SMALL_MLP)
+    expected.train(seed=3, max_epochs=2, enable_progress_bar=False)
+    query = files["adata"].copy()
+    np.testing.assert_allclose(
+        ensemble.predict(query.copy(), inplace=False)["schce_confidence"],
+        expected.predict(query.copy(), inplace=False)["schce_confidence"],
+        atol=1e-5,
+    )
+    line = _one_error_line(
+        _run("train", files["h5ad"], "--labels-key", LABELS, "--out", tmp_path / "x", "--n-members", 0)
+    )
+    assert "--n-members" in line

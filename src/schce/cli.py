@@ -224,6 +224,13 @@ _MODEL = click.Path(path_type=Path)
 @click.option("--validation-size", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
 @click.option("--n-hidden", type=click.IntRange(min=1), default=None, help="MLP width (default 256).")
 @click.option("--n-layers", type=click.IntRange(min=1), default=None, help="MLP depth (default 3).")
+@click.option(
+    "--n-members",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Above 1: a seed ensemble (schce.HCEEnsemble), member i trained with seed + 1000*i; N times the time.",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Lightning's progress bar.")
 @click.option(
     "--label-mapping",
@@ -247,6 +254,7 @@ def train(
     validation_size: float,
     n_hidden: int | None,
     n_layers: int | None,
+    n_members: int,
     progress: bool,
     label_mapping: Path | None,
     overwrite: bool,
@@ -255,7 +263,7 @@ def train(
 
     Validation cells are held out; training keeps the weights of the epoch with the lowest class-weighted validation
     loss and prints that epoch's hierarchy-corrected macro F1 (the linear model is fitted by full-batch L-BFGS and
-    keeps the converged weights).
+    keeps the converged weights). With --n-members N it trains a seed ensemble and prints this for every member.
     """
     _existing_file(input_path, "Input")
     if label_mapping is not None:
@@ -273,13 +281,16 @@ def train(
     _require_columns(input_path, columns, "layers", {"--layer": layer})
 
     from schce._constants import MONITOR
-    from schce.model import HCEClassifier
+    from schce.model import HCEClassifier, HCEEnsemble
     from schce.vocabulary import read_label_mapping
 
     mapping = read_label_mapping(label_mapping) if label_mapping is not None else None  # a bad table fails here
     adata = _read_h5ad(input_path)
     HCEClassifier.setup_anndata(adata, labels_key=labels_key, layer=layer, batch_key=batch_key, label_mapping=mapping)
-    model = HCEClassifier(adata, backbone=backbone, loss=loss, **arch)
+    if n_members > 1:
+        model = HCEEnsemble(adata, n_members=n_members, backbone=backbone, loss=loss, **arch)
+    else:
+        model = HCEClassifier(adata, backbone=backbone, loss=loss, **arch)
     model.train(
         max_epochs=max_epochs,
         batch_size=batch_size,
@@ -289,13 +300,21 @@ def train(
         enable_progress_bar=progress,
     )
     model.save(out_dir, overwrite=overwrite)
-    history = model.history_.get(MONITOR)
-    if history is not None and model.best_epoch_ in history.index:
-        score = float(history.loc[model.best_epoch_].iloc[0])
-        kept = "Converged at epoch" if model.optimizer_ == "lbfgs" else "Best epoch"
-        click.echo(f"{kept} {model.best_epoch_}: validation hierarchy-corrected macro F1 = {score:.4f}")
+    members = model.members if n_members > 1 else [model]
+    for i, member in enumerate(members):
+        history = member.history_.get(MONITOR)
+        if history is not None and member.best_epoch_ in history.index:
+            score = float(history.loc[member.best_epoch_].iloc[0])
+            kept = "Converged at epoch" if member.optimizer_ == "lbfgs" else "Best epoch"
+            prefix = f"Member {i} (seed {model.seeds_[i]}): " if n_members > 1 else ""
+            click.echo(f"{prefix}{kept} {member.best_epoch_}: validation hierarchy-corrected macro F1 = {score:.4f}")
+    what = (
+        f"an ensemble of {n_members} {loss.upper()} {backbone} models"
+        if n_members > 1
+        else f"a {loss.upper()} {backbone}"
+    )
     click.echo(
-        f"Trained a {loss.upper()} {backbone} on {len(model.train_indices_)} cells "
+        f"Trained {what} on {len(members[0].train_indices_)} cells "
         f"({model.hierarchy.n_labels} labels, {len(model.genes)} genes); saved to {out_dir}"
     )
 
