@@ -5,6 +5,7 @@ import os
 import warnings
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,6 +17,21 @@ SMALL_MLP = {"n_hidden": 32, "n_layers": 2}
 # CI sets this: there a missing ../shared is a failure, not a skip that leaves a green run testing less.
 REQUIRE_SHARED = os.environ.get("SCHCE_REQUIRE_SHARED_DATA", "") not in ("", "0")
 SHARED_ABSENT = "[../shared absent]"  # marks the skip reason, so the summary can count these skips
+
+
+class Crash(RuntimeError):
+    """Raised by :class:`CrashAfter`: an interrupted run in the resume tests."""
+
+
+class CrashAfter(pl.Callback):
+    """Raises :class:`Crash` after ``steps`` training steps, like a job killed mid-epoch."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.steps:
+            raise Crash(f"interrupted after {trainer.global_step} steps")
 
 
 def shared_path(*parts: str) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import numpy as np
 import pytest
-from conftest import SMALL_MLP
+from conftest import SMALL_MLP, Crash, CrashAfter
 
 import schce
 from schce.data import AnnDataModule, SCTabStoreDataModule, convert_sctab_store, write_sctab_store
@@ -114,19 +114,6 @@ def test_store_and_anndata_training_take_the_same_first_step(atlas, stores):
     assert abs(hce_first.loss - store_first.loss) > 1e-3
 
 
-class _Crash(RuntimeError):
-    pass
-
-
-class _CrashAfter(pl.Callback):
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.steps:
-            raise _Crash(f"interrupted after {trainer.global_step} steps")
-
-
 def test_resume_keeps_the_masks_and_refuses_others(stores, tmp_path):
     import torch
 
@@ -137,8 +124,8 @@ def test_resume_keeps_the_masks_and_refuses_others(stores, tmp_path):
         return dm, model
 
     steps = SCTabStoreDataModule(stores["dense"], batch_size=64, num_workers=0).train_dataloader().__len__()
-    with pytest.raises(_Crash):
-        run(callbacks=[_CrashAfter(steps + 2)])  # killed in the second epoch, after the first epoch's checkpoint
+    with pytest.raises(Crash):
+        run(callbacks=[CrashAfter(steps + 2)])  # killed in the second epoch, after the first epoch's checkpoint
     saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
     masks = SCTabStoreDataModule(stores["dense"], num_workers=0).annotation_targets(
         schce.HCEClassifier.from_sctab_store(stores["dense"], **SMALL_MLP).hierarchy, "auto"

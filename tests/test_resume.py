@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_MLP
+from conftest import SMALL_MLP, Crash, CrashAfter
 
 import schce
-
-
-class _Crash(RuntimeError):
-    pass
-
-
-class _CrashAfter(pl.Callback):
-    """Raises after ``steps`` training steps, like a job killed mid-epoch."""
-
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.steps:
-            raise _Crash(f"interrupted after {trainer.global_step} steps")
 
 
 def _train(adata, **kwargs):
@@ -68,8 +52,8 @@ def _assert_same(a, b, resumed_epoch: int | None = None):
 def test_resume_after_interruption_gives_identical_weights(registered, reference, tmp_path, every_n_steps):
     ref, ref_dir = reference
     assert (ref_dir / "last.ckpt").is_file() and (ref_dir / "best.ckpt").is_file()
-    with pytest.raises(_Crash):
-        _train(registered, checkpoint_dir=tmp_path, checkpoint_every_n_steps=every_n_steps, callbacks=[_CrashAfter(25)])
+    with pytest.raises(Crash):
+        _train(registered, checkpoint_dir=tmp_path, checkpoint_every_n_steps=every_n_steps, callbacks=[CrashAfter(25)])
     saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
     assert saved["global_step"] == (20 if every_n_steps else 17)  # the resume really starts mid-way
     assert saved["schce_target_masks"].dtype == torch.bool  # hce-aware: the run's masks travel with it

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from _private import PAPER_MONITOR, TrainConfig
-from conftest import SMALL_MLP
+from conftest import SMALL_MLP, Crash, CrashAfter
 
 import schce
 from schce.hierarchy import Hierarchy
@@ -110,28 +110,15 @@ def test_ema_survives_save_and_load(registered, tmp_path):
     np.testing.assert_allclose(probs_loaded, probs, rtol=1e-5, atol=1e-6)
 
 
-class _Crash(RuntimeError):
-    pass
-
-
-class _CrashAfter(pl.Callback):
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.steps:
-            raise _Crash(f"interrupted after {trainer.global_step} steps")
-
-
 def test_resumed_run_continues_the_average(registered, tmp_path):
     reference = _train(registered, ema_decay=0.9, checkpoint_dir=tmp_path / "ref", checkpoint_every_n_steps=10)
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         _train(
             registered,
             ema_decay=0.9,
             checkpoint_dir=tmp_path / "run",
             checkpoint_every_n_steps=10,
-            callbacks=[_CrashAfter(25)],
+            callbacks=[CrashAfter(25)],
         )
     saved = torch.load(tmp_path / "run" / "last.ckpt", map_location="cpu", weights_only=False)
     (state,) = [v for k, v in saved["callbacks"].items() if k.startswith("WeightAveraging")]
