@@ -202,7 +202,8 @@ def self_trained(model, train, test, loss, backbone, seed, model_kwargs, train_k
     both.obs_names_make_unique()
     import schce
 
-    schce.HCEClassifier.setup_anndata(both, labels_key="training_label", batch_key="batch" if "batch" in both.obs else None)
+    batch_key = "batch" if "batch" in both.obs else None
+    schce.HCEClassifier.setup_anndata(both, labels_key="training_label", batch_key=batch_key)
     print(f"# self-training: {keep.sum()} of {len(keep)} query cells added", file=sys.stderr, flush=True)
     return trained(both, loss, backbone, seed, model_kwargs, train_kwargs, n_members=n_members)
 

@@ -216,7 +216,9 @@ def test_early_stopping_can_follow_the_validation_loss(registered):
     assert model.best_epoch_ == int(loss.idxmin())
     # stopped 2 epochs after the lowest loss, or at max_epochs
     assert int(loss.index.max()) == min(model.best_epoch_ + 2, 5)
-    with pytest.raises(ValueError, match=r"early_stopping_monitor must be one of \['f1', 'loss', 'weighted_loss'\]"):
+    with pytest.raises(
+        ValueError, match=r"early_stopping_monitor must be one of \['f1', 'loss', 'weighted_loss', 'macro_loss', 'capped_loss'\]"
+    ):
         schce.HCEClassifier(registered, **SMALL_MLP).train(early_stopping_monitor="auc", enable_progress_bar=False)
 
 
@@ -239,6 +241,29 @@ def test_weighted_validation_loss_is_the_class_weighted_mean(registered):
     np.testing.assert_allclose(history.loc[model.best_epoch_], float((w * per_cell).sum() / w.sum()), rtol=1e-4)
     with pytest.raises(ValueError, match='weighted_loss" weighs the validation loss by the class weights'):
         model.train(early_stopping_monitor="weighted_loss", class_weights=None, enable_progress_bar=False)
+
+
+def test_macro_validation_loss_is_the_mean_over_labels_of_their_mean_loss(registered):
+    from schce.losses import hierarchical_log_probs
+
+    model = schce.HCEClassifier(registered, loss="hce", **SMALL_MLP)
+    model.train(max_epochs=3, early_stopping_monitor="macro_loss", seed=0, enable_progress_bar=False)
+    history = model.history_["validation_macro_loss"]["validation_macro_loss"]
+    assert model.best_epoch_ == int(history.idxmin())
+    codes = model.hierarchy.label_index(registered.obs["cell_type_ontology_term_id"].astype(str).tolist())
+    val = registered[model.validation_indices_].copy()
+    with torch.no_grad():
+        x = torch.as_tensor(np.asarray(val.X.todense() if hasattr(val.X, "todense") else val.X), dtype=torch.float32)
+        logits, _ = model.module.eval()(x, normalize=model.setup_state.normalize)
+    y = codes[model.validation_indices_]
+    per_cell = -hierarchical_log_probs(logits.double(), torch.as_tensor(model.hierarchy.R))
+    per_cell = per_cell.gather(1, torch.as_tensor(y)[:, None])[:, 0].numpy()
+    # independently: each label's mean loss over its validation cells, then the plain mean over those labels
+    per_label = [per_cell[y == c].mean() for c in np.unique(y)]
+    np.testing.assert_allclose(history.loc[model.best_epoch_], np.mean(per_label), rtol=1e-4)
+    # it needs no class weights
+    model.train(max_epochs=1, early_stopping_monitor="macro_loss", class_weights=None, enable_progress_bar=False)
+    assert "validation_macro_loss" in model.history_
 
 
 def test_the_default_follows_the_class_weighted_validation_loss(registered):

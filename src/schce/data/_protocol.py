@@ -164,6 +164,19 @@ def balanced_class_weights(counts: np.ndarray) -> np.ndarray:
     return weights
 
 
+def macro_validation_weights(val_counts: np.ndarray, train_counts: np.ndarray) -> np.ndarray:
+    """``1 / n_c`` for each label with ``n_c > 0`` validation cells and some training cells, 0 for the rest.
+
+    Weighing each validation cell so makes the weighted mean loss the mean over labels of each label's mean loss:
+    every label counts alike, as in macro F1, whatever the label's training count.
+    """
+    val_counts = np.asarray(val_counts, dtype=np.float64)
+    weights = np.zeros_like(val_counts)
+    used = (val_counts > 0) & (np.asarray(train_counts) > 0)
+    weights[used] = 1.0 / val_counts[used]
+    return weights
+
+
 def datamodule_class_weights(datamodule, class_weights: str | None, n_labels: int) -> np.ndarray | None:
     """Training class weights: the module's stored ``class_weights`` when it has them, else balanced label counts."""
     if class_weights is None:

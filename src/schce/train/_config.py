@@ -32,7 +32,13 @@ LBFGS_L2 = 0.1
 #: ``early_stopping_monitor`` → the logged quantity (``None``: the validation metric, by recipe). Without a recipe
 #: the default is the class-weighted validation loss: on the five real-data tasks (500-900 training cells, 10% held
 #: out) it chose better epochs than the macro F1 of a few validation cells on every task (docs/method.md).
-MONITORS = {"f1": None, "loss": "validation_loss", "weighted_loss": "validation_weighted_loss"}
+MONITORS = {
+    "f1": None,
+    "loss": "validation_loss",
+    "weighted_loss": "validation_weighted_loss",
+    "macro_loss": "validation_macro_loss",
+    "capped_loss": "validation_capped_loss",
+}
 # Epochs of train() without a recipe (a recipe sets its own; early stopping usually ends a run sooner).
 DEFAULT_MAX_EPOCHS = 100
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -69,7 +71,8 @@ class HCETrainingPlan(pl.LightningModule):
         ``"hce-aware"`` (``-log`` of the probability mass on each cell's acceptable labels, ``target_masks``),
         ``"hce"`` (hierarchical cross-entropy) or ``"ce"`` (flat cross-entropy).
     class_weights
-        ``(n_labels,)`` weights for the training loss only; validation loss is unweighted.
+        ``(n_labels,)`` weights of the training loss; the validation loss is logged unweighted
+        (``validation_loss``) and with them (``validation_weighted_loss``).
     normalize
         Whether inputs are raw counts to normalise in the module.
     lr, weight_decay
@@ -110,6 +113,9 @@ class HCETrainingPlan(pl.LightningModule):
         ``(1 − ε) · loss + ε · mean_i(−log P_i)`` over every label ``i``, where ``P_i`` is the probability the loss
         gives a cell annotated ``i``: its subtree mass with ``"hce"`` / ``"hce-aware"`` (the hierarchy rule), its own
         probability with ``"ce"``. Weighted by the cell's class weight, as the loss is.
+    validation_weights
+        ``(n_labels,)`` weights of the validation cells for ``validation_macro_loss``: ``1 / n_c`` for a label with
+        ``n_c`` validation cells, so every label counts alike.
     """
 
     def __init__(
@@ -131,6 +137,7 @@ class HCETrainingPlan(pl.LightningModule):
         optimizer: str = "adamw",
         paper_validation: bool = False,
         label_smoothing: float = 0.0,
+        validation_weights: np.ndarray | None = None,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -166,6 +173,8 @@ class HCETrainingPlan(pl.LightningModule):
         self.register_buffer("reachability", torch.as_tensor(self._R_np, dtype=torch.float32), persistent=False)
         weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
+        weights = None if validation_weights is None else torch.as_tensor(validation_weights, dtype=torch.float32)
+        self.register_buffer("validation_weights", weights, persistent=False)
         masks = None if target_masks is None else torch.as_tensor(np.asarray(target_masks, dtype=bool))
         self.register_buffer("target_masks", masks, persistent=False)
         augs = None if augmentations is None or not len(augmentations) else torch.as_tensor(augmentations).float()
@@ -186,6 +195,15 @@ class HCETrainingPlan(pl.LightningModule):
             return loss.mean()
         w = weight[y]
         return (w * loss).sum() / w.sum()
+
+    def _cell_losses(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Every cell's loss, unweighted (what :meth:`_loss` averages)."""
+        y = batch["y"]
+        if self.loss_name == "ce":
+            return F.cross_entropy(logits, y, reduction="none")
+        if self.loss_name == "hce" or self.target_masks is None or "target" not in batch:
+            return hierarchical_cross_entropy(logits, y, self.reachability, form=self.hce_form, reduction="none")
+        return -log_mask_probability(logits, self.target_masks[batch["target"]])
 
     def _smoothing_term(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         """``mean_i(−log P_i)`` over the labels, averaged over the cells as the loss is (class-weighted)."""
@@ -249,12 +267,20 @@ class HCETrainingPlan(pl.LightningModule):
         if self.paper_validation and "sparsity" in self.auxiliary:  # the HCE paper's TabNet: task - λ · M_loss
             loss = loss + self.auxiliary["sparsity"] * self.module.classifier.sparsity_loss
         self.log("validation_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
-        w = None if self.class_weights is None else float(self.class_weights[y].sum())
-        if w:  # a batch whose labels all have weight 0 (none in training) adds nothing to the weighted mean
-            # The training loss's class weights on the validation cells: each batch's weighted mean, averaged over
-            # the batches by their weight sums, is the weighted mean over all validation cells.
-            weighted = self._loss(logits, targets, self.class_weights)
-            self.log("validation_weighted_loss", weighted, on_step=False, on_epoch=True, batch_size=w)
+        per_cell = self._cell_losses(logits, targets)
+        cap = math.log(self.reachability.shape[0])  # a uniform guess's loss: a hopeless cell counts as no worse
+        for name, weights, cells in (
+            ("weighted", self.class_weights, per_cell),
+            ("macro", self.validation_weights, per_cell),
+            ("capped", self.class_weights, per_cell.clamp(max=cap)),
+        ):
+            w = None if weights is None else weights[y]
+            if w is not None and float(w.sum()):  # a batch whose labels all weigh 0 adds nothing to the mean
+                # Each batch's weighted mean, averaged over the batches by their weight sums, is the weighted mean
+                # over all validation cells: with the training loss's class weights ("weighted"), or with 1 / the
+                # label's validation cells ("macro": the mean over labels of each label's mean loss).
+                value = (w * cells).sum() / w.sum()
+                self.log(f"validation_{name}_loss", value, on_step=False, on_epoch=True, batch_size=float(w.sum()))
         self._val_true.append(y.detach().cpu())
         self._val_pred.append(pred.detach().cpu())
 
