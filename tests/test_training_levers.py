@@ -217,7 +217,7 @@ def test_early_stopping_can_follow_the_validation_loss(registered):
     # stopped 2 epochs after the lowest loss, or at max_epochs
     assert int(loss.index.max()) == min(model.best_epoch_ + 2, 5)
     with pytest.raises(
-        ValueError, match=r"early_stopping_monitor must be one of \['f1', 'loss', 'weighted_loss', 'macro_loss', 'capped_loss'\]"
+        ValueError, match=r"early_stopping_monitor must be one of \['f1', 'loss', 'weighted_loss', 'macro_loss'\]"
     ):
         schce.HCEClassifier(registered, **SMALL_MLP).train(early_stopping_monitor="auc", enable_progress_bar=False)
 

@@ -53,7 +53,7 @@ class TrainingMixin:
         split_key: str | None = None,
         early_stopping: bool = True,
         early_stopping_patience: int = 10,
-        early_stopping_monitor: Literal["f1", "loss", "weighted_loss"] | None = None,
+        early_stopping_monitor: Literal["f1", "loss", "weighted_loss", "macro_loss"] | None = None,
         class_weights: Literal["balanced"] | None = "balanced",
         accelerator: str = "auto",
         devices: int | str = 1,
@@ -116,8 +116,9 @@ class TrainingMixin:
             labels true or predicted, ``validation_paper_macro_f1``).
         early_stopping_monitor
             What early stopping, the kept best epoch and ``best.ckpt`` follow: ``"weighted_loss"`` (the validation
-            loss weighted by ``class_weights`` as the training loss is, lowest), ``"loss"`` (unweighted, lowest) or
-            ``"f1"`` (the validation metric named above, highest). Default (``None``): ``"weighted_loss"``, or
+            loss weighted by ``class_weights`` as the training loss is, lowest), ``"loss"`` (unweighted, lowest),
+            ``"macro_loss"`` (the mean over labels of each label's mean validation loss, lowest: every label counts
+            alike, whatever its training count) or ``"f1"`` (the validation metric named above, highest). Default (``None``): ``"weighted_loss"``, or
             ``"loss"`` with ``class_weights=None``, and ``"f1"`` with ``recipe="sctab"`` (the published recipe). On
             small references the loss of every validation cell picks a better epoch than the macro F1 of a few of
             them (see :doc:`/method`).

@@ -37,7 +37,6 @@ MONITORS = {
     "loss": "validation_loss",
     "weighted_loss": "validation_weighted_loss",
     "macro_loss": "validation_macro_loss",
-    "capped_loss": "validation_capped_loss",
 }
 # Epochs of train() without a recipe (a recipe sets its own; early stopping usually ends a run sooner).
 DEFAULT_MAX_EPOCHS = 100

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -268,18 +266,13 @@ class HCETrainingPlan(pl.LightningModule):
             loss = loss + self.auxiliary["sparsity"] * self.module.classifier.sparsity_loss
         self.log("validation_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
         per_cell = self._cell_losses(logits, targets)
-        cap = math.log(self.reachability.shape[0])  # a uniform guess's loss: a hopeless cell counts as no worse
-        for name, weights, cells in (
-            ("weighted", self.class_weights, per_cell),
-            ("macro", self.validation_weights, per_cell),
-            ("capped", self.class_weights, per_cell.clamp(max=cap)),
-        ):
+        for name, weights in (("weighted", self.class_weights), ("macro", self.validation_weights)):
             w = None if weights is None else weights[y]
             if w is not None and float(w.sum()):  # a batch whose labels all weigh 0 adds nothing to the mean
                 # Each batch's weighted mean, averaged over the batches by their weight sums, is the weighted mean
                 # over all validation cells: with the training loss's class weights ("weighted"), or with 1 / the
                 # label's validation cells ("macro": the mean over labels of each label's mean loss).
-                value = (w * cells).sum() / w.sum()
+                value = (w * per_cell).sum() / w.sum()
                 self.log(f"validation_{name}_loss", value, on_step=False, on_epoch=True, batch_size=float(w.sum()))
         self._val_true.append(y.detach().cpu())
         self._val_pred.append(pred.detach().cpu())
