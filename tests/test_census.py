@@ -358,6 +358,10 @@ def test_model_train_on_the_census_datamodule(census_paths, census_source):
             seed=0,
             use_eager_fetch=False,
         )
+    # the macro validation loss needs validation label counts, which a streaming census module does not have
+    with pytest.raises(ValueError, match=r'macro_loss" weighs validation cells .* CensusDataModule .*"weighted_loss"'):
+        model.train(datamodule=dm, max_epochs=2, early_stopping_monitor="macro_loss", enable_progress_bar=False)
+    assert not model.is_trained_
     model.train(datamodule=dm, max_epochs=2, seed=0, enable_progress_bar=False)
     assert model.is_trained_ and "validation_corrected_macro_f1" in model.history_
     # The annotation-aware default reads label meanings from the query's obs (dataset_id): the same masks as the

@@ -177,6 +177,19 @@ def macro_validation_weights(val_counts: np.ndarray, train_counts: np.ndarray) -
     return weights
 
 
+def datamodule_macro_weights(datamodule) -> np.ndarray:
+    """:func:`macro_validation_weights` of a module (``early_stopping_monitor="macro_loss"``), or a clear error."""
+    try:
+        val_counts = datamodule.label_counts("val")
+    except ValueError as err:
+        raise ValueError(
+            f'early_stopping_monitor="macro_loss" weighs validation cells by their label\'s count, which '
+            f"{type(datamodule).__name__} does not know before streaming ({err}); use the default "
+            '"weighted_loss" instead.'
+        ) from err
+    return macro_validation_weights(val_counts, datamodule.label_counts("train"))
+
+
 def datamodule_class_weights(datamodule, class_weights: str | None, n_labels: int) -> np.ndarray | None:
     """Training class weights: the module's stored ``class_weights`` when it has them, else balanced label counts."""
     if class_weights is None:

@@ -20,8 +20,8 @@ from schce.data._augmentation import (
     published_augmentation_matrix,
 )
 from schce.data._loader import split_cells
-from schce.data._protocol import check_datamodule
-from schce.train._config import TrainConfig
+from schce.data._protocol import check_datamodule, datamodule_macro_weights
+from schce.train._config import MONITORS, TrainConfig
 from schce.train._recipe import get_recipe
 from schce.train._runner import FitResult, fit, fit_input_scaling
 
@@ -118,10 +118,10 @@ class TrainingMixin:
             What early stopping, the kept best epoch and ``best.ckpt`` follow: ``"weighted_loss"`` (the validation
             loss weighted by ``class_weights`` as the training loss is, lowest), ``"loss"`` (unweighted, lowest),
             ``"macro_loss"`` (the mean over labels of each label's mean validation loss, lowest: every label counts
-            alike, whatever its training count) or ``"f1"`` (the validation metric named above, highest). Default (``None``): ``"weighted_loss"``, or
-            ``"loss"`` with ``class_weights=None``, and ``"f1"`` with ``recipe="sctab"`` (the published recipe). On
-            small references the loss of every validation cell picks a better epoch than the macro F1 of a few of
-            them (see :doc:`/method`).
+            alike, whatever its training count; not with a census module) or ``"f1"`` (the validation metric named
+            above, highest). Default (``None``): ``"weighted_loss"``, or ``"loss"`` with ``class_weights=None``, and
+            ``"f1"`` with ``recipe="sctab"`` (the published recipe). On small references the loss of every validation
+            cell picks a better epoch than the macro F1 of a few of them (see :doc:`/method`).
         class_weights
             ``"balanced"`` weighs label ``c`` by ``N / (K · n_c)`` in the training loss; ``None`` for none.
         accelerator, devices
@@ -200,6 +200,8 @@ class TrainingMixin:
         check_datamodule(datamodule, len(self.genes), self.hierarchy.n_labels)
         batch_terms = bool(config.auxiliary["adversarial"] or config.auxiliary["batch_mixing"])
         datamodule.check_train_options(batch_terms=batch_terms, augment=augment is True)
+        if config.monitor == MONITORS["macro_loss"]:
+            datamodule_macro_weights(datamodule)  # a module that cannot count validation labels fails before work
         augment = _check_augment(bool(augment) if augment is None else augment, len(self.genes))
         if self.loss == "hce-aware" and not registered:
             # asked now, so a module that cannot read label meanings fails before work (fit asks the others)

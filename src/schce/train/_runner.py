@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from schce._memory import release_free_memory
-from schce.data._protocol import check_datamodule, datamodule_class_weights, macro_validation_weights
+from schce.data._protocol import check_datamodule, datamodule_class_weights, datamodule_macro_weights
 from schce.nn._batch import Densifier, batch_rows, is_sparse
 from schce.nn._module import gene_moments
 from schce.train._calibration import fit_temperature
@@ -250,7 +250,7 @@ def fit(
         optimizer=config.optimizer,
         paper_validation=config.paper_validation,
         label_smoothing=config.label_smoothing,
-        validation_weights=macro_validation_weights(datamodule.label_counts("val"), datamodule.label_counts("train")),
+        validation_weights=datamodule_macro_weights(datamodule) if config.monitor == "validation_macro_loss" else None,
     )
     train_dl = datamodule.train_dataloader()
     all_callbacks, history, best = _callbacks(config, datamodule, n_val > 0, list(callbacks))
