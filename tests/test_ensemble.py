@@ -292,6 +292,17 @@ def test_from_members_checks_the_models_and_evaluates_a_store(tmp_path):
     detailed = result.detailed.set_index(result.detailed.index.astype(str)).loc[test.obs_names]
     np.testing.assert_array_equal(detailed["predicted"].astype(str).to_numpy(), expected)
     assert result.overall.loc["n_cells", "value"] == dm.n_cells("test")
+    # the same ensemble built and trained in one go on the store (a fresh module, as the members above had): the
+    # same members, seed for seed
+    direct = schce.HCEEnsemble.from_sctab_store(path, n_members=2, **SMALL_MLP)
+    assert not direct.is_trained
+    fresh = SCTabStoreDataModule(path, batch_size=128, num_workers=0, seed=0)
+    direct.train(datamodule=fresh, max_epochs=1, seed=0, enable_progress_bar=False)
+    assert direct.seeds_ == [0, 1000]
+    for member, model in zip(direct.members, models, strict=True):
+        np.testing.assert_allclose(_probabilities(member, test), _probabilities(model, test), atol=1e-5)
+    with pytest.raises(ValueError, match="n_members must be an integer of at least 1"):
+        schce.HCEEnsemble.from_sctab_store(path, n_members=0)
     with pytest.raises(TypeError, match="non-empty list of HCEClassifier"):
         schce.HCEEnsemble.from_members([])
     with pytest.raises(ValueError, match="seeds must be None or 2 integers"):

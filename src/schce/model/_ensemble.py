@@ -124,6 +124,17 @@ class HCEEnsemble(InferenceMixin):
         ensemble.members, ensemble.seeds_ = models, None if seeds is None else [int(x) for x in seeds]
         return ensemble
 
+    @classmethod
+    def from_sctab_store(cls, path: str | os.PathLike, n_members: int = 5, **model_kwargs) -> HCEEnsemble:
+        """An untrained ensemble for a scTab store: ``n_members`` :meth:`HCEClassifier.from_sctab_store` models.
+
+        Train it with ``ensemble.train(datamodule=SCTabStoreDataModule(path, ...), seed=0)``: member ``i`` trains
+        on the store with seed ``seed + 1000 * i``, one after another. ``model_kwargs`` are
+        :meth:`HCEClassifier.from_sctab_store`'s (``backbone``, ``loss``, ``recipe``, ...), the same for every member.
+        """
+        n_members = _check_n_members(n_members)
+        return cls.from_members([HCEClassifier.from_sctab_store(path, **model_kwargs) for _ in range(n_members)])
+
     # ------------------------------------------------------------------ what the members share
     @property
     def n_members(self) -> int:
