@@ -195,7 +195,11 @@ class HCETrainingPlan(pl.LightningModule):
         return (w * loss).sum() / w.sum()
 
     def _cell_losses(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Every cell's loss, unweighted (what :meth:`_loss` averages)."""
+        """Every cell's loss, unweighted, for the validation monitors' own weights.
+
+        :meth:`_loss` averages the same values but keeps the library calls' weighted forms for training (the
+        published HCE's ``nll_loss(..., weight)`` as the paper computes it).
+        """
         y = batch["y"]
         if self.loss_name == "ce":
             return F.cross_entropy(logits, y, reduction="none")
