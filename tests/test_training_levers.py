@@ -222,33 +222,15 @@ def test_early_stopping_can_follow_the_validation_loss(registered):
         schce.HCEClassifier(registered, **SMALL_MLP).train(early_stopping_monitor="auc", enable_progress_bar=False)
 
 
-def test_weighted_validation_loss_is_the_class_weighted_mean(registered):
+def _hce_monitored(registered, monitor: str):
+    """An HCE model trained 3 epochs following ``monitor``, that monitor's history, and every validation cell's HCE
+    loss at the kept epoch, computed independently in float64, with the cells' label codes and the training codes.
+    """
     from schce.losses import hierarchical_log_probs
 
     model = schce.HCEClassifier(registered, loss="hce", **SMALL_MLP)
-    model.train(max_epochs=3, early_stopping_monitor="weighted_loss", seed=0, enable_progress_bar=False)
-    history = model.history_["validation_weighted_loss"]["validation_weighted_loss"]
-    assert model.best_epoch_ == int(history.idxmin())
-    codes = model.hierarchy.label_index(registered.obs["cell_type_ontology_term_id"].astype(str).tolist())
-    counts = np.bincount(codes[model.train_indices_], minlength=model.hierarchy.n_labels)
-    val = registered[model.validation_indices_].copy()
-    with torch.no_grad():
-        x = torch.as_tensor(np.asarray(val.X.todense() if hasattr(val.X, "todense") else val.X), dtype=torch.float32)
-        logits, _ = model.module.eval()(x, normalize=model.setup_state.normalize)
-    y = torch.as_tensor(codes[model.validation_indices_])
-    per_cell = -hierarchical_log_probs(logits.double(), torch.as_tensor(model.hierarchy.R)).gather(1, y[:, None])[:, 0]
-    w = torch.as_tensor(1.0 / counts, dtype=torch.float64)[y]  # balanced weights up to a factor, which cancels
-    np.testing.assert_allclose(history.loc[model.best_epoch_], float((w * per_cell).sum() / w.sum()), rtol=1e-4)
-    with pytest.raises(ValueError, match='weighted_loss" weighs the validation loss by the class weights'):
-        model.train(early_stopping_monitor="weighted_loss", class_weights=None, enable_progress_bar=False)
-
-
-def test_macro_validation_loss_is_the_mean_over_labels_of_their_mean_loss(registered):
-    from schce.losses import hierarchical_log_probs
-
-    model = schce.HCEClassifier(registered, loss="hce", **SMALL_MLP)
-    model.train(max_epochs=3, early_stopping_monitor="macro_loss", seed=0, enable_progress_bar=False)
-    history = model.history_["validation_macro_loss"]["validation_macro_loss"]
+    model.train(max_epochs=3, early_stopping_monitor=monitor, seed=0, enable_progress_bar=False)
+    history = model.history_[f"validation_{monitor}"][f"validation_{monitor}"]
     assert model.best_epoch_ == int(history.idxmin())
     codes = model.hierarchy.label_index(registered.obs["cell_type_ontology_term_id"].astype(str).tolist())
     val = registered[model.validation_indices_].copy()
@@ -258,9 +240,23 @@ def test_macro_validation_loss_is_the_mean_over_labels_of_their_mean_loss(regist
     y = codes[model.validation_indices_]
     per_cell = -hierarchical_log_probs(logits.double(), torch.as_tensor(model.hierarchy.R))
     per_cell = per_cell.gather(1, torch.as_tensor(y)[:, None])[:, 0].numpy()
+    return model, history.loc[model.best_epoch_], per_cell, y, codes[model.train_indices_]
+
+
+def test_weighted_validation_loss_is_the_class_weighted_mean(registered):
+    model, logged, per_cell, y, train_codes = _hce_monitored(registered, "weighted_loss")
+    counts = np.bincount(train_codes, minlength=model.hierarchy.n_labels)
+    w = (1.0 / counts)[y]  # balanced weights up to a factor, which cancels
+    np.testing.assert_allclose(logged, (w * per_cell).sum() / w.sum(), rtol=1e-4)
+    with pytest.raises(ValueError, match='weighted_loss" weighs the validation loss by the class weights'):
+        model.train(early_stopping_monitor="weighted_loss", class_weights=None, enable_progress_bar=False)
+
+
+def test_macro_validation_loss_is_the_mean_over_labels_of_their_mean_loss(registered):
+    model, logged, per_cell, y, _ = _hce_monitored(registered, "macro_loss")
     # independently: each label's mean loss over its validation cells, then the plain mean over those labels
     per_label = [per_cell[y == c].mean() for c in np.unique(y)]
-    np.testing.assert_allclose(history.loc[model.best_epoch_], np.mean(per_label), rtol=1e-4)
+    np.testing.assert_allclose(logged, np.mean(per_label), rtol=1e-4)
     # it needs no class weights
     model.train(max_epochs=1, early_stopping_monitor="macro_loss", class_weights=None, enable_progress_bar=False)
     assert "validation_macro_loss" in model.history_
