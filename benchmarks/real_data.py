@@ -193,6 +193,8 @@ def self_trained(model, train, test, loss, backbone, seed, model_kwargs, train_k
     """Self-training: a model trained on the training cells plus the query cells ``model`` calls with calibrated
     confidence ``>= SELF_CONFIDENCE``, labelled with those calls.
     """
+    import schce
+
     calls = model.predict(test.copy(), inplace=False)
     keep = (calls["schce_confidence"].to_numpy() >= SELF_CONFIDENCE) & (calls["schce_confidence"].to_numpy() > 0)
     pseudo = test[keep].copy()
@@ -200,8 +202,6 @@ def self_trained(model, train, test, loss, backbone, seed, model_kwargs, train_k
     pseudo.obs["training_label"] = calls["schce_prediction_ontology_term_id"].astype(str).to_numpy()[keep]
     both = ad.concat([train, pseudo], join="inner", merge="same")
     both.obs_names_make_unique()
-    import schce
-
     batch_key = "batch" if "batch" in both.obs else None
     schce.HCEClassifier.setup_anndata(both, labels_key="training_label", batch_key=batch_key)
     print(f"# self-training: {keep.sum()} of {len(keep)} query cells added", file=sys.stderr, flush=True)

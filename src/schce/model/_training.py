@@ -200,8 +200,7 @@ class TrainingMixin:
         check_datamodule(datamodule, len(self.genes), self.hierarchy.n_labels)
         batch_terms = bool(config.auxiliary["adversarial"] or config.auxiliary["batch_mixing"])
         datamodule.check_train_options(batch_terms=batch_terms, augment=augment is True)
-        if config.monitor == MONITORS["macro_loss"]:
-            datamodule_macro_weights(datamodule)  # a module that cannot count validation labels fails before work
+        macro = datamodule_macro_weights(datamodule) if config.monitor == MONITORS["macro_loss"] else None  # early
         augment = _check_augment(bool(augment) if augment is None else augment, len(self.genes))
         if self.loss == "hce-aware" and not registered:
             # asked now, so a module that cannot read label meanings fails before work (fit asks the others)
@@ -223,7 +222,8 @@ class TrainingMixin:
         normalize = self.setup_state.normalize
         if self.standardize and not self.is_trained_:
             fit_input_scaling(self.module, datamodule, normalize)
-        self._run_fit(datamodule, config, normalize, augmentations=augment if isinstance(augment, np.ndarray) else None)
+        augmentations = augment if isinstance(augment, np.ndarray) else None
+        self._run_fit(datamodule, config, normalize, augmentations=augmentations, validation_weights=macro)
         rows = datamodule.rows if registered else {}
         self.train_indices_, self.validation_indices_ = rows.get("train"), rows.get("val")
         self.test_indices_ = rows.get("test")

@@ -56,6 +56,14 @@ LBFGS_ITERATIONS = 20
 TARGET_MASKS_KEY = "schce_target_masks"
 
 
+def _weighted_mean(values: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """``Σ w_y · value / Σ w_y`` over the cells, with ``w`` the per-label ``weight`` (the plain mean without it)."""
+    if weight is None:
+        return values.mean()
+    w = weight[y]
+    return (w * values).sum() / w.sum()
+
+
 class HCETrainingPlan(pl.LightningModule):
     """Trains an :class:`~schce.nn.HCEModule` with HCE (or plain cross-entropy).
 
@@ -188,11 +196,7 @@ class HCETrainingPlan(pl.LightningModule):
             return F.cross_entropy(logits, y, weight=weight)
         if self.loss_name == "hce" or self.target_masks is None or "target" not in batch:
             return hierarchical_cross_entropy(logits, y, self.reachability, weight=weight, form=self.hce_form)
-        loss = -log_mask_probability(logits, self.target_masks[batch["target"]])
-        if weight is None:
-            return loss.mean()
-        w = weight[y]
-        return (w * loss).sum() / w.sum()
+        return _weighted_mean(self._cell_losses(logits, batch), y, weight)
 
     def _cell_losses(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Every cell's loss, unweighted, for the validation monitors' own weights.
@@ -213,11 +217,7 @@ class HCETrainingPlan(pl.LightningModule):
             log_p = torch.log_softmax(logits, dim=1)
         else:  # every label read as its subtree, as the hierarchical losses read an annotation
             log_p = hierarchical_log_probs(logits, self.reachability)
-        per_cell = -log_p.mean(dim=1)
-        if weight is None:
-            return per_cell.mean()
-        w = weight[y]
-        return (w * per_cell).sum() / w.sum()
+        return _weighted_mean(-log_p.mean(dim=1), y, weight)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """One optimisation step on the weighted training loss."""
@@ -269,15 +269,15 @@ class HCETrainingPlan(pl.LightningModule):
         if self.paper_validation and "sparsity" in self.auxiliary:  # the HCE paper's TabNet: task - λ · M_loss
             loss = loss + self.auxiliary["sparsity"] * self.module.classifier.sparsity_loss
         self.log("validation_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
-        per_cell = self._cell_losses(logits, targets)
+        per_cell, target_y = self._cell_losses(logits, targets), targets["y"]  # the paper's corrected labels, if so
         for name, weights in (("weighted", self.class_weights), ("macro", self.validation_weights)):
-            w = None if weights is None else weights[y]
-            if w is not None and float(w.sum()):  # a batch whose labels all weigh 0 adds nothing to the mean
+            total = None if weights is None else float(weights[target_y].sum())
+            if total:  # a batch whose labels all weigh 0 adds nothing to the mean
                 # Each batch's weighted mean, averaged over the batches by their weight sums, is the weighted mean
                 # over all validation cells: with the training loss's class weights ("weighted"), or with 1 / the
                 # label's validation cells ("macro": the mean over labels of each label's mean loss).
-                value = (w * per_cell).sum() / w.sum()
-                self.log(f"validation_{name}_loss", value, on_step=False, on_epoch=True, batch_size=float(w.sum()))
+                value = _weighted_mean(per_cell, target_y, weights)
+                self.log(f"validation_{name}_loss", value, on_step=False, on_epoch=True, batch_size=total)
         self._val_true.append(y.detach().cpu())
         self._val_pred.append(pred.detach().cpu())
 

@@ -26,7 +26,7 @@ from schce.nn._module import gene_moments
 from schce.train._calibration import fit_temperature
 from schce.train._callbacks import BestWeights, HistoryRecorder, TrainingProgress, WeightAveraging
 from schce.train._checkpoints import checkpoint_callbacks
-from schce.train._config import TrainConfig
+from schce.train._config import MONITORS, TrainConfig
 from schce.train._plan import HCETrainingPlan
 from schce.train._recipe import matmul_precision
 
@@ -222,13 +222,17 @@ def fit(
     normalize: bool,
     augmentations: np.ndarray | None = None,
     callbacks: Iterable[pl.Callback] = (),
+    validation_weights: np.ndarray | None = None,
 ) -> FitResult:
     """Train ``module`` on ``datamodule`` with a resolved ``config``, keep the best validation epoch, calibrate.
 
     ``module`` is trained in place; the returned :class:`FitResult` holds what the model records of the run.
+    ``validation_weights``: those of ``early_stopping_monitor="macro_loss"`` when the caller has them already.
     """
     n_labels = hierarchy.n_labels
     check_datamodule(datamodule, n_genes, n_labels)
+    if validation_weights is None and config.monitor == MONITORS["macro_loss"]:
+        validation_weights = datamodule_macro_weights(datamodule)
     weights = datamodule_class_weights(datamodule, config.class_weights, n_labels)
     target_masks = datamodule.annotation_targets(hierarchy, label_semantics) if loss == "hce-aware" else None
     n_train, n_val = datamodule.n_cells("train"), datamodule.n_cells("val")
@@ -250,7 +254,7 @@ def fit(
         optimizer=config.optimizer,
         paper_validation=config.paper_validation,
         label_smoothing=config.label_smoothing,
-        validation_weights=datamodule_macro_weights(datamodule) if config.monitor == "validation_macro_loss" else None,
+        validation_weights=validation_weights,
     )
     train_dl = datamodule.train_dataloader()
     all_callbacks, history, best = _callbacks(config, datamodule, n_val > 0, list(callbacks))
