@@ -262,7 +262,8 @@ def main() -> None:
         nargs="+",
         default=list(METHODS),
         type=method_name,
-        help=f"{', '.join(METHODS)}; a schce method may add levers: '+ens5' (5 seeds averaged), '+query'",
+        help=f"{', '.join(METHODS)}; a schce method may add levers: '+ens5' (5 seeds averaged), '+query' (query-time "
+        "standardisation), '+refit' (refit on every cell), '+self' (self-training on the query)",
     )
     parser.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"dropout\": 0.3}'")
     parser.add_argument("--train-kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"lr\": 1e-3}'")
