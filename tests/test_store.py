@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -399,7 +400,11 @@ def test_train_evaluate_predict_on_a_store(stores, atlas, tmp_path):
     assert model.genes == atlas.var["feature_id"].tolist()
     assert model.hierarchy.n_labels == len(dm.labels) and model.setup_state.normalize
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
-    model.train(datamodule=dm, max_epochs=2, seed=0, enable_progress_bar=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model.train(datamodule=dm, max_epochs=2, seed=0, enable_progress_bar=False)
+    # The store's dataset shards its rows per worker, so Lightning's caution about its length is not shown.
+    assert not [w for w in seen if "__len__" in str(w.message)]
     assert model.is_trained_ and "validation_corrected_macro_f1" in model.history_ and model.temperature_ != 1.0
     assert any(not (before[k] == v).all() for k, v in model.module.state_dict().items() if k in before)
     # The gene scaling comes from the store's training split (all of it: the store is below the sample size).

@@ -273,6 +273,10 @@ def fit(
     with quiet_lightning_info(), matmul_precision("high"), warnings.catch_warnings():
         # TrainingProgress restores the data order mid-epoch, which Lightning cannot see from the loader.
         warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+        # The store and census datasets split their rows between loader workers and ranks, so their length is exact.
+        warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined")
+        # Without validation cells (validation_size=0) the data modules give an empty validation loader by design.
+        warnings.filterwarnings("ignore", message="Total length of .* across ranks is zero")
         if config.resume_from is not None:
             warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
         release_free_memory()  # before the loader workers fork from this process
