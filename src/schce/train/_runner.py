@@ -55,6 +55,21 @@ def quiet_lightning_info():
         rank_zero.setLevel(level)
 
 
+@contextlib.contextmanager
+def _known_lightning_warnings(resuming: bool):
+    """Hide the Lightning warnings that do not apply to schce's training (each reason below); keep the others."""
+    with warnings.catch_warnings():
+        # TrainingProgress restores the data order mid-epoch, which Lightning cannot see from the loader.
+        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+        # The store and census datasets split their rows between loader workers and ranks, so their length is exact.
+        warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined")
+        # Without validation cells (validation_size=0) the data modules give an empty validation loader by design.
+        warnings.filterwarnings("ignore", message="Total length of .* across ranks is zero")
+        if resuming:  # the run's own checkpoint directory
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        yield
+
+
 def progress(loader, desc: str):
     """``loader`` with a progress bar of batches, shown only when the pass is long enough to wait for."""
     try:
@@ -270,15 +285,7 @@ def fit(
         config.max_epochs,
     )
     module.train()  # a trained model is left in eval mode; Lightning keeps the mode it finds
-    with quiet_lightning_info(), matmul_precision("high"), warnings.catch_warnings():
-        # TrainingProgress restores the data order mid-epoch, which Lightning cannot see from the loader.
-        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-        # The store and census datasets split their rows between loader workers and ranks, so their length is exact.
-        warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined")
-        # Without validation cells (validation_size=0) the data modules give an empty validation loader by design.
-        warnings.filterwarnings("ignore", message="Total length of .* across ranks is zero")
-        if config.resume_from is not None:
-            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+    with quiet_lightning_info(), matmul_precision("high"), _known_lightning_warnings(config.resume_from is not None):
         release_free_memory()  # before the loader workers fork from this process
         trainer.fit(plan, datamodule=datamodule, ckpt_path=config.resume_from)
     module.eval()
