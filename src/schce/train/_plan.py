@@ -199,7 +199,7 @@ class HCETrainingPlan(pl.LightningModule):
         return _weighted_mean(self._cell_losses(logits, batch), y, weight)
 
     def _cell_losses(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Every cell's loss, unweighted, for the validation monitors' own weights.
+        """Every cell's loss, unweighted: the validation losses weigh it themselves.
 
         :meth:`_loss` averages the same values but keeps the library calls' weighted forms for training (the
         published HCE's ``nll_loss(..., weight)`` as the paper computes it).
@@ -265,11 +265,12 @@ class HCETrainingPlan(pl.LightningModule):
         targets = batch
         if self.paper_validation:
             targets = {**batch, "y": torch.where(self.reachability[y, pred] > 0, pred, y)}
-        loss = self._loss(logits, targets, None)
+        # Every cell's loss once, against the paper's corrected labels if so; the three logged losses weigh it.
+        per_cell, target_y = self._cell_losses(logits, targets), targets["y"]
+        loss = per_cell.mean()
         if self.paper_validation and "sparsity" in self.auxiliary:  # the HCE paper's TabNet: task - λ · M_loss
             loss = loss + self.auxiliary["sparsity"] * self.module.classifier.sparsity_loss
         self.log("validation_loss", loss, on_step=False, on_epoch=True, batch_size=len(y))
-        per_cell, target_y = self._cell_losses(logits, targets), targets["y"]  # the paper's corrected labels, if so
         for name, weights in (("weighted", self.class_weights), ("macro", self.validation_weights)):
             total = None if weights is None else float(weights[target_y].sum())
             if total:  # a batch whose labels all weigh 0 adds nothing to the mean
